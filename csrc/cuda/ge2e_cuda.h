@@ -1,0 +1,61 @@
+// Launchers of the CUDA kernels (ge2e_cuda_kernels.cu), in plain C++ types so
+// that the .cu includes only the CUDA runtime and ge2e_math.h (nvcc compiles
+// it in seconds; torch/extension.h would cost minutes per file). The ATen glue
+// in ge2e_cuda.cpp checks the tensors and passes their pointers.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+namespace ge2e {
+namespace cuda {
+
+enum class DType { kFloat32, kFloat64, kFloat16, kBFloat16 };
+
+// One call's inputs. Pointers are device pointers; the accumulation type
+// (float, or double for kFloat64 embeddings) is that of sums, inv_sums, w, b
+// and every buffer below except grad_embeddings (the embeddings' dtype).
+struct Problem {
+  DType dtype;
+  const void* embeddings;  // (N, M, D)
+  const void* sums;        // (K, D)
+  const void* inv_sums;    // (K,)
+  const void* w;           // 0-dim, the raw w (clamped in the kernels)
+  const void* b;
+  int64_t num_speakers, utterances, dim, total_speakers, speaker_offset;
+  int method;  // ge2e::LossMethod
+  bool clamp;
+  double min_cosine;
+  bool sums_given;
+};
+
+// out[k] = 1/|rows_k| (0 for a zero row); rows (n, dim) of the accumulation type.
+cudaError_t launch_inverse_norms(bool is_double, const void* rows, int64_t n, int64_t dim,
+                                 void* out, cudaStream_t stream);
+
+// Speakers [first, first + count): losses, row statistics and hardest impostors
+// from dots (count*M, K) = e_r . s_k.
+cudaError_t launch_forward_rows(const Problem& p, int64_t first, int64_t count, const void* dots,
+                                void* loss, void* row_stat, int64_t* hardest,
+                                cudaStream_t stream);
+
+// Overwrites dots with H_rk = h_rk / (|e_r||s_k|); writes h_own, dw_part, db_part per row.
+cudaError_t launch_similarity_grads(const Problem& p, int64_t first, int64_t count, void* dots,
+                                    const void* grad_loss, const void* row_stat,
+                                    const int64_t* hardest, void* h_own, void* dw_part,
+                                    void* db_part, cudaStream_t stream);
+
+// Row gradients from cross (count*M, D) = H S and the own terms; per-speaker q sums.
+cudaError_t launch_backward_rows(const Problem& p, int64_t first, int64_t count,
+                                 const void* cross, const void* h_own, void* grad_embeddings,
+                                 void* own_sum_grads, cudaStream_t stream);
+
+// grad_sums (holding Z = sum H^T E) becomes dLoss/ds; folded into
+// grad_embeddings when !sums_given; grad_w, grad_b from the row partials.
+cudaError_t launch_finalize(const Problem& p, void* grad_sums, const void* own_sum_grads,
+                            void* grad_embeddings, const void* dw_part, const void* db_part,
+                            void* grad_w, void* grad_b, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace ge2e

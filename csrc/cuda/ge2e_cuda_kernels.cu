@@ -1,0 +1,410 @@
+// CUDA kernels of the GE2E op: the per-row work around the cuBLAS products of
+// ge2e_driver.h. One thread block per speaker walks its M utterances; threads
+// stride over D (dot products, gradients) or over K (similarities), and every
+// reduction is a fixed shuffle tree, so two runs give bitwise-equal results (no
+// atomics). The formulas are those of ge2e_math.h, which the CPU kernel and
+// gradcheck exercise.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include "../ge2e_math.h"
+#include "ge2e_cuda.h"
+
+namespace ge2e {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+// Shared scratch of a block reduction: one slot per warp plus the result, each
+// large enough for the largest reduced type (four doubles).
+constexpr int kSlotBytes = 32;
+
+__device__ __forceinline__ float to_acc(float x) { return x; }
+__device__ __forceinline__ double to_acc(double x) { return x; }
+__device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+__device__ __forceinline__ void store(float* p, float v) { *p = v; }
+__device__ __forceinline__ void store(double* p, double v) { *p = v; }
+__device__ __forceinline__ void store(__half* p, float v) { *p = __float2half_rn(v); }
+__device__ __forceinline__ void store(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
+
+// A few running sums reduced together (one tree, one barrier pair).
+template <typename T, int N>
+struct Sums {
+  T v[N];
+  __device__ Sums() {
+#pragma unroll
+    for (int n = 0; n < N; ++n) v[n] = T(0);
+  }
+  __device__ void merge(const Sums& o) {
+#pragma unroll
+    for (int n = 0; n < N; ++n) v[n] += o.v[n];
+  }
+};
+
+template <typename T>
+__device__ __forceinline__ T shfl_down(T v, int offset) {
+  return __shfl_down_sync(0xffffffffu, v, offset);
+}
+template <typename T, int N>
+__device__ __forceinline__ Sums<T, N> shfl_down(const Sums<T, N>& s, int offset) {
+  Sums<T, N> o;
+#pragma unroll
+  for (int n = 0; n < N; ++n) o.v[n] = shfl_down(s.v[n], offset);
+  return o;
+}
+template <typename T>
+__device__ __forceinline__ LogSumExp<T> shfl_down(const LogSumExp<T>& s, int offset) {
+  LogSumExp<T> o;
+  o.max = shfl_down(s.max, offset);
+  o.sum = shfl_down(s.sum, offset);
+  return o;
+}
+template <typename T>
+__device__ __forceinline__ HardestImpostor<T> shfl_down(const HardestImpostor<T>& s, int offset) {
+  HardestImpostor<T> o;
+  o.value = shfl_down(s.value, offset);
+  o.index = static_cast<int64_t>(shfl_down(static_cast<long long>(s.index), offset));
+  return o;
+}
+
+template <typename R>
+__device__ __forceinline__ R warp_reduce(R v) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) v.merge(shfl_down(v, offset));
+  return v;
+}
+
+// Reduces one value per thread over the block (a default-constructed R is the
+// identity) and returns the result to every thread. Ends with a barrier so the
+// scratch can be reused at once.
+template <typename R>
+__device__ R block_reduce(R v, unsigned char* scratch) {
+  static_assert(sizeof(R) <= kSlotBytes, "reduction type too large for the scratch slots");
+  R* slots = reinterpret_cast<R*>(scratch);
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  v = warp_reduce(v);
+  if (lane == 0) slots[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    R w = lane < kWarps ? slots[lane] : R();
+    w = warp_reduce(w);
+    if (lane == 0) slots[kWarps] = w;
+  }
+  __syncthreads();
+  const R result = slots[kWarps];
+  __syncthreads();
+  return result;
+}
+
+#define GE2E_SCRATCH __shared__ __align__(16) unsigned char scratch[(kWarps + 1) * kSlotBytes]
+
+template <typename acc_t>
+__device__ SimilarityParams<acc_t> params_of(const Problem& p) {
+  return make_params<acc_t>(*static_cast<const acc_t*>(p.w), *static_cast<const acc_t*>(p.b),
+                            p.min_cosine, p.clamp);
+}
+
+// cos(e, s - e) of one row, the block's threads striding over D.
+template <typename scalar_t, typename acc_t>
+__device__ OwnCosine<acc_t> block_own_cosine(const scalar_t* e, const acc_t* s, int64_t dim,
+                                             unsigned char* scratch) {
+  Sums<acc_t, 3> part;
+  for (int64_t d = threadIdx.x; d < dim; d += kThreads) {
+    const acc_t ev = to_acc(e[d]);
+    const acc_t uv = s[d] - ev;
+    part.v[0] += ev * ev;
+    part.v[1] += ev * uv;
+    part.v[2] += uv * uv;
+  }
+  const auto total = block_reduce(part, scratch);
+  return own_cosine(total.v[0], total.v[1], total.v[2]);
+}
+
+template <typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    inverse_norms_kernel(const acc_t* __restrict__ rows, int64_t dim, acc_t* __restrict__ out) {
+  GE2E_SCRATCH;
+  const acc_t* row = rows + static_cast<int64_t>(blockIdx.x) * dim;
+  Sums<acc_t, 1> part;
+  for (int64_t d = threadIdx.x; d < dim; d += kThreads) part.v[0] += row[d] * row[d];
+  const auto total = block_reduce(part, scratch);
+  if (threadIdx.x == 0) out[blockIdx.x] = inverse_norm(total.v[0]);
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    forward_rows_kernel(Problem p, int64_t first, const acc_t* __restrict__ dots,
+                        acc_t* __restrict__ loss, acc_t* __restrict__ row_stat,
+                        int64_t* __restrict__ hardest) {
+  GE2E_SCRATCH;
+  const int64_t jb = blockIdx.x, j = first + jb, own = p.speaker_offset + j;
+  const int64_t D = p.dim, K = p.total_speakers, M = p.utterances;
+  const auto* emb = static_cast<const scalar_t*>(p.embeddings);
+  const auto* sums = static_cast<const acc_t*>(p.sums);
+  const auto* inv_sums = static_cast<const acc_t*>(p.inv_sums);
+  const auto prm = params_of<acc_t>(p);
+  for (int64_t i = 0; i < M; ++i) {
+    const int64_t r = j * M + i, rb = jb * M + i;
+    const auto oc = block_own_cosine(emb + r * D, sums + own * D, D, scratch);
+    const acc_t own_sim = similarity(oc.raw_cos, prm);
+    const acc_t* dot_row = dots + rb * K;
+    HardestImpostor<acc_t> impostor;
+    LogSumExp<acc_t> lse;
+    const bool softmax = p.method == kSoftmax;
+    for (int64_t k = threadIdx.x; k < K; k += kThreads) {
+      if (k == own) {
+        if (softmax) lse.add(own_sim);
+        continue;
+      }
+      const acc_t s = similarity(cosine(dot_row[k], oc.inv_norm_e, inv_sums[k]), prm);
+      if (softmax) lse.add(s);
+      impostor.add(s, k);
+    }
+    impostor = block_reduce(impostor, scratch);
+    if (softmax) lse = block_reduce(lse, scratch);
+    if (threadIdx.x == 0) {
+      if (softmax) {
+        row_stat[r] = lse.value();
+        loss[r] = softmax_row_loss(row_stat[r], own_sim);
+      } else {
+        row_stat[r] = impostor.value;
+        loss[r] = contrast_row_loss(own_sim, impostor.value);
+      }
+      hardest[r] = impostor.index;
+    }
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    similarity_grads_kernel(Problem p, int64_t first, acc_t* __restrict__ h,
+                            const acc_t* __restrict__ grad_loss, const acc_t* __restrict__ row_stat,
+                            const int64_t* __restrict__ hardest, acc_t* __restrict__ h_own,
+                            acc_t* __restrict__ dw_part, acc_t* __restrict__ db_part) {
+  GE2E_SCRATCH;
+  const int64_t jb = blockIdx.x, j = first + jb, own = p.speaker_offset + j;
+  const int64_t D = p.dim, K = p.total_speakers, M = p.utterances;
+  const auto* emb = static_cast<const scalar_t*>(p.embeddings);
+  const auto* sums = static_cast<const acc_t*>(p.sums);
+  const auto* inv_sums = static_cast<const acc_t*>(p.inv_sums);
+  const auto prm = params_of<acc_t>(p);
+  const bool softmax = p.method == kSoftmax;
+  for (int64_t i = 0; i < M; ++i) {
+    const int64_t r = j * M + i, rb = jb * M + i;
+    const auto oc = block_own_cosine(emb + r * D, sums + own * D, D, scratch);
+    const acc_t g_r = grad_loss[r];
+    const acc_t own_s = similarity(oc.raw_cos, prm);
+    const acc_t lse = row_stat[r];
+    const int64_t star = softmax ? -1 : hardest[r];
+    acc_t* h_row = h + rb * K;
+    Sums<acc_t, 2> part;  // dLoss/dw, dLoss/db of this thread's entries
+    for (int64_t k = threadIdx.x; k < K; k += kThreads) {
+      if (k == own || (!softmax && k != star)) {
+        h_row[k] = acc_t(0);
+        continue;
+      }
+      const acc_t raw = cosine(h_row[k], oc.inv_norm_e, inv_sums[k]);
+      const acc_t s = similarity(raw, prm);
+      const acc_t g = softmax ? softmax_similarity_grad(s, lse, false, g_r)
+                              : contrast_similarity_grad(s, false, g_r);
+      part.v[0] += g * clamp_cosine(raw, prm);
+      part.v[1] += g;
+      h_row[k] = cosine_grad(g, raw, prm) * oc.inv_norm_e * inv_sums[k];
+    }
+    if (threadIdx.x == 0) {
+      const acc_t g = softmax ? softmax_similarity_grad(own_s, lse, true, g_r)
+                              : contrast_similarity_grad(own_s, true, g_r);
+      part.v[0] += g * clamp_cosine(oc.raw_cos, prm);
+      part.v[1] += g;
+      h_own[r] = cosine_grad(g, oc.raw_cos, prm);
+    }
+    const auto total = block_reduce(part, scratch);
+    if (threadIdx.x == 0) {
+      dw_part[r] = total.v[0];
+      db_part[r] = total.v[1];
+    }
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    backward_rows_kernel(Problem p, int64_t first, const acc_t* cross,
+                         const acc_t* __restrict__ h_own, scalar_t* grad,
+                         acc_t* __restrict__ own_sum_grads) {
+  GE2E_SCRATCH;
+  const int64_t jb = blockIdx.x, j = first + jb;
+  const int64_t D = p.dim, M = p.utterances;
+  const auto* emb = static_cast<const scalar_t*>(p.embeddings);
+  const acc_t* s = static_cast<const acc_t*>(p.sums) + (p.speaker_offset + j) * D;
+  acc_t* q_row = own_sum_grads + j * D;
+  for (int64_t i = 0; i < M; ++i) {
+    const int64_t r = j * M + i, rb = jb * M + i;
+    const scalar_t* e = emb + r * D;
+    // cross may alias grad: each thread reads t_row[d] before it writes grad[d].
+    const acc_t* t_row = cross + rb * D;
+    Sums<acc_t, 4> part;
+    for (int64_t d = threadIdx.x; d < D; d += kThreads) {
+      const acc_t ev = to_acc(e[d]);
+      const acc_t uv = s[d] - ev;
+      part.v[0] += ev * ev;
+      part.v[1] += ev * uv;
+      part.v[2] += uv * uv;
+      part.v[3] += ev * t_row[d];
+    }
+    const auto total = block_reduce(part, scratch);
+    const auto oc = own_cosine(total.v[0], total.v[1], total.v[2]);
+    const acc_t e_dot_t = total.v[3];
+    const acc_t hv = h_own[r];
+    for (int64_t d = threadIdx.x; d < D; d += kThreads) {
+      const acc_t ev = to_acc(e[d]);
+      const acc_t uv = s[d] - ev;
+      const acc_t q = own_grad_wrt_centroid(hv, oc, ev, uv);
+      const acc_t g = remove_projection(t_row[d], ev, e_dot_t, oc.inv_norm_e) +
+                      own_grad_wrt_embedding(hv, oc, ev, uv) - q;
+      store(grad + r * D + d, g);
+      q_row[d] = i == 0 ? q : q_row[d] + q;
+    }
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    finalize_sums_kernel(Problem p, acc_t* __restrict__ z, const acc_t* __restrict__ own_sum_grads,
+                         scalar_t* __restrict__ grad) {
+  GE2E_SCRATCH;
+  const int64_t k = blockIdx.x, D = p.dim, M = p.utterances;
+  acc_t* z_row = z + k * D;
+  const acc_t* s = static_cast<const acc_t*>(p.sums) + k * D;
+  const acc_t inv_s = static_cast<const acc_t*>(p.inv_sums)[k];
+  Sums<acc_t, 1> part;
+  for (int64_t d = threadIdx.x; d < D; d += kThreads) part.v[0] += s[d] * z_row[d];
+  const acc_t s_dot_z = block_reduce(part, scratch).v[0];
+  const int64_t j = k - p.speaker_offset;  // local speaker, if it is one
+  const bool local = j >= 0 && j < p.num_speakers;
+  for (int64_t d = threadIdx.x; d < D; d += kThreads) {
+    const acc_t value = remove_projection(z_row[d], s[d], s_dot_z, inv_s) +
+                        (local ? own_sum_grads[j * D + d] : acc_t(0));
+    z_row[d] = value;
+    if (!p.sums_given) {
+      // ds_j/de_ji = I: every utterance of speaker j receives grad s_j.
+      for (int64_t i = 0; i < M; ++i) {
+        scalar_t* g = grad + (j * M + i) * D + d;
+        store(g, to_acc(*g) + value);
+      }
+    }
+  }
+}
+
+template <typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    finalize_scalars_kernel(Problem p, const acc_t* __restrict__ dw_part,
+                            const acc_t* __restrict__ db_part, acc_t* __restrict__ grad_w,
+                            acc_t* __restrict__ grad_b) {
+  GE2E_SCRATCH;
+  const int64_t rows = p.num_speakers * p.utterances;
+  Sums<acc_t, 2> part;
+  for (int64_t r = threadIdx.x; r < rows; r += kThreads) {
+    part.v[0] += dw_part[r];
+    part.v[1] += db_part[r];
+  }
+  const auto total = block_reduce(part, scratch);
+  if (threadIdx.x == 0) {
+    *grad_w = params_of<acc_t>(p).w_active ? total.v[0] : acc_t(0);
+    *grad_b = total.v[1];
+  }
+}
+
+// Calls fn(scalar_t{}, acc_t{}) for the embeddings' dtype.
+template <typename Fn>
+cudaError_t dispatch(DType dtype, Fn&& fn) {
+  switch (dtype) {
+    case DType::kFloat32: return fn(float(), float());
+    case DType::kFloat64: return fn(double(), double());
+    case DType::kFloat16: return fn(__half(), float());
+    case DType::kBFloat16: return fn(__nv_bfloat16(), float());
+  }
+  return cudaErrorInvalidValue;
+}
+
+dim3 grid_of(int64_t blocks) { return dim3(static_cast<unsigned int>(blocks)); }
+
+}  // namespace
+
+cudaError_t launch_inverse_norms(bool is_double, const void* rows, int64_t n, int64_t dim,
+                                 void* out, cudaStream_t stream) {
+  if (is_double) {
+    inverse_norms_kernel<double><<<grid_of(n), kThreads, 0, stream>>>(
+        static_cast<const double*>(rows), dim, static_cast<double*>(out));
+  } else {
+    inverse_norms_kernel<float><<<grid_of(n), kThreads, 0, stream>>>(
+        static_cast<const float*>(rows), dim, static_cast<float*>(out));
+  }
+  return cudaGetLastError();
+}
+
+cudaError_t launch_forward_rows(const Problem& p, int64_t first, int64_t count, const void* dots,
+                                void* loss, void* row_stat, int64_t* hardest,
+                                cudaStream_t stream) {
+  return dispatch(p.dtype, [&](auto scalar_zero, auto acc_zero) {
+    using scalar_t = decltype(scalar_zero);
+    using acc_t = decltype(acc_zero);
+    forward_rows_kernel<scalar_t, acc_t><<<grid_of(count), kThreads, 0, stream>>>(
+        p, first, static_cast<const acc_t*>(dots), static_cast<acc_t*>(loss),
+        static_cast<acc_t*>(row_stat), hardest);
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t launch_similarity_grads(const Problem& p, int64_t first, int64_t count, void* dots,
+                                    const void* grad_loss, const void* row_stat,
+                                    const int64_t* hardest, void* h_own, void* dw_part,
+                                    void* db_part, cudaStream_t stream) {
+  return dispatch(p.dtype, [&](auto scalar_zero, auto acc_zero) {
+    using scalar_t = decltype(scalar_zero);
+    using acc_t = decltype(acc_zero);
+    similarity_grads_kernel<scalar_t, acc_t><<<grid_of(count), kThreads, 0, stream>>>(
+        p, first, static_cast<acc_t*>(dots), static_cast<const acc_t*>(grad_loss),
+        static_cast<const acc_t*>(row_stat), hardest, static_cast<acc_t*>(h_own),
+        static_cast<acc_t*>(dw_part), static_cast<acc_t*>(db_part));
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t launch_backward_rows(const Problem& p, int64_t first, int64_t count,
+                                 const void* cross, const void* h_own, void* grad_embeddings,
+                                 void* own_sum_grads, cudaStream_t stream) {
+  return dispatch(p.dtype, [&](auto scalar_zero, auto acc_zero) {
+    using scalar_t = decltype(scalar_zero);
+    using acc_t = decltype(acc_zero);
+    backward_rows_kernel<scalar_t, acc_t><<<grid_of(count), kThreads, 0, stream>>>(
+        p, first, static_cast<const acc_t*>(cross), static_cast<const acc_t*>(h_own),
+        static_cast<scalar_t*>(grad_embeddings), static_cast<acc_t*>(own_sum_grads));
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t launch_finalize(const Problem& p, void* grad_sums, const void* own_sum_grads,
+                            void* grad_embeddings, const void* dw_part, const void* db_part,
+                            void* grad_w, void* grad_b, cudaStream_t stream) {
+  return dispatch(p.dtype, [&](auto scalar_zero, auto acc_zero) {
+    using scalar_t = decltype(scalar_zero);
+    using acc_t = decltype(acc_zero);
+    finalize_sums_kernel<scalar_t, acc_t><<<grid_of(p.total_speakers), kThreads, 0, stream>>>(
+        p, static_cast<acc_t*>(grad_sums), static_cast<const acc_t*>(own_sum_grads),
+        static_cast<scalar_t*>(grad_embeddings));
+    cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+    finalize_scalars_kernel<acc_t><<<1, kThreads, 0, stream>>>(
+        p, static_cast<const acc_t*>(dw_part), static_cast<const acc_t*>(db_part),
+        static_cast<acc_t*>(grad_w), static_cast<acc_t*>(grad_b));
+    return cudaGetLastError();
+  });
+}
+
+}  // namespace cuda
+}  // namespace ge2e

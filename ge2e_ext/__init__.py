@@ -1,0 +1,12 @@
+"""ge2e_ext: a fused C++/CUDA GE2E loss for PyTorch.
+
+    from ge2e_ext import GE2ELoss
+    criterion = GE2ELoss(init_w=10.0, init_b=-5.0, loss_method="softmax")
+    loss = criterion(embeddings)  # embeddings: (N speakers, M utterances, D)
+"""
+
+from .functional import ge2e_loss, extension_devices
+from .loss import GE2ELoss
+
+__all__ = ["GE2ELoss", "ge2e_loss", "extension_devices"]
+__version__ = "0.1.0"

@@ -1,0 +1,163 @@
+"""``ge2e_loss``: argument checks, backend choice, reduction. The math is in the kernels."""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+from . import _ops, _torch_impl
+
+LOSS_METHODS = ("softmax", "contrast")
+REDUCTIONS = ("sum", "mean", "none")
+BACKENDS = ("auto", "extension", "torch")
+_FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def extension_devices() -> frozenset:
+    """The device types ("cpu", "cuda") for which this install has a compiled kernel."""
+    return _ops.EXTENSION_DEVICES
+
+
+def check_options(loss_method, reduction, min_cosine, backend):
+    """Validates the non-tensor arguments; shared by ge2e_loss and GE2ELoss."""
+    if loss_method not in LOSS_METHODS:
+        raise ValueError(f"loss_method must be one of {LOSS_METHODS}, got {loss_method!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if min_cosine is not None:
+        if isinstance(min_cosine, bool) or not isinstance(min_cosine, numbers.Real):
+            raise TypeError(
+                f"min_cosine must be a float or None, got {type(min_cosine).__name__}"
+            )
+        if not math.isfinite(min_cosine):
+            raise ValueError(f"min_cosine must be finite or None, got {min_cosine}")
+
+
+def _check_embeddings(embeddings):
+    if not isinstance(embeddings, torch.Tensor):
+        raise TypeError(
+            "embeddings must be a torch.Tensor of shape (N speakers, M utterances, D), "
+            f"got {type(embeddings).__name__}"
+        )
+    if embeddings.dim() != 3:
+        raise ValueError(
+            "embeddings must have shape (N speakers, M utterances, D features), got "
+            f"{embeddings.dim()} dimensions {tuple(embeddings.shape)}"
+        )
+    if embeddings.dtype not in _FLOAT_DTYPES:
+        raise TypeError(
+            "embeddings must be float32, float64, float16 or bfloat16, got "
+            f"{embeddings.dtype}"
+        )
+    n, m, d = embeddings.shape
+    if n < 2:
+        raise ValueError(f"GE2E needs N >= 2 speakers, got N = {n} (shape {tuple(embeddings.shape)})")
+    if m < 2:
+        raise ValueError(
+            "GE2E needs M >= 2 utterances per speaker (the exclusive centroid of one "
+            f"utterance is empty), got M = {m} (shape {tuple(embeddings.shape)})"
+        )
+    if d < 1:
+        raise ValueError(f"embeddings need D >= 1 features, got D = {d}")
+
+
+def _as_scalar(value, name, embeddings, dtype):
+    """w or b as a 0-dim tensor of ``dtype`` on the embeddings' device (autograd-aware)."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(
+                f"{name} must be a scalar (a number or a one-element tensor), got a tensor of "
+                f"shape {tuple(value.shape)}"
+            )
+        if value.is_complex() or value.dtype == torch.bool:
+            raise TypeError(f"{name} must be a real number, got a tensor of dtype {value.dtype}")
+        if value.device != embeddings.device:
+            # A CPU scalar is moved, as torch treats 0-dim CPU tensors as scalars;
+            # a tensor on another accelerator is a mistake.
+            if value.device.type != "cpu":
+                raise RuntimeError(
+                    f"{name} is on {value.device} but the embeddings are on "
+                    f"{embeddings.device}; move the GE2ELoss module with .to(device)"
+                )
+            value = value.to(embeddings.device)
+        return value.reshape(()).to(dtype)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number or a one-element tensor, got {type(value).__name__}")
+    return torch.tensor(float(value), dtype=dtype, device=embeddings.device)
+
+
+def _use_extension(backend, device):
+    if backend == "torch":
+        return False
+    available = device.type in _ops.EXTENSION_DEVICES
+    if backend == "extension" and not available:
+        why = _ops.import_error()
+        reason = (
+            f"the compiled extension failed to import ({why})" if why is not None
+            else f"it was built without {device.type} kernels (built: {sorted(_ops.EXTENSION_DEVICES)})"
+        )
+        raise RuntimeError(
+            f"backend='extension' needs ge2e_ext's compiled kernel for {device.type}, but "
+            f"{reason}. Build it with `pip install --no-build-isolation -e .` in the ge2e_ext "
+            "checkout (CUDA kernels need nvcc and a CUDA build of torch), or use "
+            "backend='torch'/'auto'."
+        )
+    return available
+
+
+def ge2e_loss(embeddings, w, b, loss_method="softmax", *, reduction="sum", min_cosine=1e-6,
+              backend="auto", distributed=False, group=None):
+    """The GE2E loss (Wan et al., 2018) of embeddings (N speakers, M utterances, D).
+
+    Args:
+        embeddings: float32/float64 (float16/bfloat16 are computed in float32) of
+            shape (N, M, D), N >= 2, M >= 2.
+        w, b: the similarity scale and bias, ``S = max(w, 1e-6) * cos + b``; 0-dim
+            (or one-element) tensors or numbers.
+        loss_method: "softmax" (eq. 6) or "contrast" (eq. 7).
+        reduction: "sum" (the original code's and the paper's total), "mean" (over
+            the N*M utterances) or "none" (per-utterance losses, shape (N, M)).
+        min_cosine: lower clamp on every cosine; 1e-6 reproduces the original
+            code, None gives the paper's unclamped formula.
+        backend: "auto" (compiled kernel for this device if built, else PyTorch),
+            "extension" (compiled kernel or RuntimeError) or "torch".
+        distributed: score against the speakers of every rank of ``group`` (see
+            ``ge2e_ext.distributed``); "mean" then divides by all ranks' utterances.
+
+    Returns:
+        The loss, in float32 (float64 for float64 embeddings).
+    """
+    _check_embeddings(embeddings)
+    check_options(loss_method, reduction, min_cosine, backend)
+    min_cosine = None if min_cosine is None else float(min_cosine)
+    acc = _ops.accumulation_dtype(embeddings.dtype)
+    w = _as_scalar(w, "w", embeddings, acc)
+    b = _as_scalar(b, "b", embeddings, acc)
+
+    sums, offset, total_utterances = None, 0, embeddings.shape[0] * embeddings.shape[1]
+    if distributed:
+        from . import distributed as dist_impl
+
+        sums, offset, total_utterances = dist_impl.gather_speaker_sums(embeddings, group)
+
+    if _use_extension(backend, embeddings.device):
+        rows = _ops.forward(embeddings, sums, w, b, offset, loss_method, min_cosine)
+    else:
+        device_type = embeddings.device.type
+        if torch.is_autocast_enabled(device_type):
+            with torch.autocast(device_type=device_type, enabled=False):
+                rows = _torch_impl.ge2e_rows(embeddings.to(acc), sums, w, b, offset,
+                                             loss_method, min_cosine)
+        else:
+            rows = _torch_impl.ge2e_rows(embeddings.to(acc), sums, w, b, offset, loss_method,
+                                         min_cosine)
+
+    if reduction == "none":
+        return rows
+    if reduction == "sum":
+        return rows.sum()
+    return rows.sum() / total_utterances

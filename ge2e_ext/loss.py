@@ -1,0 +1,41 @@
+"""``GE2ELoss``: the drop-in module."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .functional import check_options, ge2e_loss
+
+
+class GE2ELoss(nn.Module):
+    """Generalized End-to-End loss (arXiv 1710.10467) with learnable ``w`` and ``b``.
+
+    A drop-in replacement for the original pure-PyTorch ``GE2ELoss``: the same
+    first three arguments and the same output (the sum over utterances), computed
+    by fused kernels. ``forward(embeddings)`` takes (N speakers, M utterances, D).
+    See ``ge2e_ext.ge2e_loss`` for the keyword arguments.
+    """
+
+    def __init__(self, init_w=10.0, init_b=-5.0, loss_method="softmax", *, reduction="sum",
+                 min_cosine=1e-6, backend="auto", distributed=False, group=None):
+        super().__init__()
+        check_options(loss_method, reduction, min_cosine, backend)
+        self.w = nn.Parameter(torch.tensor(float(init_w)))
+        self.b = nn.Parameter(torch.tensor(float(init_b)))
+        self.loss_method = loss_method
+        self.reduction = reduction
+        self.min_cosine = min_cosine
+        self.backend = backend
+        self.distributed = distributed
+        self.group = group
+
+    def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
+        return ge2e_loss(embeddings, self.w, self.b, self.loss_method, reduction=self.reduction,
+                         min_cosine=self.min_cosine, backend=self.backend,
+                         distributed=self.distributed, group=self.group)
+
+    def extra_repr(self) -> str:
+        return (f"loss_method={self.loss_method!r}, reduction={self.reduction!r}, "
+                f"min_cosine={self.min_cosine}, backend={self.backend!r}"
+                + (", distributed=True" if self.distributed else ""))

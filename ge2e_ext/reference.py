@@ -1,0 +1,69 @@
+"""The loop reference: the original GE2E-Loss code's computation, step by step.
+
+This transcribes the semantics of the pure-PyTorch ``ge2e.py`` that users train
+with today (shared/seed/): for every utterance a fresh stack of centroids with the
+own speaker's replaced by the exclusive mean, cosines through ``torch.norm``,
+``torch.clamp(cos, 1e-6)``, ``w * cos + b``, then a Python loop of per-row
+``log_softmax`` or sigmoid-max losses. It is deliberately as slow as the
+original (that is what the benchmark compares against) and serves the tests and
+the benchmark as the ground truth.
+
+Two knobs make it cover both conventions:
+- ``clamp_w=True`` applies ``max(w, 1e-6)`` as ge2e_ext does; the original meant
+  to but discarded the result (``clamp_w=False`` reproduces that).
+- ``min_cosine=None`` drops the cosine clamp (the paper's formula).
+
+Zero-norm embeddings give NaN here, as in the original (0/0).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _cosine_matrix(embeddings, min_cosine):
+    n, m, _ = embeddings.shape
+    centroids = embeddings.mean(dim=1)
+    rows = []
+    for j in range(n):
+        per_utterance = []
+        for i in range(m):
+            exclusive = torch.cat((embeddings[j, :i], embeddings[j, i + 1:])).mean(dim=0)
+            candidates = torch.stack([exclusive if k == j else centroids[k] for k in range(n)])
+            utterance = embeddings[j, i]
+            cos = torch.mv(candidates, utterance) / (
+                torch.norm(utterance) * torch.norm(candidates, dim=1)
+            )
+            if min_cosine is not None:
+                cos = torch.clamp(cos, min_cosine)
+            per_utterance.append(cos)
+        rows.append(torch.stack(per_utterance))
+    return torch.stack(rows)  # (N, M, N)
+
+
+def ge2e_loss_reference(embeddings, w, b, loss_method="softmax", *, min_cosine=1e-6,
+                        clamp_w=True):
+    """Per-utterance GE2E losses (N, M) computed by loops, as the original code does.
+
+    ``w`` and ``b`` are 0-dim tensors (or numbers); gradients flow by autograd.
+    """
+    if loss_method not in ("softmax", "contrast"):
+        raise ValueError(f"loss_method must be 'softmax' or 'contrast', got {loss_method!r}")
+    w = torch.as_tensor(w, dtype=embeddings.dtype, device=embeddings.device)
+    b = torch.as_tensor(b, dtype=embeddings.dtype, device=embeddings.device)
+    if clamp_w:
+        w = torch.clamp(w, min=1e-6)
+    sim = _cosine_matrix(embeddings, min_cosine) * w + b
+    n, m, _ = sim.shape
+    losses = []
+    for j in range(n):
+        row = []
+        for i in range(m):
+            if loss_method == "softmax":
+                row.append(-torch.log_softmax(sim[j, i], dim=0)[j])
+            else:
+                sig = torch.sigmoid(sim[j, i])
+                impostors = torch.cat((sig[:j], sig[j + 1:]))
+                row.append(1.0 - sig[j] + torch.max(impostors))
+        losses.append(torch.stack(row))
+    return torch.stack(losses)
