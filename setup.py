@@ -50,9 +50,23 @@ def _cuda_problem():
     return None
 
 
+def _cpu_arch_flags():
+    """-march for the CPU kernel: the build machine's (native) by default.
+
+    The CPU kernel's loops are written to vectorize; -march=native lets them use
+    AVX2/AVX-512 where the build machine has them. Set GE2E_EXT_MARCH to another
+    -march value (e.g. x86-64-v2) to build for other machines, or to "" for the
+    compiler's default.
+    """
+    march = os.environ.get("GE2E_EXT_MARCH", "native").strip()
+    return [f"-march={march}"] if march else []
+
+
 def _extension():
     sources = [os.path.join("csrc", "ge2e_op.cpp"), os.path.join("csrc", "cpu", "ge2e_cpu.cpp")]
-    cxx_flags = ["-O3"]  # the C++ standard is the one torch requires (it adds it)
+    # The C++ standard is the one torch requires (it adds it). -fno-math-errno
+    # lets sqrt inline (errno is never read); see _cpu_arch_flags for -march.
+    cxx_flags = ["-O3", "-fno-math-errno"] + _cpu_arch_flags()
     problem = _cuda_problem()
     if problem is not None:
         if _truthy("FORCE_CUDA"):

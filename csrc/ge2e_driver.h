@@ -8,8 +8,8 @@
 //   inverse_norms(rows, out)                      out[k] = 1/|rows_k| (0 if 0)
 //   forward_rows(ctx, block, P, loss, row_stat, hardest)
 //   similarity_grads(ctx, block, P->H, grad_loss, row_stat, hardest,
-//                    h_own, dw_part, db_part)
-//   backward_rows(ctx, block, T, h_own, grad_embeddings, own_sum_grads)
+//                    own_terms, dw_part, db_part)
+//   backward_rows(ctx, block, T, own_terms, grad_embeddings, own_sum_grads)
 //   finalize(ctx, Z->grad_sums, own_sum_grads, grad_embeddings,
 //            dw_part, db_part, grad_w, grad_b)
 // See ge2e_math.h for what each quantity is.
@@ -205,7 +205,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
   at::Tensor grad_embeddings = at::empty_like(c.embeddings);
   at::Tensor grad_sums = at::zeros({c.total_speakers, c.dim}, acc_options);  // accumulates Z
   at::Tensor own_sum_grads = at::empty({c.num_speakers, c.dim}, acc_options);
-  at::Tensor h_own = at::empty({rows}, acc_options);
+  // Per row: h = dLoss/dcos(e, s - e), 1/|e|, 1/|s - e| and that cosine (the
+  // OwnTerms of ge2e_math.h), so the second pass need not recompute them.
+  at::Tensor own_terms = at::empty({rows, kOwnTermsSize}, acc_options);
   at::Tensor dw_part = at::empty({rows}, acc_options);
   at::Tensor db_part = at::empty({rows}, acc_options);
 
@@ -222,13 +224,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
     at::Tensor e_rows = block_rows(c, blk);
     at::Tensor h = similarity_block.narrow(0, 0, blk_rows);
     at::mm_out(h, e_rows, c.sums.t());  // recompute e_r . s_k
-    Kernels::similarity_grads(c, blk, h, grad_rows, row_stat_c, hardest_c, h_own, dw_part,
+    Kernels::similarity_grads(c, blk, h, grad_rows, row_stat_c, hardest_c, own_terms, dw_part,
                               db_part);  // h now holds H
     at::Tensor cross = widened ? cross_block.narrow(0, 0, blk_rows)
                                : grad_rows_2d.narrow(0, blk.first * c.utterances, blk_rows);
     at::mm_out(cross, h, c.sums);                // T = H S
     grad_sums.addmm_(h.t(), e_rows);             // Z += H^T E
-    Kernels::backward_rows(c, blk, cross, h_own, grad_embeddings, own_sum_grads);
+    Kernels::backward_rows(c, blk, cross, own_terms, grad_embeddings, own_sum_grads);
   }
   at::Tensor grad_w = at::empty_like(c.w);
   at::Tensor grad_b = at::empty_like(c.b);

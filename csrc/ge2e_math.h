@@ -14,7 +14,8 @@
 #if defined(__CUDACC__)
 #define GE2E_HD __host__ __device__ __forceinline__
 #else
-#define GE2E_HD inline
+// Forced inline: the CPU kernel's loops only vectorize with these inside.
+#define GE2E_HD inline __attribute__((always_inline))
 #endif
 
 namespace ge2e {
@@ -24,19 +25,53 @@ enum LossMethod : int { kSoftmax = 0, kContrast = 1 };
 // The paper requires w > 0; the forward uses max(w, kMinW) (see README).
 constexpr double kMinW = 1e-6;
 
-// Overloads instead of std:: so that the same call compiles on the device.
-GE2E_HD float sqrt_(float x) { return ::sqrtf(x); }
-GE2E_HD double sqrt_(double x) { return ::sqrt(x); }
-GE2E_HD float exp_(float x) { return ::expf(x); }
-GE2E_HD double exp_(double x) { return ::exp(x); }
-GE2E_HD float log_(float x) { return ::logf(x); }
-GE2E_HD double log_(double x) { return ::log(x); }
-
 template <typename T>
 GE2E_HD bool is_nan(T x) { return x != x; }
 
 template <typename T>
 GE2E_HD T infinity() { return static_cast<T>(HUGE_VAL); }
+
+// Overloads instead of std:: so that the same call compiles on the device.
+GE2E_HD float sqrt_(float x) { return ::sqrtf(x); }
+GE2E_HD double sqrt_(double x) { return ::sqrt(x); }
+GE2E_HD double exp_(double x) { return ::exp(x); }
+
+// exp for float. On the device: the CUDA library's expf. On the host: a
+// branch-free Cephes-style exp (range reduction by ln 2 in two parts, a
+// degree-5 polynomial, 2^n built in the exponent bits), within 2 ulp of expf
+// over the float range, which the compiler inlines and vectorizes: the CPU
+// kernel evaluates one exp per similarity, and libm's scalar call would be
+// most of its time. NaN propagates; overflow gives inf, underflow 0.
+GE2E_HD float exp_(float x) {
+#if defined(__CUDA_ARCH__)
+  return ::expf(x);
+#else
+  const float kMaxArg = 88.72283172607421875f;   // log(FLT_MAX)
+  const float kMinArg = -87.33654022216796875f;  // log(FLT_MIN): below, 0
+  const bool overflow = x > kMaxArg;
+  const bool underflow = x < kMinArg;
+  float xc = (overflow || underflow) ? 0.0f : x;
+  xc = xc == xc ? xc : 0.0f;  // NaN is put back at the end
+  // n = nearest integer to x / ln 2 (adding 1.5 * 2^23 rounds to an integer).
+  const float kRound = 12582912.0f;
+  const float n = (xc * 1.44269504088896341f + kRound) - kRound;
+  const float r = (xc - n * 0.693359375f) - n * -2.12194440e-4f;
+  float poly = 1.9875691500e-4f;
+  poly = poly * r + 1.3981999507e-3f;
+  poly = poly * r + 8.3334519073e-3f;
+  poly = poly * r + 4.1665795894e-2f;
+  poly = poly * r + 1.6666665459e-1f;
+  poly = poly * r + 5.0000001201e-1f;
+  const float y = poly * r * r + r + 1.0f;
+  const int32_t scale_bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  __builtin_memcpy(&scale, &scale_bits, sizeof(scale));
+  const float result = y * scale;
+  return x != x ? x : (overflow ? infinity<float>() : (underflow ? 0.0f : result));
+#endif
+}
+GE2E_HD float log_(float x) { return ::logf(x); }
+GE2E_HD double log_(double x) { return ::log(x); }
 
 // 1/|v| from |v|^2, and 0 for a zero vector: cos(0, v) is then 0 and its
 // gradient 0, so zero-norm embeddings give a finite loss instead of the
@@ -199,6 +234,28 @@ GE2E_HD OwnCosine<T> own_cosine(T ee, T eu, T uu) {
   c.inv_norm_e = inverse_norm(ee);
   c.inv_norm_u = inverse_norm(uu);
   c.raw_cos = cosine(eu, c.inv_norm_e, c.inv_norm_u);
+  return c;
+}
+
+// What the backward keeps per row between its two passes: h = dLoss/dcos(e, u)
+// and the row's OwnCosine, stored as kOwnTermsSize consecutive numbers.
+constexpr int kOwnTermsSize = 4;
+
+template <typename T>
+GE2E_HD void store_own_terms(T* out, T h, const OwnCosine<T>& c) {
+  out[0] = h;
+  out[1] = c.inv_norm_e;
+  out[2] = c.inv_norm_u;
+  out[3] = c.raw_cos;
+}
+
+template <typename T>
+GE2E_HD OwnCosine<T> load_own_terms(const T* in, T* h) {
+  *h = in[0];
+  OwnCosine<T> c;
+  c.inv_norm_e = in[1];
+  c.inv_norm_u = in[2];
+  c.raw_cos = in[3];
   return c;
 }
 

@@ -67,20 +67,20 @@ struct CudaKernels {
 
   static void similarity_grads(const Context& c, const Block& blk, at::Tensor& dots_to_h,
                                const at::Tensor& grad_loss, const at::Tensor& row_stat,
-                               const at::Tensor& hardest, at::Tensor& h_own,
+                               const at::Tensor& hardest, at::Tensor& own_terms,
                                at::Tensor& dw_part, at::Tensor& db_part) {
     check_launch(cuda::launch_similarity_grads(
                      problem_of(c), blk.first, blk.count, dots_to_h.data_ptr(),
                      grad_loss.data_ptr(), row_stat.data_ptr(), hardest.data_ptr<int64_t>(),
-                     h_own.data_ptr(), dw_part.data_ptr(), db_part.data_ptr(), current_stream()),
+                     own_terms.data_ptr(), dw_part.data_ptr(), db_part.data_ptr(), current_stream()),
                  "similarity_grads");
   }
 
   static void backward_rows(const Context& c, const Block& blk, const at::Tensor& cross,
-                            const at::Tensor& h_own, at::Tensor& grad_embeddings,
+                            const at::Tensor& own_terms, at::Tensor& grad_embeddings,
                             at::Tensor& own_sum_grads) {
     check_launch(cuda::launch_backward_rows(problem_of(c), blk.first, blk.count, cross.data_ptr(),
-                                            h_own.data_ptr(), grad_embeddings.data_ptr(),
+                                            own_terms.data_ptr(), grad_embeddings.data_ptr(),
                                             own_sum_grads.data_ptr(), current_stream()),
                  "backward_rows");
   }

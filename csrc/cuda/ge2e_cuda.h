@@ -40,15 +40,16 @@ cudaError_t launch_forward_rows(const Problem& p, int64_t first, int64_t count, 
                                 void* loss, void* row_stat, int64_t* hardest,
                                 cudaStream_t stream);
 
-// Overwrites dots with H_rk = h_rk / (|e_r||s_k|); writes h_own, dw_part, db_part per row.
+// Overwrites dots with H_rk = h_rk / (|e_r||s_k|); writes the own terms
+// (kOwnTermsSize per row), dw_part and db_part per row.
 cudaError_t launch_similarity_grads(const Problem& p, int64_t first, int64_t count, void* dots,
                                     const void* grad_loss, const void* row_stat,
-                                    const int64_t* hardest, void* h_own, void* dw_part,
+                                    const int64_t* hardest, void* own_terms, void* dw_part,
                                     void* db_part, cudaStream_t stream);
 
 // Row gradients from cross (count*M, D) = H S and the own terms; per-speaker q sums.
 cudaError_t launch_backward_rows(const Problem& p, int64_t first, int64_t count,
-                                 const void* cross, const void* h_own, void* grad_embeddings,
+                                 const void* cross, const void* own_terms, void* grad_embeddings,
                                  void* own_sum_grads, cudaStream_t stream);
 
 // grad_sums (holding Z = sum H^T E) becomes dLoss/ds; folded into

@@ -184,7 +184,7 @@ template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads)
     similarity_grads_kernel(Problem p, int64_t first, acc_t* __restrict__ h,
                             const acc_t* __restrict__ grad_loss, const acc_t* __restrict__ row_stat,
-                            const int64_t* __restrict__ hardest, acc_t* __restrict__ h_own,
+                            const int64_t* __restrict__ hardest, acc_t* __restrict__ own_terms,
                             acc_t* __restrict__ dw_part, acc_t* __restrict__ db_part) {
   GE2E_SCRATCH;
   const int64_t jb = blockIdx.x, j = first + jb, own = p.speaker_offset + j;
@@ -221,7 +221,7 @@ __global__ void __launch_bounds__(kThreads)
                               : contrast_similarity_grad(own_s, true, g_r);
       part.v[0] += g * clamp_cosine(oc.raw_cos, prm);
       part.v[1] += g;
-      h_own[r] = cosine_grad(g, oc.raw_cos, prm);
+      store_own_terms(own_terms + r * kOwnTermsSize, cosine_grad(g, oc.raw_cos, prm), oc);
     }
     const auto total = block_reduce(part, scratch);
     if (threadIdx.x == 0) {
@@ -234,7 +234,7 @@ __global__ void __launch_bounds__(kThreads)
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads)
     backward_rows_kernel(Problem p, int64_t first, const acc_t* cross,
-                         const acc_t* __restrict__ h_own, scalar_t* grad,
+                         const acc_t* __restrict__ own_terms, scalar_t* grad,
                          acc_t* __restrict__ own_sum_grads) {
   GE2E_SCRATCH;
   const int64_t jb = blockIdx.x, j = first + jb;
@@ -247,19 +247,11 @@ __global__ void __launch_bounds__(kThreads)
     const scalar_t* e = emb + r * D;
     // cross may alias grad: each thread reads t_row[d] before it writes grad[d].
     const acc_t* t_row = cross + rb * D;
-    Sums<acc_t, 4> part;
-    for (int64_t d = threadIdx.x; d < D; d += kThreads) {
-      const acc_t ev = to_acc(e[d]);
-      const acc_t uv = s[d] - ev;
-      part.v[0] += ev * ev;
-      part.v[1] += ev * uv;
-      part.v[2] += uv * uv;
-      part.v[3] += ev * t_row[d];
-    }
-    const auto total = block_reduce(part, scratch);
-    const auto oc = own_cosine(total.v[0], total.v[1], total.v[2]);
-    const acc_t e_dot_t = total.v[3];
-    const acc_t hv = h_own[r];
+    Sums<acc_t, 1> part;
+    for (int64_t d = threadIdx.x; d < D; d += kThreads) part.v[0] += to_acc(e[d]) * t_row[d];
+    const acc_t e_dot_t = block_reduce(part, scratch).v[0];
+    acc_t hv;
+    const auto oc = load_own_terms(own_terms + r * kOwnTermsSize, &hv);
     for (int64_t d = threadIdx.x; d < D; d += kThreads) {
       const acc_t ev = to_acc(e[d]);
       const acc_t uv = s[d] - ev;
@@ -362,27 +354,27 @@ cudaError_t launch_forward_rows(const Problem& p, int64_t first, int64_t count, 
 
 cudaError_t launch_similarity_grads(const Problem& p, int64_t first, int64_t count, void* dots,
                                     const void* grad_loss, const void* row_stat,
-                                    const int64_t* hardest, void* h_own, void* dw_part,
+                                    const int64_t* hardest, void* own_terms, void* dw_part,
                                     void* db_part, cudaStream_t stream) {
   return dispatch(p.dtype, [&](auto scalar_zero, auto acc_zero) {
     using scalar_t = decltype(scalar_zero);
     using acc_t = decltype(acc_zero);
     similarity_grads_kernel<scalar_t, acc_t><<<grid_of(count), kThreads, 0, stream>>>(
         p, first, static_cast<acc_t*>(dots), static_cast<const acc_t*>(grad_loss),
-        static_cast<const acc_t*>(row_stat), hardest, static_cast<acc_t*>(h_own),
+        static_cast<const acc_t*>(row_stat), hardest, static_cast<acc_t*>(own_terms),
         static_cast<acc_t*>(dw_part), static_cast<acc_t*>(db_part));
     return cudaGetLastError();
   });
 }
 
 cudaError_t launch_backward_rows(const Problem& p, int64_t first, int64_t count,
-                                 const void* cross, const void* h_own, void* grad_embeddings,
+                                 const void* cross, const void* own_terms, void* grad_embeddings,
                                  void* own_sum_grads, cudaStream_t stream) {
   return dispatch(p.dtype, [&](auto scalar_zero, auto acc_zero) {
     using scalar_t = decltype(scalar_zero);
     using acc_t = decltype(acc_zero);
     backward_rows_kernel<scalar_t, acc_t><<<grid_of(count), kThreads, 0, stream>>>(
-        p, first, static_cast<const acc_t*>(cross), static_cast<const acc_t*>(h_own),
+        p, first, static_cast<const acc_t*>(cross), static_cast<const acc_t*>(own_terms),
         static_cast<scalar_t*>(grad_embeddings), static_cast<acc_t*>(own_sum_grads));
     return cudaGetLastError();
   });
