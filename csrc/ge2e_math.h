@@ -98,6 +98,9 @@ GE2E_HD SimilarityParams<T> make_params(T raw_w, T b, double min_cosine, bool cl
   const T min_w = static_cast<T>(kMinW);
   // NaN-propagating max: a NaN w must not become kMinW.
   p.w = raw_w < min_w ? min_w : raw_w;
+  // A non-finite w or b makes every similarity NaN: the contrast loss would
+  // otherwise saturate its sigmoids into a finite, meaningless number.
+  if (!(raw_w - raw_w == T(0)) || !(b - b == T(0))) p.w = infinity<T>() - infinity<T>();
   p.b = b;
   p.min_cosine = static_cast<T>(min_cosine);
   p.clamp = clamp;

@@ -45,7 +45,11 @@ def ge2e_rows(embeddings, sums, w, b, speaker_offset, loss_method, min_cosine):
     cos = cos.scatter(-1, own, own_cos.unsqueeze(-1))
     if min_cosine is not None:
         cos = cos.clamp(min=min_cosine)
-    sim = w.clamp(min=MIN_W) * cos + b
+    # A non-finite w or b makes every similarity NaN (as in the kernels): the
+    # contrast loss would otherwise saturate into a finite, meaningless number.
+    finite = torch.isfinite(w) & torch.isfinite(b)
+    w = torch.where(finite, w.clamp(min=MIN_W), torch.full_like(w, float("nan")))
+    sim = w * cos + b
     own_sim = sim.gather(-1, own).squeeze(-1)
     if loss_method == "softmax":
         return torch.logsumexp(sim, dim=-1) - own_sim

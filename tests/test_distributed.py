@@ -1,0 +1,293 @@
+"""ge2e_loss(distributed=True) over gloo processes equals the single-process loss.
+
+One spawn per world size (2 and 3 CPU processes) runs every case in a loop: each
+rank takes its slice of a seeded global batch, computes its share of the loss
+with ``distributed=True`` and backpropagates; the parent checks that the shares
+add up to the single-process loss of the whole batch, that each rank's embedding
+gradient is its rows of the single-process gradient, and that the ranks' w/b
+gradients add up to the single-process ones. Spawns are bounded (process group
+timeout, join deadline, kill), and a child's traceback is shown on failure.
+"""
+
+import datetime
+import multiprocessing
+import os
+import sys
+import time
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from ge2e_ext import GE2ELoss, ge2e_loss
+from ge2e_ext import distributed as ge2e_dist
+
+from conftest import CPU_BACKENDS, RTOL, assert_close_rel, make_embeddings
+
+pytestmark = pytest.mark.skipif(
+    not (dist.is_available() and dist.is_gloo_available()),
+    reason="needs torch.distributed with the gloo backend",
+)
+
+M, D = 4, 6
+W0, B0 = 3.0, -1.0
+GROUP_TIMEOUT = datetime.timedelta(seconds=60)  # every collective, init included
+JOIN_TIMEOUT_S = 120.0  # then the children are killed
+FAILURE_GRACE_S = 10.0  # once one rank has failed, the others get this long to finish
+SUBGROUP = [1, 2]  # the world-size-3 run also uses this group (group ranks 0, 1)
+COUNTS = {2: ([3, 5], [4, 4]), 3: ([2, 3, 4], [3, 3, 3])}
+
+
+def _cases(world):
+    """The cases one spawn of ``world`` processes runs, as plain dicts."""
+    cases = []
+    for ci, counts in enumerate(COUNTS[world]):
+        for mi, method in enumerate(("softmax", "contrast")):
+            for bi, backend in enumerate(CPU_BACKENDS):
+                cases.append(dict(
+                    name=f"{method}-{backend}-N{'+'.join(map(str, counts))}",
+                    counts=counts, method=method, backend=backend,
+                    reduction=("sum", "mean")[(ci + mi) % 2],
+                    min_cosine=(1e-6, None)[(ci + bi) % 2],
+                    module=(ci == 1 and mi == 0),  # through GE2ELoss(distributed=True)
+                    dtype=torch.float64, group_ranks=None,
+                ))
+    # float32 embeddings: float32 sums cross the network.
+    cases.append(dict(name="softmax-float32", counts=COUNTS[world][0], method="softmax",
+                      backend=CPU_BACKENDS[-1], reduction="sum", min_cosine=1e-6,
+                      module=False, dtype=torch.float32, group_ranks=None))
+    if world == 3:
+        # A subgroup whose group ranks differ from the global ranks.
+        cases.append(dict(name="contrast-subgroup", counts=[3, 4], method="contrast",
+                          backend=CPU_BACKENDS[-1], reduction="mean", min_cosine=1e-6,
+                          module=False, dtype=torch.float64, group_ranks=SUBGROUP))
+    return cases
+
+
+def _global_embeddings(case):
+    # offset 0.3: some cosines are clamped by min_cosine, most are not.
+    return make_embeddings(sum(case["counts"]), M, D, dtype=case["dtype"],
+                           seed=7 * sum(case["counts"]) + len(case["name"]), offset=0.3,
+                           requires_grad=False)
+
+
+def _loss_and_grads(case, x, group=None, distributed=False):
+    """The loss of x and the gradients of x, w and b (all detached)."""
+    x = x.detach().clone().requires_grad_(True)
+    if case["module"]:
+        criterion = GE2ELoss(W0, B0, case["method"], reduction=case["reduction"],
+                             min_cosine=case["min_cosine"], backend=case["backend"],
+                             distributed=distributed, group=group).to(case["dtype"])
+        loss = criterion(x)
+        w, b = criterion.w, criterion.b
+    else:
+        w = torch.tensor(W0, dtype=case["dtype"], requires_grad=True)
+        b = torch.tensor(B0, dtype=case["dtype"], requires_grad=True)
+        loss = ge2e_loss(x, w, b, case["method"], reduction=case["reduction"],
+                         min_cosine=case["min_cosine"], backend=case["backend"],
+                         distributed=distributed, group=group)
+    loss.sum().backward()  # sum: reduction="none" too
+    return dict(loss=loss.detach(), grad_x=x.grad, grad_w=w.grad.detach(),
+                grad_b=b.grad.detach())
+
+
+def _rank_share(case, group_rank, group):
+    counts = case["counts"]
+    start = sum(counts[:group_rank])
+    local = _global_embeddings(case)[start:start + counts[group_rank]]
+    return _loss_and_grads(case, local, group=group, distributed=True)
+
+
+def _mismatches(rank, world):
+    """Calls whose M, D or dtype differ between ranks: the ValueError message per kind."""
+    shapes = {
+        "M": lambda r: ((3, M if r == 0 else M + 1, D), torch.float64),
+        "D": lambda r: ((3, M, D + 1 if r == world - 1 else D), torch.float64),
+        "dtype": lambda r: ((3, M, D), torch.float32 if r == 0 else torch.float64),
+    }
+    messages = {}
+    for kind, shape in shapes.items():
+        size, dtype = shape(rank)
+        x = torch.randn(*size, dtype=dtype, requires_grad=True)
+        try:
+            ge2e_loss(x, W0, B0, distributed=True)
+        except ValueError as error:
+            messages[kind] = str(error)
+        else:
+            messages[kind] = None
+    return messages
+
+
+def _worker(rank, world, init_file, out_dir):
+    """One rank: runs every case, saves the results (or its traceback) to out_dir."""
+    out = os.path.join(out_dir, f"rank{rank}.pt")
+    try:
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                                world_size=world, timeout=GROUP_TIMEOUT)
+        subgroup = dist.new_group(SUBGROUP, timeout=GROUP_TIMEOUT) if world == 3 else None
+        results = {}
+        for case in _cases(world):
+            if case["group_ranks"] is None:
+                results[case["name"]] = _rank_share(case, rank, None)
+            elif rank in case["group_ranks"]:
+                results[case["name"]] = _rank_share(case, case["group_ranks"].index(rank),
+                                                    subgroup)
+        results["mismatch"] = _mismatches(rank, world)
+        # The errors left no collective pending: the group still works.
+        first = _cases(world)[0]
+        results["after_mismatch"] = _rank_share(first, rank, None)
+        dist.destroy_process_group()
+        torch.save({"results": results}, out)
+    except BaseException:  # noqa: BLE001  (everything goes back to the parent)
+        torch.save({"error": traceback.format_exc()}, out)
+        sys.stderr.write(f"rank {rank}:\n{traceback.format_exc()}")
+        sys.stderr.flush()
+        os._exit(1)  # no process-group teardown that could wait on the other ranks
+
+
+def _spawn(world, tmp_dir):
+    """Runs _worker on `world` processes; the per-rank results, or an error message."""
+    ctx = multiprocessing.get_context("spawn")
+    init_file = os.path.join(tmp_dir, "store")
+    procs = [ctx.Process(target=_worker, args=(r, world, init_file, str(tmp_dir)), daemon=True)
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + JOIN_TIMEOUT_S
+    failed_at = None
+    timed_out = False
+    while any(p.is_alive() for p in procs):
+        now = time.monotonic()
+        if failed_at is None and any(p.exitcode not in (None, 0) for p in procs):
+            failed_at = now
+        if now > deadline or (failed_at is not None and now - failed_at > FAILURE_GRACE_S):
+            timed_out = True
+            break
+        procs[0].join(0.1) if procs[0].is_alive() else time.sleep(0.1)
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+        p.join(10)
+
+    results, problems = [], []
+    for r, p in enumerate(procs):
+        path = os.path.join(tmp_dir, f"rank{r}.pt")
+        saved = torch.load(path, weights_only=False) if os.path.exists(path) else None
+        if saved is None:
+            problems.append(f"rank {r}: exit code {p.exitcode}, no result"
+                            + (" (killed: ran too long or another rank failed)"
+                               if timed_out else ""))
+        elif "error" in saved:
+            problems.append(f"rank {r} failed:\n{saved['error']}")
+        results.append(saved["results"] if saved and "results" in saved else None)
+    if problems:
+        return None, f"{world}-process gloo run failed:\n" + "\n".join(problems)
+    return results, None
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """runs(world) -> per-rank results; one spawn per world size for the whole module."""
+    cache = {}
+
+    def get(world):
+        if world not in cache:
+            cache[world] = _spawn(world, tmp_path_factory.mktemp(f"world{world}"))
+        results, error = cache[world]
+        if error is not None:
+            pytest.fail(error, pytrace=False)
+        return results
+
+    return get
+
+
+CASES = [pytest.param(world, case, id=f"world{world}-{case['name']}")
+         for world in (2, 3) for case in _cases(world)]
+
+
+@pytest.mark.parametrize("world, case", CASES)
+def test_matches_single_process(runs, world, case):
+    results = runs(world)
+    members = case["group_ranks"] or list(range(world))
+    shares = [results[r][case["name"]] for r in members]
+    expected = _loss_and_grads(case, _global_embeddings(case))
+    rtol = RTOL[case["dtype"]]
+
+    assert_close_rel(sum(s["loss"] for s in shares), expected["loss"], rtol, "sum of losses")
+    rows = torch.split(expected["grad_x"], case["counts"])
+    for r, share, expected_rows in zip(members, shares, rows):
+        assert_close_rel(share["grad_x"], expected_rows, rtol, f"rank {r} embedding grad")
+    assert_close_rel(sum(s["grad_w"] for s in shares), expected["grad_w"], rtol, "sum of w grads")
+    assert_close_rel(sum(s["grad_b"] for s in shares), expected["grad_b"], rtol, "sum of b grads")
+    if case["group_ranks"] is not None:
+        assert all(case["name"] not in results[r] for r in range(world) if r not in members)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_mismatch_is_the_same_error_on_every_rank(runs, world):
+    results = runs(world)
+    for kind, hint in (("M", "M (utterances per speaker)"), ("D", "D (features)"),
+                       ("dtype", "dtype")):
+        messages = [results[r]["mismatch"][kind] for r in range(world)]
+        assert all(m is not None for m in messages), f"{kind}: some rank raised no ValueError"
+        assert len(set(messages)) == 1, f"{kind}: the ranks' messages differ: {messages}"
+        assert f"differ in {hint}" in messages[0], messages[0]
+        assert "rank 0:" in messages[0] and f"rank {world - 1}:" in messages[0]
+    # and the process group was still in step afterwards
+    first = _cases(world)[0]["name"]
+    for r in range(world):
+        assert torch.equal(results[r]["after_mismatch"]["loss"], results[r][first]["loss"])
+
+
+def test_without_process_group_raises():
+    if dist.is_available() and dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    x = make_embeddings(3, M, D)
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        ge2e_loss(x, W0, B0, distributed=True)
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        GE2ELoss(distributed=True)(x)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_world_size_one_equals_local_loss(tmp_path, backend):
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                            world_size=1, timeout=GROUP_TIMEOUT)
+    try:
+        for method in ("softmax", "contrast"):
+            for reduction in ("sum", "mean", "none"):
+                case = dict(name="one", counts=[5], method=method, backend=backend,
+                            reduction=reduction, min_cosine=1e-6, module=False,
+                            dtype=torch.float64, group_ranks=None)
+                x = _global_embeddings(case)
+                got = _loss_and_grads(case, x, distributed=True)
+                want = _loss_and_grads(case, x)
+                for key in want:
+                    assert_close_rel(got[key], want[key], 1e-12, f"{method} {reduction} {key}")
+    finally:
+        dist.destroy_process_group()
+
+
+class _FakeDist:
+    def __init__(self, backend):
+        self.backend = backend
+
+    def get_backend(self, group):
+        return self.backend
+
+
+def test_communication_device(monkeypatch):
+    cpu = torch.device("cpu")
+    cuda1 = torch.device("cuda", 1)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    device = ge2e_dist._communication_device
+    assert device(_FakeDist("gloo"), None, cpu) == cpu
+    assert device(_FakeDist("gloo"), None, cuda1) == cpu
+    assert device(_FakeDist("nccl"), None, cpu) == cuda1
+    assert device(_FakeDist("cpu:gloo,cuda:nccl"), None, cpu) == cpu
+    assert device(_FakeDist("cpu:gloo,cuda:nccl"), None, cuda1) == cuda1
+    assert device(_FakeDist("cuda:nccl"), None, cpu) == cuda1
