@@ -14,9 +14,11 @@ What crosses the network
 ------------------------
 Only the per-speaker sums. :func:`gather_speaker_sums` computes the local
 ``(N_r, D)`` sums in the accumulation dtype (float64 for float64 embeddings,
-float32 otherwise), pads them to ``max_r N_r`` rows and gathers them with
-``torch.distributed.nn.functional.all_gather``, an autograd-aware collective.
-Before that, one all_gather of four int64 per rank ``(N_r, M, D, dtype)`` lets
+float32 otherwise), pads them to ``max_r N_r`` rows and gathers them with an
+autograd-aware all_gather (``_AllGatherSums``: the contract of
+``torch.distributed.nn.functional.all_gather``, whose backward is a
+reduce-scatter: the gradients are summed over ranks and each rank gets the
+slice of its own sums). Before that, one all_gather of four int64 per rank ``(N_r, M, D, dtype)`` lets
 every rank check the same table, so a shape or dtype mismatch is the same
 ValueError on every rank instead of a hang.
 
@@ -27,9 +29,9 @@ element of the accumulation dtype):
   the ``W * N_max x D`` padded sums (``K x D`` when the ranks have equal
   batches): each rank sends ``N_max * D * s`` bytes and receives
   ``(W - 1) * N_max * D * s``;
-- backward: the all_gather's backward, a reduce-scatter (NCCL) or an all-to-all
-  followed by a local sum (gloo and others) of the same ``W * N_max x D``
-  gradient: again about ``(W - 1) * N_max * D * s`` bytes in and out per rank.
+- backward: the all_gather's backward, a reduce-scatter of the same
+  ``W * N_max x D`` gradient: again about ``(W - 1) * N_max * D * s`` bytes in
+  and out per rank (a ring reduce-scatter; the volume of an all-to-all).
 
 For 8 GPUs with N = 64 speakers each, D = 256, float32: the gathered sums are
 512 x 256 x 4 B = 512 KiB; each rank receives 448 KiB in the forward and about

@@ -165,7 +165,7 @@ def _spawn(world, tmp_dir):
         if now > deadline or (failed_at is not None and now - failed_at > FAILURE_GRACE_S):
             timed_out = True
             break
-        procs[0].join(0.1) if procs[0].is_alive() else time.sleep(0.1)
+        time.sleep(0.1)
     for p in procs:
         if p.is_alive():
             p.kill()
@@ -174,7 +174,7 @@ def _spawn(world, tmp_dir):
     results, problems = [], []
     for r, p in enumerate(procs):
         path = os.path.join(tmp_dir, f"rank{r}.pt")
-        saved = torch.load(path, weights_only=False) if os.path.exists(path) else None
+        saved = torch.load(path) if os.path.exists(path) else None
         if saved is None:
             problems.append(f"rank {r}: exit code {p.exitcode}, no result"
                             + (" (killed: ran too long or another rank failed)"

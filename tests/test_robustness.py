@@ -140,7 +140,8 @@ def test_near_opposite_utterances_with_m_2(backend, dtype):
     base = torch.randn(4, 1, 16, generator=g, dtype=torch.float64)
     x = torch.cat([base, -base + 1e-4 * torch.randn(4, 1, 16, generator=g, dtype=torch.float64)],
                   dim=1)
-    expected = ge2e_loss_reference(x, 10.0, -5.0, "softmax", min_cosine=None)
-    got = ge2e_ext.ge2e_loss(x.to(dtype), 10.0, -5.0, reduction="none", min_cosine=None,
+    x = x.to(dtype)
+    expected = ge2e_loss_reference(x.double(), 10.0, -5.0, "softmax", min_cosine=None)
+    got = ge2e_ext.ge2e_loss(x, 10.0, -5.0, reduction="none", min_cosine=None,
                              backend=backend)
     assert_close_rel(got, expected, 1e-10 if dtype == torch.float64 else 1e-5, "loss")
