@@ -5,7 +5,8 @@ rank takes its slice of a seeded global batch, computes its share of the loss
 with ``distributed=True`` and backpropagates; the parent checks that the shares
 add up to the single-process loss of the whole batch, that each rank's embedding
 gradient is its rows of the single-process gradient, and that the ranks' w/b
-gradients add up to the single-process ones. Spawns are bounded (process group
+gradients add up to the single-process ones. A DDP-wrapped model checks that DDP's
+averaged gradients are the global gradient divided by the world size. Spawns are bounded (process group
 timeout, join deadline, kill), and a child's traceback is shown on failure.
 """
 
@@ -119,6 +120,40 @@ def _mismatches(rank, world):
     return messages
 
 
+class _SpeakerModel(torch.nn.Module):
+    """A linear encoder and the criterion in one module, as in docs/distributed.md."""
+
+    def __init__(self, distributed):
+        super().__init__()
+        g = torch.Generator().manual_seed(11)
+        self.encoder = torch.nn.Linear(D + 2, D, dtype=torch.float64)
+        with torch.no_grad():
+            self.encoder.weight.copy_(torch.randn(D, D + 2, generator=g, dtype=torch.float64))
+            self.encoder.bias.copy_(torch.randn(D, generator=g, dtype=torch.float64))
+        self.criterion = GE2ELoss(W0, B0, "softmax", distributed=distributed).double()
+
+    def forward(self, frames):
+        return self.criterion(self.encoder(frames))
+
+
+def _ddp_frames(world):
+    return make_embeddings(sum(COUNTS[world][0]), M, D + 2, seed=5, offset=0.3,
+                           requires_grad=False)
+
+
+def _ddp_share(rank, world):
+    """One DDP step on this rank's frames: the loss and the (averaged) parameter grads."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    counts = COUNTS[world][0]
+    start = sum(counts[:rank])
+    model = DistributedDataParallel(_SpeakerModel(distributed=True))
+    loss = model(_ddp_frames(world)[start:start + counts[rank]])
+    loss.backward()
+    return dict(loss=loss.detach(),
+                grads={name: p.grad for name, p in model.module.named_parameters()})
+
+
 def _worker(rank, world, init_file, out_dir):
     """One rank: runs every case, saves the results (or its traceback) to out_dir."""
     out = os.path.join(out_dir, f"rank{rank}.pt")
@@ -134,6 +169,7 @@ def _worker(rank, world, init_file, out_dir):
             elif rank in case["group_ranks"]:
                 results[case["name"]] = _rank_share(case, case["group_ranks"].index(rank),
                                                     subgroup)
+        results["ddp"] = _ddp_share(rank, world)
         results["mismatch"] = _mismatches(rank, world)
         # The errors left no collective pending: the group still works.
         first = _cases(world)[0]
@@ -223,6 +259,22 @@ def test_matches_single_process(runs, world, case):
     assert_close_rel(sum(s["grad_b"] for s in shares), expected["grad_b"], rtol, "sum of b grads")
     if case["group_ranks"] is not None:
         assert all(case["name"] not in results[r] for r in range(world) if r not in members)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_ddp_gradients_are_the_global_gradient_over_world_size(runs, world):
+    """As documented: DDP's average of the ranks' gradients is grad(global loss) / W,
+    for the encoder and for the criterion's w and b (inside the DDP module)."""
+    results = runs(world)
+    reference = _SpeakerModel(distributed=False)
+    expected_loss = reference(_ddp_frames(world))
+    expected_loss.backward()
+    assert_close_rel(sum(results[r]["ddp"]["loss"] for r in range(world)),
+                     expected_loss.detach(), 1e-10, "sum of losses")
+    for name, p in reference.named_parameters():
+        for r in range(world):
+            assert_close_rel(results[r]["ddp"]["grads"][name], p.grad / world, 1e-10,
+                             f"rank {r} {name}")
 
 
 @pytest.mark.parametrize("world", [2, 3])

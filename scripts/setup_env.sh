@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Prepares .venv for ge2e_ext: creates it once, installs torch and what the
+# tests and the benchmark need, and builds the extension in place. Safe to rerun:
+# installed packages are kept, and the build is skipped when the compiled module
+# is newer than every source and imports.
+#
+# Environment: PYTHON (default python3), GE2E_TORCH (default torch==2.14.1),
+# FORCE_CUDA, TORCH_CUDA_ARCH_LIST, MAX_JOBS, CUDA_HOME, GE2E_EXT_MARCH (setup.py).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+TORCH_SPEC=${GE2E_TORCH:-torch==2.14.1}
+VENV_PY=.venv/bin/python
+
+if [[ ! -x $VENV_PY ]]; then
+  echo "== creating .venv with $($PYTHON --version)"
+  "$PYTHON" -m venv .venv
+fi
+
+echo "== installing $TORCH_SPEC and the test/benchmark dependencies (first run: a few minutes)"
+"$VENV_PY" -m pip install --quiet --disable-pip-version-check \
+  "$TORCH_SPEC" numpy pytest hypothesis matplotlib ninja "setuptools>=64" wheel
+
+# torch guesses CUDA_HOME from the nvcc on PATH, which can be a symlink outside
+# the toolkit; prefer the standard location when it exists.
+if [[ -z ${CUDA_HOME:-} && -x /usr/local/cuda/bin/nvcc ]]; then
+  export CUDA_HOME=/usr/local/cuda
+fi
+
+so=$(ls ge2e_ext/_C*.so 2>/dev/null | head -n 1 || true)
+stale=yes
+if [[ -n $so ]] && [[ -z $(find csrc setup.py -newer "$so" -print -quit) ]] \
+   && "$VENV_PY" -c "import ge2e_ext._C" 2>/dev/null; then
+  stale=no
+fi
+# A CUDA build is required (FORCE_CUDA=1) but the module has no CUDA kernels.
+if [[ $stale == no && ${FORCE_CUDA:-0} == 1 ]] \
+   && ! "$VENV_PY" -c "import sys, ge2e_ext; sys.exit('cuda' not in ge2e_ext.extension_devices())"; then
+  stale=yes
+fi
+if [[ $stale == yes ]]; then
+  echo "== building ge2e_ext (C++ CPU op; CUDA kernels when torch has CUDA and nvcc exists)"
+  "$VENV_PY" -m pip install --quiet --disable-pip-version-check --no-build-isolation --no-deps -e .
+else
+  echo "== ge2e_ext is built and up to date"
+fi
+"$VENV_PY" -c "import torch, ge2e_ext; print('== torch', torch.__version__, '| ge2e_ext kernels for:', sorted(ge2e_ext.extension_devices()))"
