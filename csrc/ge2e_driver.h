@@ -12,6 +12,8 @@
 //   backward_rows(ctx, block, T, own_terms, grad_embeddings, own_sum_grads)
 //   finalize(ctx, Z->grad_sums, own_sum_grads, grad_embeddings,
 //            dw_part, db_part, grad_w, grad_b)
+// and, where kSparseContrast is true, contrast_backward (the contrast loss
+// without matrix products; see cpu/ge2e_cpu.cpp).
 // See ge2e_math.h for what each quantity is.
 #pragma once
 
@@ -101,8 +103,10 @@ Context make_context(const at::Tensor& embeddings, const c10::optional<at::Tenso
   c.num_speakers = embeddings.size(0);
   c.utterances = embeddings.size(1);
   c.dim = embeddings.size(2);
-  TORCH_CHECK_VALUE(c.num_speakers >= 2, "ge2e_ext: GE2E needs N >= 2 speakers, got N = ",
-                    c.num_speakers);
+  // With sums of other processes' speakers given, one local speaker is enough.
+  const int64_t min_speakers = sums.has_value() ? 1 : 2;
+  TORCH_CHECK_VALUE(c.num_speakers >= min_speakers, "ge2e_ext: GE2E needs N >= ", min_speakers,
+                    " speakers, got N = ", c.num_speakers);
   TORCH_CHECK_VALUE(c.utterances >= 2,
                     "ge2e_ext: GE2E needs M >= 2 utterances per speaker (the exclusive "
                     "centroid of one utterance is empty), got M = ",
@@ -128,6 +132,8 @@ Context make_context(const at::Tensor& embeddings, const c10::optional<at::Tenso
     TORCH_CHECK(s.device() == embeddings.device(), "ge2e_ext: sums are on ", s.device(),
                 " but the embeddings are on ", embeddings.device());
     c.total_speakers = s.size(0);
+    TORCH_CHECK_VALUE(c.total_speakers >= 2, "ge2e_ext: GE2E needs K >= 2 speakers in sums, got ",
+                      c.total_speakers);
     TORCH_CHECK_VALUE(speaker_offset >= 0 && speaker_offset + c.num_speakers <= c.total_speakers,
                       "ge2e_ext: speaker_offset + N must lie in [0, K]: got speaker_offset = ",
                       speaker_offset, ", N = ", c.num_speakers, ", K = ", c.total_speakers);
@@ -180,6 +186,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
   return {loss, row_stat, hardest};
 }
 
+// The end of every backward: grad_sums from Z and the q sums (folded into the
+// rows' gradients when the sums were computed here), and dLoss/dw, dLoss/db.
+template <class Kernels>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> finish_backward(
+    const Context& c, const at::Tensor& w, const at::Tensor& b, at::Tensor& grad_sums,
+    const at::Tensor& own_sum_grads, at::Tensor& grad_embeddings, const at::Tensor& dw_part,
+    const at::Tensor& db_part) {
+  at::Tensor grad_w = at::empty_like(c.w);
+  at::Tensor grad_b = at::empty_like(c.b);
+  Kernels::finalize(c, grad_sums, own_sum_grads, grad_embeddings, dw_part, db_part, grad_w,
+                    grad_b);
+  return {grad_embeddings, grad_sums, grad_w.view(w.sizes()), grad_b.view(b.sizes())};
+}
+
 // backward -> (grad_embeddings, grad_sums (K, D), grad_w, grad_b). When sums
 // were not given, grad_sums is already folded into grad_embeddings.
 template <class Kernels>
@@ -211,6 +231,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
   at::Tensor dw_part = at::empty({rows}, acc_options);
   at::Tensor db_part = at::empty({rows}, acc_options);
 
+  if constexpr (Kernels::kSparseContrast) {
+    if (c.method == kContrast) {
+      Kernels::contrast_backward(c, grad_rows, hardest_c, grad_embeddings, own_sum_grads, dw_part,
+                                 db_part, grad_sums);
+      return finish_backward<Kernels>(c, w, b, grad_sums, own_sum_grads, grad_embeddings, dw_part,
+                                      db_part);
+    }
+  }
   const int64_t per_block = speakers_per_block(c, block_speakers);
   at::Tensor similarity_block = at::empty({per_block * c.utterances, c.total_speakers}, acc_options);
   // T = H S is written where the row's gradient goes when the dtypes agree.
@@ -232,11 +260,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
     grad_sums.addmm_(h.t(), e_rows);             // Z += H^T E
     Kernels::backward_rows(c, blk, cross, own_terms, grad_embeddings, own_sum_grads);
   }
-  at::Tensor grad_w = at::empty_like(c.w);
-  at::Tensor grad_b = at::empty_like(c.b);
-  Kernels::finalize(c, grad_sums, own_sum_grads, grad_embeddings, dw_part, db_part, grad_w,
-                    grad_b);
-  return {grad_embeddings, grad_sums, grad_w.view(w.sizes()), grad_b.view(b.sizes())};
+  return finish_backward<Kernels>(c, w, b, grad_sums, own_sum_grads, grad_embeddings, dw_part,
+                                  db_part);
 }
 
 }  // namespace ge2e

@@ -135,6 +135,14 @@ def _check_table(table):
     )
 
 
+def _check_total_speakers(counts):
+    if sum(counts) < 2:
+        raise ValueError(
+            "ge2e_loss(distributed=True): GE2E needs at least 2 speakers across all ranks, "
+            f"got {sum(counts)} (per rank: {counts})"
+        )
+
+
 class _AllGatherSums(torch.autograd.Function):
     """all_gather whose backward is a reduce-scatter (sum over ranks, own slice).
 
@@ -168,13 +176,16 @@ class _AllGatherSums(torch.autograd.Function):
         return own, None
 
 
-def gather_speaker_sums(embeddings: torch.Tensor, group=None):
+def gather_speaker_sums(embeddings: torch.Tensor, group=None, local_error=None):
     """All ranks' per-speaker sums, differentiable, for ``ge2e_loss(distributed=True)``.
 
     Args:
         embeddings: this rank's (N_r, M, D) embeddings; N_r may differ between
             ranks, M, D and the dtype may not.
         group: the process group (None: the default group).
+        local_error: the exception this rank's own input checks raised, if any.
+            It is announced to the other ranks in the metadata exchange, so that
+            every rank raises instead of waiting for this one in a collective.
 
     Returns:
         ``(sums, offset, total_utterances)``: ``sums`` (K, D) in the accumulation
@@ -186,12 +197,16 @@ def gather_speaker_sums(embeddings: torch.Tensor, group=None):
     Raises:
         RuntimeError: no initialised process group, or this process is not in
             ``group``.
-        ValueError: the ranks' M, D or dtype differ (raised on every rank).
+        ValueError: the ranks' M, D or dtype differ, or there are fewer than 2
+            speakers in all (raised on every rank).
+        local_error (this rank) or RuntimeError (the others): a rank's inputs
+            failed their checks.
     """
     dist = _dist()
-    n, m, d = embeddings.shape
-    acc = _ops.accumulation_dtype(embeddings.dtype)
-    local_sums = embeddings.sum(dim=1, dtype=acc)  # (N_r, D)
+    if local_error is None:
+        n, m, d = embeddings.shape
+    else:
+        n = m = d = -1
 
     rank = dist.get_rank(group)
     if rank < 0:
@@ -201,18 +216,33 @@ def gather_speaker_sums(embeddings: torch.Tensor, group=None):
         )
     world = dist.get_world_size(group)
     if world == 1:
-        return local_sums, 0, n * m
+        if local_error is not None:
+            raise local_error
+        _check_total_speakers([n])
+        return embeddings.sum(dim=1, dtype=_ops.accumulation_dtype(embeddings.dtype)), 0, n * m
 
     device = _communication_device(dist, group, embeddings.device)
 
-    # 1. Metadata: (N_r, M, D, dtype) of every rank, checked identically everywhere.
-    meta = torch.tensor([n, m, d, _DTYPE_CODES.get(embeddings.dtype, -1)],
-                        dtype=torch.int64, device=device)
+    # 1. Metadata: (ok, N_r, M, D, dtype) of every rank, checked identically everywhere.
+    dtype_code = _DTYPE_CODES.get(getattr(embeddings, "dtype", None), -1)
+    meta = torch.tensor([int(local_error is None), n, m, d, dtype_code], dtype=torch.int64,
+                        device=device)
     gathered_meta = [torch.empty_like(meta) for _ in range(world)]
     dist.all_gather(gathered_meta, meta, group=group)
-    table = torch.stack(gathered_meta).cpu().tolist()
+    rows = torch.stack(gathered_meta).cpu().tolist()
+    failed = [q for q, row in enumerate(rows) if not row[0]]
+    if local_error is not None:
+        raise local_error
+    if failed:
+        raise RuntimeError(
+            f"ge2e_loss(distributed=True): the inputs of rank(s) {failed} of the process group "
+            "failed their checks (see the error raised there); no rank computes the loss"
+        )
+    table = [row[1:] for row in rows]
     _check_table(table)
     counts = [row[0] for row in table]
+    _check_total_speakers(counts)
+    local_sums = embeddings.sum(dim=1, dtype=_ops.accumulation_dtype(embeddings.dtype))
 
     # 2. The sums, padded to the largest batch (all_gather needs equal shapes).
     padded = torch.nn.functional.pad(local_sums.to(device), (0, 0, 0, max(counts) - n))

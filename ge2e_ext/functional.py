@@ -37,7 +37,7 @@ def check_options(loss_method, reduction, min_cosine, backend):
             raise ValueError(f"min_cosine must be finite or None, got {min_cosine}")
 
 
-def _check_embeddings(embeddings):
+def _check_embeddings(embeddings, min_speakers=2):
     if not isinstance(embeddings, torch.Tensor):
         raise TypeError(
             "embeddings must be a torch.Tensor of shape (N speakers, M utterances, D), "
@@ -54,8 +54,12 @@ def _check_embeddings(embeddings):
             f"{embeddings.dtype}"
         )
     n, m, d = embeddings.shape
-    if n < 2:
-        raise ValueError(f"GE2E needs N >= 2 speakers, got N = {n} (shape {tuple(embeddings.shape)})")
+    if n < min_speakers:
+        raise ValueError(
+            f"GE2E needs N >= {min_speakers} speakers"
+            + (" per rank (and 2 across ranks)" if min_speakers == 1 else "")
+            + f", got N = {n} (shape {tuple(embeddings.shape)})"
+        )
     if m < 2:
         raise ValueError(
             "GE2E needs M >= 2 utterances per speaker (the exclusive centroid of one "
@@ -131,20 +135,35 @@ def ge2e_loss(embeddings, w, b, loss_method="softmax", *, reduction="sum", min_c
     Returns:
         The loss, in float32 (float64 for float64 embeddings).
     """
-    _check_embeddings(embeddings)
-    check_options(loss_method, reduction, min_cosine, backend)
+    if group is not None and not distributed:
+        raise ValueError("group is only used with distributed=True")
+    # In distributed mode a rank whose inputs are bad must not leave the others
+    # waiting in a collective: its error travels with the metadata exchange and
+    # every rank raises.
+    local_error = None
+    try:
+        check_options(loss_method, reduction, min_cosine, backend)
+        _check_embeddings(embeddings, min_speakers=1 if distributed else 2)
+        acc = _ops.accumulation_dtype(embeddings.dtype)
+        w = _as_scalar(w, "w", embeddings, acc)
+        b = _as_scalar(b, "b", embeddings, acc)
+        use_extension = _use_extension(backend, embeddings.device)
+    except (TypeError, ValueError, RuntimeError) as error:
+        if not distributed:
+            raise
+        local_error = error
     min_cosine = None if min_cosine is None else float(min_cosine)
-    acc = _ops.accumulation_dtype(embeddings.dtype)
-    w = _as_scalar(w, "w", embeddings, acc)
-    b = _as_scalar(b, "b", embeddings, acc)
 
-    sums, offset, total_utterances = None, 0, embeddings.shape[0] * embeddings.shape[1]
+    sums, offset, total_utterances = None, 0, None
     if distributed:
         from . import distributed as dist_impl
 
-        sums, offset, total_utterances = dist_impl.gather_speaker_sums(embeddings, group)
+        sums, offset, total_utterances = dist_impl.gather_speaker_sums(
+            embeddings, group, local_error=local_error)
+    else:
+        total_utterances = embeddings.shape[0] * embeddings.shape[1]
 
-    if _use_extension(backend, embeddings.device):
+    if use_extension:
         rows = _ops.forward(embeddings, sums, w, b, offset, loss_method, min_cosine)
     else:
         device_type = embeddings.device.type

@@ -37,7 +37,8 @@ GROUP_TIMEOUT = datetime.timedelta(seconds=60)  # every collective, init include
 JOIN_TIMEOUT_S = 120.0  # then the children are killed
 FAILURE_GRACE_S = 10.0  # once one rank has failed, the others get this long to finish
 SUBGROUP = [1, 2]  # the world-size-3 run also uses this group (group ranks 0, 1)
-COUNTS = {2: ([3, 5], [4, 4]), 3: ([2, 3, 4], [3, 3, 3])}
+# Unequal, equal, and (world 2) a rank with a single speaker: K >= 2 is what counts.
+COUNTS = {2: ([3, 5], [4, 4], [1, 3]), 3: ([2, 3, 4], [3, 3, 3])}
 
 
 def _cases(world):
@@ -117,6 +118,15 @@ def _mismatches(rank, world):
             messages[kind] = str(error)
         else:
             messages[kind] = None
+    # Rank 0's own input is bad (2-D): it raises its ValueError, the others a
+    # RuntimeError naming it, and nobody waits in a collective.
+    x = torch.randn(3, D) if rank == 0 else torch.randn(3, M, D, dtype=torch.float64)
+    try:
+        ge2e_loss(x, W0, B0, distributed=True)
+    except (ValueError, RuntimeError) as error:
+        messages["local"] = (type(error).__name__, str(error))
+    else:
+        messages["local"] = None
     return messages
 
 
@@ -280,6 +290,11 @@ def test_ddp_gradients_are_the_global_gradient_over_world_size(runs, world):
 @pytest.mark.parametrize("world", [2, 3])
 def test_mismatch_is_the_same_error_on_every_rank(runs, world):
     results = runs(world)
+    local = [results[r]["mismatch"]["local"] for r in range(world)]
+    assert local[0] is not None and local[0][0] == "ValueError" and "2 dimensions" in local[0][1]
+    for r in range(1, world):
+        assert local[r] is not None and local[r][0] == "RuntimeError", local[r]
+        assert "rank(s) [0]" in local[r][1], local[r][1]
     for kind, hint in (("M", "M (utterances per speaker)"), ("D", "D (features)"),
                        ("dtype", "dtype")):
         messages = [results[r]["mismatch"][kind] for r in range(world)]

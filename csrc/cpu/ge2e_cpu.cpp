@@ -170,6 +170,25 @@ void softmax_row_grads(acc_t* __restrict__ row, const acc_t* __restrict__ inv_su
   }
 }
 
+// One row's gradient: the cross-speaker part from t_row = (H S)_r with the
+// projection of ge2e_math.h, plus the own-speaker part; adds the row's q (the
+// own term's gradient on s_j) into q_row (overwrites it for the first utterance).
+// t_row may alias grad_row: each element is read before it is written.
+template <typename scalar_t, typename acc_t>
+void row_gradient(const scalar_t* e, const acc_t* s, const acc_t* t_row, acc_t e_dot_t, acc_t h,
+                  const OwnCosine<acc_t>& oc, int64_t dim, bool first_utterance,
+                  scalar_t* grad_row, acc_t* __restrict__ q_row) {
+  for (int64_t d = 0; d < dim; ++d) {
+    const acc_t ev = static_cast<acc_t>(e[d]);
+    const acc_t uv = s[d] - ev;
+    const acc_t q = own_grad_wrt_centroid(h, oc, ev, uv);
+    const acc_t g = remove_projection(t_row[d], ev, e_dot_t, oc.inv_norm_e) +
+                    own_grad_wrt_embedding(h, oc, ev, uv) - q;
+    grad_row[d] = static_cast<scalar_t>(g);
+    q_row[d] = first_utterance ? q : q_row[d] + q;
+  }
+}
+
 struct CpuKernels {
   static void inverse_norms(const at::Tensor& rows, at::Tensor& out) {
     AT_DISPATCH_FLOATING_TYPES(rows.scalar_type(), "ge2e_inverse_norms", [&] {
@@ -307,15 +326,78 @@ struct CpuKernels {
         acc_t* q_row = q_sum + j * D;
         acc_t h;
         const auto oc = load_own_terms(own_in + r * kOwnTermsSize, &h);
-        const acc_t e_dot_t = dot<acc_t>(e, t_row, D);
-        for (int64_t d = 0; d < D; ++d) {
-          const acc_t ev = static_cast<acc_t>(e[d]);
-          const acc_t uv = s[d] - ev;
-          const acc_t q = own_grad_wrt_centroid(h, oc, ev, uv);
-          const acc_t g = remove_projection(t_row[d], ev, e_dot_t, oc.inv_norm_e) +
-                          own_grad_wrt_embedding(h, oc, ev, uv) - q;
-          grad[r * D + d] = static_cast<scalar_t>(g);
-          q_row[d] = i == 0 ? q : q_row[d] + q;
+        row_gradient(e, s, t_row, dot<acc_t>(e, t_row, D), h, oc, D, i == 0, grad + r * D, q_row);
+      });
+    });
+  }
+
+  // The contrast loss has two non-zero dLoss/dS per row (own speaker and
+  // hardest impostor), so its backward needs no matrix product: O(N M D) work.
+  static constexpr bool kSparseContrast = true;
+
+  // Writes the rows' gradients, the q sums, the dw/db partials, and
+  // grad_sums = Z = sum_r H_{r,k*} e_r (zero on entry), for the contrast loss.
+  static void contrast_backward(const Context& c, const at::Tensor& grad_loss,
+                                const at::Tensor& hardest, at::Tensor& grad_embeddings,
+                                at::Tensor& own_sum_grads, at::Tensor& dw_part,
+                                at::Tensor& db_part, at::Tensor& grad_sums) {
+    dispatch(c, [&](auto scalar_zero, auto acc_zero) {
+      using scalar_t = decltype(scalar_zero);
+      using acc_t = decltype(acc_zero);
+      const auto p = params_of<acc_t>(c);
+      const scalar_t* emb = c.embeddings.data_ptr<scalar_t>();
+      const acc_t* sums = c.sums.data_ptr<acc_t>();
+      const acc_t* inv_sums = c.inv_sums.data_ptr<acc_t>();
+      const acc_t* grad_row = grad_loss.data_ptr<acc_t>();
+      const int64_t* hardest_idx = hardest.data_ptr<int64_t>();
+      scalar_t* grad = grad_embeddings.data_ptr<scalar_t>();
+      acc_t* q_sum = own_sum_grads.data_ptr<acc_t>();
+      acc_t* dw_out = dw_part.data_ptr<acc_t>();
+      acc_t* db_out = db_part.data_ptr<acc_t>();
+      const int64_t K = c.total_speakers, D = c.dim, rows = c.num_speakers * c.utterances;
+      std::vector<acc_t> coefficient(static_cast<size_t>(rows));  // H_{r,k*}
+      const Block all{0, c.num_speakers};
+      for_each_speaker<acc_t>(c, all, D, [&](int64_t j, int64_t i, int64_t r, int64_t,
+                                             acc_t* t_row) {
+        const int64_t own = c.speaker_offset + j;
+        const scalar_t* e = emb + r * D;
+        const acc_t* s_own = sums + own * D;
+        const auto oc = own_cosine_of(e, s_own, D);
+        const int64_t star = hardest_idx[r];
+        TORCH_CHECK(star >= 0 && star < K && star != own, "ge2e_ext: hardest impostor index ",
+                    star, " of row ", r, " is invalid (own speaker ", own, ", K = ", K, ")");
+        const acc_t* s_star = sums + star * D;
+        const acc_t e_dot_s = dot<acc_t>(e, s_star, D);
+        const acc_t raw = cosine(e_dot_s, oc.inv_norm_e, inv_sums[star]);
+        const acc_t g_r = grad_row[r];
+        const acc_t g_star = contrast_similarity_grad(similarity(raw, p), false, g_r);
+        const acc_t g_own = contrast_similarity_grad(similarity(oc.raw_cos, p), true, g_r);
+        dw_out[r] = g_own * clamp_cosine(oc.raw_cos, p) + g_star * clamp_cosine(raw, p);
+        db_out[r] = g_own + g_star;
+        const acc_t h_star = cosine_grad(g_star, raw, p) * oc.inv_norm_e * inv_sums[star];
+        coefficient[r] = h_star;
+        for (int64_t d = 0; d < D; ++d) t_row[d] = h_star * s_star[d];  // (H S)_r
+        row_gradient(e, s_own, t_row, h_star * e_dot_s, cosine_grad(g_own, oc.raw_cos, p), oc,
+                     D, i == 0, grad + r * D, q_sum + j * D);
+      });
+      // Z_k sums its rows in increasing order (bucketed by hardest impostor),
+      // so the result does not depend on the thread count.
+      std::vector<int64_t> bucket_start(static_cast<size_t>(K + 1), 0);
+      for (int64_t r = 0; r < rows; ++r) ++bucket_start[hardest_idx[r] + 1];
+      for (int64_t k = 0; k < K; ++k) bucket_start[k + 1] += bucket_start[k];
+      std::vector<int64_t> bucket_rows(static_cast<size_t>(rows));
+      std::vector<int64_t> fill(bucket_start.begin(), bucket_start.end() - 1);
+      for (int64_t r = 0; r < rows; ++r) bucket_rows[fill[hardest_idx[r]]++] = r;
+      acc_t* z = grad_sums.data_ptr<acc_t>();
+      at::parallel_for(0, K, 1, [&](int64_t lo, int64_t hi) {
+        for (int64_t k = lo; k < hi; ++k) {
+          acc_t* __restrict__ z_row = z + k * D;
+          for (int64_t n = bucket_start[k]; n < bucket_start[k + 1]; ++n) {
+            const int64_t r = bucket_rows[n];
+            const scalar_t* __restrict__ e = emb + r * D;
+            const acc_t h = coefficient[r];
+            for (int64_t d = 0; d < D; ++d) z_row[d] += h * static_cast<acc_t>(e[d]);
+          }
         }
       });
     });
