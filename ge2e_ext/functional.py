@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 
@@ -119,7 +120,7 @@ def ge2e_loss(embeddings, w, b, loss_method="softmax", *, reduction="sum", min_c
 
     Args:
         embeddings: float32/float64 (float16/bfloat16 are computed in float32) of
-            shape (N, M, D), N >= 2, M >= 2.
+            shape (N, M, D), N >= 2 (>= 1 per rank when distributed), M >= 2.
         w, b: the similarity scale and bias, ``S = max(w, 1e-6) * cos + b``; 0-dim
             (or one-element) tensors or numbers.
         loss_method: "softmax" (eq. 6) or "contrast" (eq. 7).
@@ -129,8 +130,11 @@ def ge2e_loss(embeddings, w, b, loss_method="softmax", *, reduction="sum", min_c
             code, None gives the paper's unclamped formula.
         backend: "auto" (compiled kernel for this device if built, else PyTorch),
             "extension" (compiled kernel or RuntimeError) or "torch".
-        distributed: score against the speakers of every rank of ``group`` (see
-            ``ge2e_ext.distributed``); "mean" then divides by all ranks' utterances.
+        distributed: score against the speakers of every rank of ``group`` (None:
+            the default process group); see ``ge2e_ext.distributed`` and
+            docs/distributed.md. "mean" then divides by all ranks' utterances, so
+            the ranks' losses add up to the loss of the whole batch.
+        group: the process group, with distributed=True only.
 
     Returns:
         The loss, in float32 (float64 for float64 embeddings).
@@ -166,12 +170,12 @@ def ge2e_loss(embeddings, w, b, loss_method="softmax", *, reduction="sum", min_c
     if use_extension:
         rows = _ops.forward(embeddings, sums, w, b, offset, loss_method, min_cosine)
     else:
+        # Under autocast the matrix product would run in float16/bfloat16; the
+        # loss is computed in the accumulation dtype, as the kernels do.
         device_type = embeddings.device.type
-        if torch.is_autocast_enabled(device_type):
-            with torch.autocast(device_type=device_type, enabled=False):
-                rows = _torch_impl.ge2e_rows(embeddings.to(acc), sums, w, b, offset,
-                                             loss_method, min_cosine)
-        else:
+        precision = (torch.autocast(device_type=device_type, enabled=False)
+                     if torch.is_autocast_enabled(device_type) else contextlib.nullcontext())
+        with precision:
             rows = _torch_impl.ge2e_rows(embeddings.to(acc), sums, w, b, offset, loss_method,
                                          min_cosine)
 

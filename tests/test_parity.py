@@ -153,3 +153,19 @@ def test_w_and_b_accept_numbers_and_one_element_tensors():
     for w, b in ((3, -1), (torch.tensor([3.0]), torch.tensor([[-1.0]])),
                  (torch.tensor(3.0, dtype=torch.float32), torch.tensor(-1, dtype=torch.int64))):
         assert_close_rel(ge2e_ext.ge2e_loss(x, w, b), expected, 1e-7, "loss")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_cpu_autocast_runs_the_loss_in_float32(backend):
+    torch.manual_seed(1)
+    linear = torch.nn.Linear(16, 16)
+    x = torch.randn(6, 4, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        embeddings = linear(x)
+        assert embeddings.dtype == torch.bfloat16
+        loss = ge2e_ext.ge2e_loss(embeddings, 10.0, -5.0, backend=backend)
+    assert loss.dtype == torch.float32
+    expected = ge2e_ext.ge2e_loss(embeddings.detach().float(), 10.0, -5.0, backend="torch")
+    assert_close_rel(loss.detach(), expected, 1e-5, "loss")
+    loss.backward()
+    assert linear.weight.grad is not None and torch.isfinite(linear.weight.grad).all()
