@@ -2,7 +2,7 @@
 """Benchmark the GE2E loss: ge2e_ext against the code it replaces, in time and memory.
 
     python benchmarks/bench_ge2e.py              # paper size N=64 M=10 D=256, all modes
-    python benchmarks/bench_ge2e.py --quick      # the same, fewer repeats (about a minute on 2 CPU cores)
+    python benchmarks/bench_ge2e.py --quick      # fewer repeats: about a minute on 2 CPU cores
     python benchmarks/bench_ge2e.py --sizes sweep --device cuda
 
 Providers (ways to compute the loss), all fed the same float32 inputs: embeddings
@@ -14,7 +14,9 @@ requiring grad:
   eager      ge2e_loss(..., backend="torch"), the vectorized pure-PyTorch path
   compiled   torch.compile of the eager path; the first call's time is reported
              separately as compile_s (forward and backward compile lazily, so the
-             fwd+bwd row adds both); every size/method compiles from scratch
+             fwd+bwd row adds both); every size/method compiles from scratch, but
+             the first compile in a process also pays torch.compile's start-up and
+             later runs reuse its on-disk caches, so compile_s varies run to run
   ge2e_ext   ge2e_loss(..., backend="extension"), the compiled C++/CUDA op; skipped
              where this install has no kernel for the device
 
@@ -29,9 +31,13 @@ float64) at rtol 1e-4; a provider that disagrees is reported "wrong", is not
 timed, and makes the exit code 1.
 
 Timing: warm-up calls, then repeats in which the providers take turns
-(round-robin), so every provider is measured in the same process over the same
-stretch of time and a machine that gets busier cannot bias a ratio. A provider
-stops repeating once it has spent --budget-s seconds (after at least 3 repeats).
+(round-robin, each repeat starting one provider further on), so every provider is
+measured in the same process over the same stretch of time: load that drifts
+during the run hits all of them in the same repeats instead of skewing a ratio
+(contention that slows some kinds of work more than others still can, so prefer
+an idle machine; the report says how much CPU time other processes took while
+timing and flags a busy machine). A provider stops repeating once it has spent
+--budget-s seconds (after at least 3 repeats).
 Reported: median and 20th/80th percentiles in ms; the speed-up of ge2e_ext over a
 provider is the ratio of the two medians. CPU times come from time.perf_counter,
 CUDA times from torch.cuda.Event pairs (after a synchronize).
@@ -67,7 +73,6 @@ import json
 import math
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -84,7 +89,7 @@ if str(_REPO_ROOT) not in sys.path:
     sys.path.append(str(_REPO_ROOT))
 
 import ge2e_ext  # noqa: E402
-from ge2e_ext import extension_devices, ge2e_loss  # noqa: E402
+from ge2e_ext import _torch_impl, extension_devices, ge2e_loss  # noqa: E402
 from ge2e_ext.reference import ge2e_loss_reference  # noqa: E402
 
 LOSS_METHODS = ("softmax", "contrast")
@@ -94,6 +99,8 @@ BUILTIN_PROVIDERS = ("reference", "eager", "compiled", "ge2e_ext")
 BASELINE = "ge2e_ext"  # speed-ups are this provider's against each other one
 PLOT_MODE = "forward+backward"  # what a training step costs; the one mode plotted
 INIT_W, INIT_B = 10.0, -5.0
+MIN_COSINE = 1e-6  # the cosine clamp of ge2e_loss's and the reference's defaults
+YARDSTICK_BLOCK = 256  # speakers per block of the float64 yardstick
 MIN_REPEATS = 3  # fewer samples make the percentiles meaningless
 MIB = 2 ** 20
 
@@ -110,11 +117,15 @@ CALIBRATION_N, CALIBRATION_M = 16, 10
 # glibc settings for the CPU memory probe (see the module docstring).
 PROBE_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "131072"}
 PROBE_TIMEOUT_S = 600
+# Rough peak of the eager path per utterance-centroid pair (it keeps ~8 float32 N*M*N
+# tensors alive), used to keep memory-hungry probes from running side by side.
+EAGER_BYTES_PER_PAIR = 32
+_STARTED = time.perf_counter()
 
 
 def log(message: str) -> None:
-    """Progress goes to stderr so that stdout holds only the table."""
-    print(message, file=sys.stderr, flush=True)
+    """Progress goes to stderr (stdout holds only the table), stamped with seconds since start."""
+    print(f"[{time.perf_counter() - _STARTED:6.1f} s] {message}", file=sys.stderr, flush=True)
 
 
 # --------------------------------------------------------------------------- sizes
@@ -240,6 +251,8 @@ def select_providers(names: Optional[Sequence[str]],
         if name in BUILTINS:
             raise ValueError(f"injected provider {name!r} shadows a built-in one")
         providers.append(injected_provider(name, fn))
+    if not providers:
+        raise ValueError("no providers to benchmark")
     return providers
 
 
@@ -329,7 +342,8 @@ def failure_status(error: BaseException) -> tuple[str, str]:
     """(status, note) for a provider that raised."""
     if is_out_of_memory(error):
         return STATUS_OOM, "out of memory"
-    return STATUS_ERROR, f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+    first_line = (str(error).splitlines() or [""])[0]
+    return STATUS_ERROR, f"{type(error).__name__}: {first_line}"
 
 
 # -------------------------------------------------------------------------- results
@@ -366,16 +380,20 @@ class Row:
         return self.size, self.loss_method, self.mode
 
 
-CSV_COLUMNS = [f.name for f in dataclasses.fields(Row)] + ["device_name", "torch_version", "threads"]
+ENVIRONMENT_COLUMNS = ["device_name", "torch_version", "threads", "others_cpu_share"]
+CSV_COLUMNS = [f.name for f in dataclasses.fields(Row)] + ENVIRONMENT_COLUMNS
 
 
-@dataclass(frozen=True)
+@dataclass
 class Environment:
     device: str
     device_name: str
     torch_version: str
     ge2e_ext_version: str
     threads: int
+    # Share of all CPUs' time that other processes (or the hypervisor) took while
+    # the timings ran: a busy machine disturbs timings, so the report says so.
+    others_cpu_share: Optional[float] = None
 
 
 def cpu_model_name() -> str:
@@ -393,6 +411,38 @@ def describe_environment(device: torch.device) -> Environment:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model_name()
     return Environment(device.type, name, torch.__version__, ge2e_ext.__version__,
                        torch.get_num_threads())
+
+
+class CompetingCpuMeter:
+    """Measures how much CPU time processes other than this one used over a stretch.
+
+    From /proc/stat (all CPUs' busy and steal time) minus this process's own CPU
+    time; None where /proc/stat is missing.
+    """
+
+    def __init__(self):
+        self._start = self._sample()
+
+    @staticmethod
+    def _sample():
+        try:
+            with open("/proc/stat") as stat:
+                fields = [int(v) for v in stat.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        # user nice system idle iowait irq softirq steal ...: busy is all but idle/iowait.
+        busy_ticks = sum(fields) - fields[3] - fields[4]
+        own = os.times()
+        return (busy_ticks / os.sysconf("SC_CLK_TCK"), own.user + own.system,
+                time.perf_counter())
+
+    def others_share(self) -> Optional[float]:
+        end = self._sample()
+        if self._start is None or end is None:
+            return None
+        busy, own, wall = (b - a for a, b in zip(self._start, end))
+        capacity = wall * (os.cpu_count() or 1)
+        return min(max((busy - own) / capacity, 0.0), 1.0) if capacity > 0 else None
 
 
 @dataclass
@@ -440,7 +490,7 @@ class ReferenceCostEstimator:
 
     The reference's Python loops make N*M stacks of N centroids, so its cost grows
     as N*N*M; measuring on the device itself covers CUDA's per-op launch cost.
-    Overestimates a little (fixed per-call costs are scaled too), which errs on
+    Overestimates by up to about 1.5x (fixed per-call costs are scaled too), which errs on
     the side of a benchmark that finishes.
     """
 
@@ -469,13 +519,34 @@ class ReferenceCostEstimator:
 # --------------------------------------------------------------- correctness guard
 
 
+def float64_loss(inputs: Inputs, method: str) -> float:
+    """The eager formula in float64, YARDSTICK_BLOCK speakers at a time: it holds
+    block x M x N similarities, so even N=4096 needs about 100 MB, not gigabytes."""
+    embeddings, w, b = (t.detach().double() for t in inputs.tensors)
+    sums = embeddings.sum(1)
+    total = 0.0
+    for start in range(0, embeddings.shape[0], YARDSTICK_BLOCK):
+        block = embeddings[start:start + YARDSTICK_BLOCK]
+        total += float(_torch_impl.ge2e_rows(block, sums, w, b, start, method, MIN_COSINE).sum())
+    return total
+
+
 def expected_loss(inputs: Inputs, method: str, use_reference: bool) -> tuple[float, str]:
     """The value every provider must reproduce, and what it came from."""
     with torch.no_grad():
         if use_reference:
             return float(ge2e_loss_reference(*inputs.tensors, method).sum()), "reference"
-        doubles = [t.detach().double() for t in inputs.tensors]
-        return float(ge2e_loss(*doubles, method, backend="torch")), "eager float64"
+        return float64_loss(inputs, method), "eager float64"
+
+
+@dataclass(frozen=True)
+class Yardstick:
+    """What one (size, method)'s providers are checked against."""
+
+    expected: float
+    source: str  # "reference" or "eager float64"
+    reference_affordable: bool
+    reference_estimate_s: float
 
 
 def agrees(value: float, expected: float, rtol: float, utterances: int) -> bool:
@@ -490,14 +561,18 @@ class ReadyProvider:
 
     provider: Provider
     loss_fn: LossFn
-    compile_forward_s: Optional[float] = None
-    compile_backward_s: Optional[float] = None
+    first_forward_s: Optional[float] = None
+    first_backward_s: Optional[float] = None
+
+    @property
+    def first_call_s(self) -> float:
+        return (self.first_forward_s or 0.0) + (self.first_backward_s or 0.0)
 
     def compile_s(self, mode: str) -> Optional[float]:
         if not self.provider.compiles:
             return None
-        parts = {"forward": [self.compile_forward_s], "backward": [self.compile_backward_s],
-                 "forward+backward": [self.compile_forward_s, self.compile_backward_s]}[mode]
+        parts = {"forward": [self.first_forward_s], "backward": [self.first_backward_s],
+                 "forward+backward": [self.first_forward_s, self.first_backward_s]}[mode]
         return None if None in parts else sum(parts)
 
 
@@ -510,7 +585,7 @@ def first_forward(provider: Provider, method: str, inputs: Inputs, device: torch
     start = time.perf_counter()
     loss = loss_fn(*inputs.tensors)
     synchronize(device)
-    return ReadyProvider(provider, loss_fn, compile_forward_s=time.perf_counter() - start), loss
+    return ReadyProvider(provider, loss_fn, first_forward_s=time.perf_counter() - start), loss
 
 
 def first_backward(entry: ReadyProvider, loss: torch.Tensor, device: torch.device) -> None:
@@ -518,41 +593,52 @@ def first_backward(entry: ReadyProvider, loss: torch.Tensor, device: torch.devic
     start = time.perf_counter()
     loss.backward()
     synchronize(device)
-    entry.compile_backward_s = time.perf_counter() - start
+    entry.first_backward_s = time.perf_counter() - start
 
 
 # -------------------------------------------------------------------------- timing
 
 
-def warm_up(ready: Mapping[str, ReadyProvider], inputs: Inputs, mode: str, timer: Timer,
-            calls: int, budget_s: float) -> None:
-    """Up to ``calls`` unmeasured calls each; a slow provider stops after a quarter budget."""
-    for entry in ready.values():
-        start = time.perf_counter()
-        for _ in range(max(calls, 1)):
-            timer.time_ms(prepare_call(entry.loss_fn, inputs, mode))
-            if time.perf_counter() - start > budget_s / 4:
-                break
+def warm_up(entry: ReadyProvider, inputs: Inputs, mode: str, timer: Timer, calls: int,
+            budget_s: float) -> None:
+    """Unmeasured calls before the repeats, up to ``calls``. The guard's first call has
+    warmed every provider up once already; one whose first call took over a quarter
+    of the budget gets no more (its warm-up effects are lost in its own run time)."""
+    if entry.first_call_s > budget_s / 4:
+        return
+    start = time.perf_counter()
+    for _ in range(calls):
+        timer.time_ms(prepare_call(entry.loss_fn, inputs, mode))
+        if time.perf_counter() - start > budget_s / 4:
+            return
 
 
-def time_round_robin(ready: Mapping[str, ReadyProvider], inputs: Inputs, mode: str,
-                     timer: Timer, repeats: int, budget_s: float
-                     ) -> tuple[dict[str, list[float]], dict[str, BaseException]]:
-    """Samples (ms) per provider, taking turns within every repeat.
+def measure_times(ready: Mapping[str, ReadyProvider], inputs: Inputs, mode: str,
+                  timer: Timer, warmup: int, repeats: int, budget_s: float
+                  ) -> tuple[dict[str, list[float]], dict[str, BaseException]]:
+    """Samples (ms) per provider, taking turns within every repeat, and who raised.
 
-    A provider leaves the rotation once it has at least MIN_REPEATS samples and has
-    spent budget_s seconds (set-up included), or when it raises.
+    Each repeat times every provider once, starting one provider further along the
+    rotation each time, so no provider always runs right after the same other one.
+    A provider leaves the rotation once it has MIN_REPEATS samples and has spent
+    budget_s seconds (set-up included), or when it raises.
     """
+    errors: dict[str, BaseException] = {}
+    for name, entry in ready.items():
+        try:
+            warm_up(entry, inputs, mode, timer, warmup, budget_s)
+        except Exception as error:  # noqa: BLE001 (reported in the row)
+            errors[name] = error
     samples = {name: [] for name in ready}
     spent = dict.fromkeys(ready, 0.0)
-    errors: dict[str, BaseException] = {}
     min_repeats = min(MIN_REPEATS, repeats)
-    for _ in range(repeats):
+    for repeat in range(repeats):
         active = [name for name in ready if name not in errors
                   and (len(samples[name]) < min_repeats or spent[name] < budget_s)]
         if not active:
             break
-        for name in active:
+        shift = repeat % len(active)
+        for name in active[shift:] + active[:shift]:
             start = time.perf_counter()
             try:
                 samples[name].append(timer.time_ms(prepare_call(ready[name].loss_fn, inputs, mode)))
@@ -626,6 +712,8 @@ def cpu_peak_bytes(loss_fn: LossFn, inputs: Inputs, mode: str) -> tuple[Optional
         peak = _proc_status_bytes("VmHWM") - rss_before
         del result
         return max(peak, 0), "VmHWM"
+    import resource  # Unix only, hence here
+
     max_rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     result = call()
     max_rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -643,6 +731,10 @@ class ProbeJob:
     size: Size
     loss_method: str
     mode: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.size.label} {self.loss_method} {self.mode} {self.provider}"
 
     def to_json(self) -> str:
         return json.dumps({"provider": self.provider, "n": self.size.n, "m": self.size.m,
@@ -684,20 +776,27 @@ def spawn_memory_probe(job: ProbeJob) -> tuple[Optional[int], str]:
 
 
 def run_cpu_memory_probes(jobs: Sequence[ProbeJob], rows: Mapping[ProbeJob, Row]) -> None:
-    """Runs the probes after all timing (so they cannot disturb it), two at a time."""
+    """Runs the probes after all timing (so they cannot disturb it): small ones two at a
+    time, ones that may need gigabytes (eager at large N) one at a time."""
+    small = [job for job in jobs if job.size.utterance_pairs * EAGER_BYTES_PER_PAIR < 2 ** 30]
+    large = [job for job in jobs if job not in small]
     workers = max(1, min(2, os.cpu_count() or 1))
-    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        futures = {pool.submit(spawn_memory_probe, job): job for job in jobs}
-        for done, future in enumerate(concurrent.futures.as_completed(futures), 1):
-            job = futures[future]
-            peak, note = future.result()
-            row = rows[job]
-            row.peak_mem_mb = None if peak is None else peak / MIB
-            if note:
-                row.note = "; ".join(filter(None, [row.note, note]))
-            shown = "n/a" if peak is None else f"{peak / MIB:.2f} MB"
-            log(f"  memory {done}/{len(jobs)}: {job.size.label} {job.loss_method} "
-                f"{job.mode} {job.provider}: {shown}")
+    done = 0
+    for batch, batch_workers in ((small, workers), (large, 1)):
+        with concurrent.futures.ThreadPoolExecutor(batch_workers) as pool:
+            futures = {pool.submit(spawn_memory_probe, job): job for job in batch}
+            for future in concurrent.futures.as_completed(futures):
+                job = futures[future]
+                record_probe(rows[job], *future.result())
+                done += 1
+                log(f"  memory {done}/{len(jobs)}: {job.label}: "
+                    f"{format_number(rows[job].peak_mem_mb)} MB")
+
+
+def record_probe(row: Row, peak: Optional[int], note: str) -> None:
+    row.peak_mem_mb = None if peak is None else peak / MIB
+    if note:
+        row.note = "; ".join(filter(None, [row.note, note]))
 
 
 # --------------------------------------------------------------------- the driver
@@ -720,31 +819,34 @@ class Benchmark:
         env = self.environment
         log(f"GE2E benchmark on {env.device} ({env.device_name}), {env.threads} threads; "
             f"providers: {', '.join(p.name for p in self.providers)}")
+        competition = CompetingCpuMeter()
         for size in self.config.sizes:
             inputs = make_inputs(size, self.device)
             for method in self.config.methods:
                 result.rows += self.run_cell_group(size, method, inputs)
+        env.others_cpu_share = competition.others_share()
         if self.probe_rows:
             log(f"memory: {len(self.probe_rows)} probes, each in a fresh process")
             run_cpu_memory_probes(list(self.probe_rows), self.probe_rows)
         fill_speedups(result.rows)
         return result
 
-    def reference_is_affordable(self, size: Size) -> tuple[bool, float]:
+    def yardstick(self, size: Size, method: str, inputs: Inputs) -> Yardstick:
+        """The reference's loss where it is affordable, else float64 eager's."""
         estimate = self.reference_cost.seconds(size)
-        return estimate <= self.config.reference_limit_s, estimate
+        affordable = estimate <= self.config.reference_limit_s
+        expected, source = expected_loss(inputs, method, affordable)
+        log(f"{size.label} {method}: expected loss {expected:.6g} (from {source}); "
+            f"reference fwd+bwd estimated {format_number(estimate)} s")
+        return Yardstick(expected, source, affordable, estimate)
 
     def run_cell_group(self, size: Size, method: str, inputs: Inputs) -> list[Row]:
         """All modes of one (size, method): the guard once, then each mode's timing."""
-        affordable, estimate = self.reference_is_affordable(size)
-        expected, source = expected_loss(inputs, method, affordable)
-        log(f"{size.label} {method}: expected loss {expected:.6g} (from {source}); "
-            f"reference fwd+bwd estimated {estimate:.2g} s")
+        yardstick = self.yardstick(size, method, inputs)
         verdicts = {}  # provider name -> (status, note) for those not timed
         ready: dict[str, ReadyProvider] = {}
         for provider in self.providers:
-            verdict, entry = self.guard(provider, size, method, inputs, affordable,
-                                        estimate, expected, source)
+            verdict, entry = self.guard(provider, size, method, inputs, yardstick)
             if entry is not None:
                 ready[provider.name] = entry
             else:
@@ -754,19 +856,25 @@ class Benchmark:
             rows += self.run_mode(size, method, mode, inputs, ready, verdicts)
         return rows
 
-    def guard(self, provider, size, method, inputs, affordable, estimate, expected, source):
-        """((status, note), None) for a provider that is not timed, else (None, ready)."""
+    def guard(self, provider: Provider, size: Size, method: str, inputs: Inputs,
+              yardstick: Yardstick):
+        """((status, note), None) for a provider that is not timed, else (None, ready).
+
+        The first call of a provider that passes also warms it up (and compiles it)."""
         if provider.needs_extension and self.device.type not in extension_devices():
-            return (STATUS_NO_KERNEL, f"ge2e_ext has no {self.device.type} kernel in this build"), None
-        if provider.name == "reference" and not affordable:
-            return (STATUS_TOO_SLOW, f"estimated {estimate:.0f} s per fwd+bwd call"), None
+            return (STATUS_NO_KERNEL,
+                    f"ge2e_ext has no {self.device.type} kernel in this build"), None
+        if provider.name == "reference" and not yardstick.reference_affordable:
+            return (STATUS_TOO_SLOW, f"estimated {format_number(yardstick.reference_estimate_s)}"
+                                     " s per fwd+bwd call"), None
         log(f"  check {provider.name}" + (" (compiling)" if provider.compiles else ""))
         try:
             entry, loss = first_forward(provider, method, inputs, self.device)
             value = float(loss.detach())
-            if not agrees(value, expected, self.config.rtol, size.n * size.m):
-                log(f"  {provider.name} is WRONG: loss {value:.6g}, {source} {expected:.6g}")
-                return (STATUS_WRONG, f"loss {value:.6g} vs {source} {expected:.6g}"), None
+            if not agrees(value, yardstick.expected, self.config.rtol, size.n * size.m):
+                verdict = f"loss {value:.6g} vs {yardstick.source} {yardstick.expected:.6g}"
+                log(f"  {provider.name} is WRONG: {verdict}")
+                return (STATUS_WRONG, verdict), None
             if any(mode != "forward" for mode in self.config.modes):
                 first_backward(entry, loss, self.device)
         except Exception as error:  # noqa: BLE001 (reported in the row)
@@ -776,9 +884,8 @@ class Benchmark:
     def run_mode(self, size, method, mode, inputs, ready, verdicts) -> list[Row]:
         config = self.config
         log(f"  time {size.label} {method} {mode}: {', '.join(ready) or 'nothing to time'}")
-        warm_up(ready, inputs, mode, self.timer, config.warmup, config.budget_s)
-        samples, errors = time_round_robin(ready, inputs, mode, self.timer, config.repeats,
-                                           config.budget_s)
+        samples, errors = measure_times(ready, inputs, mode, self.timer, config.warmup,
+                                        config.repeats, config.budget_s)
         rows = []
         for provider in self.providers:
             row = Row(self.device.type, size.n, size.m, size.d, method, mode, provider.name)
@@ -798,8 +905,11 @@ class Benchmark:
     def measure_memory(self, row: Row, entry: ReadyProvider, inputs: Inputs) -> None:
         """CUDA: now, in process. CPU: queued for a fresh subprocess after all timing."""
         if self.device.type == "cuda":
-            peak = cuda_peak_bytes(entry.loss_fn, inputs, row.mode, self.device)
-            row.peak_mem_mb = peak / MIB
+            try:
+                row.peak_mem_mb = cuda_peak_bytes(entry.loss_fn, inputs, row.mode,
+                                                  self.device) / MIB
+            except Exception as error:  # noqa: BLE001 (reported in the row)
+                row.note = f"memory n/a ({failure_status(error)[1]})"
         elif entry.provider.rebuildable:
             self.probe_rows[ProbeJob(row.provider, row.size, row.loss_method, row.mode)] = row
         else:
@@ -834,15 +944,46 @@ def format_number(value: Optional[float]) -> str:
     return f"{value:.{decimals}f}"
 
 
+def speed_relation(speedup: float) -> str:
+    """'2.64x faster' for ge2e_ext's speed-up, or '1.10x slower' when it is below 1."""
+    if speedup >= 1:
+        return f"{format_number(speedup)}x faster"
+    return f"{format_number(1 / speedup)}x slower"
+
+
+def memory_relation(ratio: float) -> str:
+    """ratio = provider peak / ge2e_ext peak, worded from ge2e_ext's side."""
+    if ratio >= 1:
+        return f"{format_number(ratio)}x less memory"
+    return f"{format_number(1 / ratio)}x more memory"
+
+
+BUSY_MACHINE_SHARE = 0.10  # other processes' CPU share above which timings are suspect
+
+
+def competition_note(env: Environment) -> str:
+    """How much of the machine other processes used while timing, flagged when too much."""
+    if env.others_cpu_share is None:
+        return "machine: n/a (no /proc/stat to tell whether other processes competed)"
+    note = f"machine: other processes used {env.others_cpu_share:.0%} of the CPUs while timing"
+    if env.others_cpu_share > BUSY_MACHINE_SHARE:
+        note += " (BUSY MACHINE: timings and ratios may be distorted; rerun when idle)"
+    return note
+
+
 def environment_lines(env: Environment) -> list[str]:
     kind = "GPU" if env.device == "cuda" else "CPU"
+    memory = ("growth of max_memory_allocated" if env.device == "cuda"
+              else "growth of VmHWM over VmRSS, fresh process")
     return [
         f"GE2E loss benchmark: device {env.device}, {kind} {env.device_name}, "
         f"{env.threads} threads",
         f"torch {env.torch_version}, ge2e_ext {env.ge2e_ext_version}, python "
         f"{platform.python_version()}; float32 inputs, w={INIT_W:g}, b={INIT_B:g}",
-        "time: median and p20-p80 of interleaved repeats; peak MB: memory one call adds; "
-        f"speed-up: provider median / {BASELINE} median",
+        "time: median and p20-p80 (ms) of repeats interleaved across providers",
+        f"peak MB: memory one call adds ({memory})",
+        f"speed-up: provider median / {BASELINE} median (above 1: {BASELINE} is faster)",
+        competition_note(env),
     ]
 
 
@@ -850,12 +991,13 @@ TABLE_HEADER = ("provider", "median ms", "p20-p80 ms", "runs", "peak MB", "speed
 
 
 def row_cells(row: Row) -> tuple[str, ...]:
-    spread = "-" if row.p20_ms is None else f"{format_number(row.p20_ms)}-{format_number(row.p80_ms)}"
+    spread = ("-" if row.p20_ms is None
+              else f"{format_number(row.p20_ms)}-{format_number(row.p80_ms)}")
     speedup = "-" if row.speedup_vs is None else f"{format_number(row.speedup_vs)}x"
     details = [row.note] if row.note else []
     if row.compile_s is not None:
-        details.insert(0, f"compile {row.compile_s:.1f} s")
-    status = row.status + (f" ({'; '.join(details)})" if details else "")
+        details.insert(0, f"compile {format_number(row.compile_s)} s")
+    status = row.status + (f": {'; '.join(details)}" if details else "")
     return (row.provider, format_number(row.median_ms), spread, str(row.repeats or "-"),
             format_number(row.peak_mem_mb), speedup, status)
 
@@ -891,9 +1033,9 @@ def summary_lines(rows: Sequence[Row]) -> list[str]:
         for name, row in by_provider.items():
             if name == BASELINE or row.speedup_vs is None:
                 continue
-            part = f"{format_number(row.speedup_vs)}x faster than {name}"
+            part = f"{speed_relation(row.speedup_vs)} than {name}"
             if row.peak_mem_mb and base.peak_mem_mb:
-                part += f" ({format_number(row.peak_mem_mb / base.peak_mem_mb)}x less memory)"
+                part += f" ({memory_relation(row.peak_mem_mb / base.peak_mem_mb)})"
             parts.append(part)
         if parts:
             size, method, _ = cell
@@ -913,7 +1055,8 @@ def write_csv(result: BenchResult, path: Path) -> None:
         writer.writeheader()
         for row in result.rows:
             writer.writerow({**dataclasses.asdict(row), "device_name": env.device_name,
-                             "torch_version": env.torch_version, "threads": env.threads})
+                             "torch_version": env.torch_version, "threads": env.threads,
+                             "others_cpu_share": env.others_cpu_share})
 
 
 # ----------------------------------------------------------------------------- plot
@@ -951,35 +1094,37 @@ def write_plot(result: BenchResult, path: Path) -> None:
     mode = PLOT_MODE if any(r.mode == PLOT_MODE for r in rows) else rows[0].mode
     timed = [r for r in rows if r.mode == mode and r.status == STATUS_OK and r.median_ms]
     methods = _unique(r.loss_method for r in rows if r.mode == mode)
-    metrics = [("median_ms", "time per call (ms)")]
+    metrics = [("median_ms", "time per call (ms)", "time")]
     if any(r.peak_mem_mb for r in timed):
-        metrics.append(("peak_mem_mb", "peak memory added (MB)"))
+        metrics.append(("peak_mem_mb", "peak memory added by one call (MB)", "peak memory"))
     figure, axes = plt.subplots(len(metrics), len(methods), squeeze=False,
                                 figsize=(6.4 * len(methods), 4.6 * len(metrics)))
     group = n_sweep_group(timed)
+    size = rows[0].size
     for column, method in enumerate(methods):
         method_rows = [r for r in timed if r.loss_method == method]
-        for line, (metric, label) in enumerate(metrics):
+        for line, (metric, label, what) in enumerate(metrics):
             ax = axes[line][column]
             if group is not None:
                 _plot_against_n(ax, [r for r in method_rows if (r.M, r.D) == group], metric)
-                title = f"{method} loss, {mode} (M={group[0]}, D={group[1]})"
             else:
-                size = rows[0].size
                 _plot_bars(ax, [r for r in method_rows if r.size == size], metric)
-                title = f"{method} loss, {mode} (N={size.n}, M={size.m}, D={size.d})"
-            ax.set_title(title)
+            ax.set_title(f"{method} loss: {what} of {mode}")
             ax.set_ylabel(label)
-            ax.grid(True, which="both", alpha=0.3)
+            ax.grid(True, which="major", alpha=0.3)
     env = result.environment
-    figure.suptitle(f"GE2E loss: {env.device} ({env.device_name}, {env.threads} threads), "
-                    f"torch {env.torch_version}, float32 — lower is better")
+    shape = (f"M={group[0]}, D={group[1]}" if group is not None
+             else f"N={size.n}, M={size.m}, D={size.d}")
+    figure.suptitle(f"GE2E loss, {shape}, float32 (lower is better)\n{env.device}: "
+                    f"{env.device_name}, {env.threads} threads, torch {env.torch_version}")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
 
 
 def _plot_against_n(ax, rows: Sequence[Row], metric: str) -> None:
+    from matplotlib.ticker import NullLocator
+
     for provider in _unique(r.provider for r in rows):
         points = sorted((r.N, getattr(r, metric), r) for r in rows
                         if r.provider == provider and getattr(r, metric))
@@ -992,6 +1137,9 @@ def _plot_against_n(ax, rows: Sequence[Row], metric: str) -> None:
                             color=_style(provider)["color"], alpha=0.2)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
+    all_ns = sorted({r.N for r in rows})
+    ax.set_xticks(all_ns, [str(n) for n in all_ns])
+    ax.xaxis.set_minor_locator(NullLocator())  # the N values run are the only ticks
     ax.set_xlabel("N speakers per batch (log scale)")
     ax.legend(title="provider (band: p20-p80)" if metric == "median_ms" else "provider")
 
@@ -1003,10 +1151,11 @@ def _plot_bars(ax, rows: Sequence[Row], metric: str) -> None:
         return
     names = [b[0] for b in bars]
     drawn = ax.bar(names, [b[1] for b in bars], color=[_style(n)["color"] for n in names])
+    unit = " ms" if metric == "median_ms" else " MB"
     for bar, (_, value, row) in zip(drawn, bars):
-        text = format_number(value)
+        text = format_number(value) + unit
         if metric == "median_ms" and row.speedup_vs and row.provider != BASELINE:
-            text += f"\n({BASELINE} {format_number(row.speedup_vs)}x faster)"
+            text += f"\n({BASELINE} {speed_relation(row.speedup_vs)})"
         ax.annotate(text, (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                     ha="center", va="bottom", fontsize=8, xytext=(0, 2),
                     textcoords="offset points")
@@ -1038,6 +1187,15 @@ def _comma_list(allowed: Sequence[str], aliases: Optional[Mapping[str, str]] = N
     return parse
 
 
+def _at_least(lowest: int):
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < lowest:
+            raise argparse.ArgumentTypeError(f"must be >= {lowest}, got {value}")
+        return value
+    return parse
+
+
 def _sizes_argument(text: str) -> list[Size]:
     try:
         return parse_sizes(text)
@@ -1063,10 +1221,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--providers", type=_comma_list(BUILTIN_PROVIDERS), default=None,
                         metavar="LIST", help="subset of reference,eager,compiled,ge2e_ext "
                                              "(default: all)")
-    parser.add_argument("--repeats", type=int, default=None, metavar="R",
+    parser.add_argument("--repeats", type=_at_least(1), default=None, metavar="R",
                         help="measured repeats per provider (default: 30; 10 with --quick)")
-    parser.add_argument("--warmup", type=int, default=None, metavar="W",
-                        help="unmeasured calls before the repeats (default: 3; 1 with --quick)")
+    parser.add_argument("--warmup", type=_at_least(0), default=None, metavar="W",
+                        help="unmeasured calls per mode before the repeats, on top of the "
+                             "correctness check's first call; providers slower than a quarter "
+                             "budget get none (default: 3; 1 with --quick)")
     parser.add_argument("--budget-s", type=float, default=None, metavar="S",
                         help="a provider stops repeating after S seconds, once it has 3 "
                              "repeats (default: 2; 0.5 with --quick)")
@@ -1082,7 +1242,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", type=Path, default=Path("bench_results"), metavar="DIR",
                         help="folder for ge2e_bench_<device>.csv and .png, created if missing "
                              "(default: bench_results/)")
-    parser.add_argument("--threads", type=int, default=None, metavar="T",
+    parser.add_argument("--threads", type=_at_least(1), default=None, metavar="T",
                         help="torch CPU threads (default: torch's default)")
     parser.add_argument("--_memory-probe", dest="memory_probe", default=None,
                         help=argparse.SUPPRESS)  # internal: one CPU memory measurement

@@ -12,7 +12,7 @@
 #   benchmarks/gpu_check.sh OUTDIR
 set -uo pipefail
 OUT=${1:?usage: benchmarks/gpu_check.sh OUTDIR}
-mkdir -p "$OUT/bench"
+mkdir -p "$OUT/paper" "$OUT/sweep"
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
@@ -37,6 +37,7 @@ if ! "$PY" -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log"
   tail -40 "$OUT/build.log" | tee -a "$REPORT"
   exit 1
 fi
+rm -f "$OUT/build.log"  # kept only when the build fails (the tool brings back 8 files)
 "$PY" -c "import ge2e_ext; print('kernels for', sorted(ge2e_ext.extension_devices()))" | tee -a "$REPORT"
 
 step "resource report (nvcc -Xptxas -v, sm_90)"
@@ -53,12 +54,12 @@ step "floors"
 "$PY" benchmarks/gpu_floors.py --output "$OUT" 2>&1 | tee -a "$REPORT"
 
 step "benchmark: paper size, every mode"
-"$PY" benchmarks/bench_ge2e.py --device cuda --sizes 64x10x256 --output "$OUT/bench" \
+"$PY" benchmarks/bench_ge2e.py --device cuda --sizes 64x10x256 --output "$OUT/paper" \
   > "$OUT/bench.log" 2>&1 || status=1
 step "benchmark: sweep over N (fwd+bwd)"
 "$PY" benchmarks/bench_ge2e.py --device cuda --modes forward+backward --no-memory \
   --sizes 8x10x256,64x10x256,256x10x256,1024x10x256,4096x10x256,1024x10x512 \
-  --output "$OUT/bench" >> "$OUT/bench.log" 2>&1 || status=1
+  --output "$OUT/sweep" >> "$OUT/bench.log" 2>&1 || status=1
 tail -60 "$OUT/bench.log" >> "$REPORT"
 
 step "done (status $status)"
