@@ -162,7 +162,8 @@ inline at::Tensor block_rows(const Context& c, const Block& blk) {
 
 // forward(embeddings, sums?, w, b) -> (loss (N, M), row_stat (N, M), hardest (N, M))
 // row_stat: the row's log-sum-exp (softmax) or hardest-impostor similarity
-// (contrast); hardest: the index k != j of the most similar other speaker.
+// (contrast); hardest: the index k != j of the most similar other speaker
+// (contrast; -1 for softmax, which does not need it).
 template <class Kernels>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
     const at::Tensor& embeddings, const c10::optional<at::Tensor>& sums, const at::Tensor& w,

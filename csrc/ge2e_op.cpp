@@ -24,7 +24,7 @@ TORCH_LIBRARY(ge2e_ext, m) {
   // sums (K, D) (sums=None: the embeddings' own, K = N). Returns the losses
   // (N, M) and what the backward needs instead of the N x M x K similarities:
   // the row log-sum-exp (softmax) or hardest-impostor similarity (contrast),
-  // and the hardest impostor's index.
+  // and the hardest impostor's index (contrast; -1 for softmax).
   m.def(
       "ge2e_forward(Tensor embeddings, Tensor? sums, Tensor w, Tensor b, int speaker_offset, "
       "str loss_method, float? min_cosine, int block_speakers=0) -> (Tensor, Tensor, Tensor)");

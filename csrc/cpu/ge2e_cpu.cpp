@@ -1,7 +1,7 @@
 // CPU kernels of the GE2E op: the per-row work around the matrix products of
 // ge2e_driver.h, parallel over the speakers of a block with at::parallel_for.
-// Every sum runs in a fixed order inside one task, so results are bitwise
-// reproducible whatever the thread count.
+// Every sum runs in a fixed order inside one task (no atomics, no reduction
+// across threads), so repeated calls give bitwise-identical results.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -24,9 +24,8 @@ SimilarityParams<acc_t> params_of(const Context& c) {
 // Dot products over D keep kLanes independent partial sums: a single running
 // sum is one long chain of dependent adds (latency-bound, and the compiler may
 // not reorder float adds to vectorize it). The order is fixed, so results are
-// still bitwise reproducible.
-// 16 lanes: one AVX-512 register of floats (8 lanes were 7x slower there, as
-// the compiler then interleaves two iterations with shuffles).
+// still reproducible. 16 lanes: one AVX-512 register of floats (8 lanes ran 7x
+// slower there, the compiler interleaving two iterations with shuffles).
 constexpr int kLanes = 16;
 
 template <typename acc_t>

@@ -162,20 +162,27 @@ __global__ void __launch_bounds__(kThreads)
         continue;
       }
       const acc_t s = similarity(cosine(dot_row[k], oc.inv_norm_e, inv_sums[k]), prm);
-      if (softmax) lse.add(s);
-      impostor.add(s, k);
+      if (softmax) {
+        lse.add(s);
+      } else {
+        impostor.add(s, k);
+      }
     }
-    impostor = block_reduce(impostor, scratch);
-    if (softmax) lse = block_reduce(lse, scratch);
+    if (softmax) {
+      lse = block_reduce(lse, scratch);
+    } else {
+      impostor = block_reduce(impostor, scratch);
+    }
     if (threadIdx.x == 0) {
       if (softmax) {
         row_stat[r] = lse.value();
         loss[r] = softmax_row_loss(row_stat[r], own_sim);
+        hardest[r] = -1;  // only the contrast loss needs it
       } else {
         row_stat[r] = impostor.value;
         loss[r] = contrast_row_loss(own_sim, impostor.value);
+        hardest[r] = impostor.index;
       }
-      hardest[r] = impostor.index;
     }
   }
 }
