@@ -13,7 +13,8 @@
 //   finalize(ctx, Z->grad_sums, own_sum_grads, grad_embeddings,
 //            dw_part, db_part, grad_w, grad_b)
 // and, where kSparseContrast is true, contrast_backward (the contrast loss
-// without matrix products; see cpu/ge2e_cpu.cpp).
+// without matrix products; see cpu/ge2e_cpu.cpp); kBlockInputShare sizes the
+// blocks (speakers_per_block).
 // See ge2e_math.h for what each quantity is.
 #pragma once
 
@@ -65,11 +66,14 @@ inline LossMethod parse_loss_method(c10::string_view name) {
 }
 
 // Speakers per block: the whole batch when the similarity block is small,
-// else as many as keep it under max(2^18 elements, an eighth of the input).
-inline int64_t speakers_per_block(const Context& c, int64_t requested) {
+// else as many as keep it under max(2^18 elements, input / input_share), where
+// Kernels::kBlockInputShare trades memory for larger, faster matrix products.
+template <class Kernels>
+int64_t speakers_per_block(const Context& c, int64_t requested) {
   if (requested > 0) return std::min(requested, c.num_speakers);
   const int64_t input_numel = c.num_speakers * c.utterances * c.dim;
-  const int64_t budget = std::max<int64_t>(int64_t(1) << 18, input_numel / 8);
+  const int64_t budget =
+      std::max<int64_t>(int64_t(1) << 18, input_numel / Kernels::kBlockInputShare);
   const int64_t per_speaker = c.utterances * c.total_speakers;
   return std::max<int64_t>(1, std::min<int64_t>(c.num_speakers, budget / per_speaker));
 }
@@ -176,7 +180,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
   at::Tensor row_stat = at::empty({c.num_speakers, c.utterances}, acc_options);
   at::Tensor hardest =
       at::empty({c.num_speakers, c.utterances}, acc_options.dtype(at::kLong));
-  const int64_t per_block = speakers_per_block(c, block_speakers);
+  const int64_t per_block = speakers_per_block<Kernels>(c, block_speakers);
   at::Tensor similarity_block = at::empty({per_block * c.utterances, c.total_speakers}, acc_options);
   for (int64_t first = 0; first < c.num_speakers; first += per_block) {
     const Block blk{first, std::min(per_block, c.num_speakers - first)};
@@ -240,7 +244,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
                                       db_part);
     }
   }
-  const int64_t per_block = speakers_per_block(c, block_speakers);
+  const int64_t per_block = speakers_per_block<Kernels>(c, block_speakers);
   at::Tensor similarity_block = at::empty({per_block * c.utterances, c.total_speakers}, acc_options);
   // T = H S is written where the row's gradient goes when the dtypes agree.
   const bool widened = c.embeddings.scalar_type() != c.sums.scalar_type();
