@@ -228,7 +228,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
   const at::Tensor hardest_c = hardest.to(acc_options.dtype(at::kLong)).contiguous();
 
   at::Tensor grad_embeddings = at::empty_like(c.embeddings);
-  at::Tensor grad_sums = at::zeros({c.total_speakers, c.dim}, acc_options);  // accumulates Z
+  // Accumulates Z = H^T E over the blocks (the first block writes it).
+  at::Tensor grad_sums = at::empty({c.total_speakers, c.dim}, acc_options);
   at::Tensor own_sum_grads = at::empty({c.num_speakers, c.dim}, acc_options);
   // Per row: h = dLoss/dcos(e, s - e), 1/|e|, 1/|s - e| and that cosine (the
   // OwnTerms of ge2e_math.h), so the second pass need not recompute them.
@@ -262,7 +263,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
     at::Tensor cross = widened ? cross_block.narrow(0, 0, blk_rows)
                                : grad_rows_2d.narrow(0, blk.first * c.utterances, blk_rows);
     at::mm_out(cross, h, c.sums);                // T = H S
-    grad_sums.addmm_(h.t(), e_rows);             // Z += H^T E
+    if (first == 0) {
+      at::mm_out(grad_sums, h.t(), e_rows);      // Z = H^T E
+    } else {
+      grad_sums.addmm_(h.t(), e_rows);           // Z += H^T E
+    }
     Kernels::backward_rows(c, blk, cross, own_terms, grad_embeddings, own_sum_grads);
   }
   return finish_backward<Kernels>(c, w, b, grad_sums, own_sum_grads, grad_embeddings, dw_part,

@@ -339,7 +339,7 @@ struct CpuKernels {
   static constexpr bool kSparseContrast = true;
 
   // Writes the rows' gradients, the q sums, the dw/db partials, and
-  // grad_sums = Z = sum_r H_{r,k*} e_r (zero on entry), for the contrast loss.
+  // grad_sums = Z = sum_r H_{r,k*} e_r, for the contrast loss.
   static void contrast_backward(const Context& c, const at::Tensor& grad_loss,
                                 const at::Tensor& hardest, at::Tensor& grad_embeddings,
                                 at::Tensor& own_sum_grads, at::Tensor& dw_part,
@@ -395,6 +395,7 @@ struct CpuKernels {
       at::parallel_for(0, K, 1, [&](int64_t lo, int64_t hi) {
         for (int64_t k = lo; k < hi; ++k) {
           acc_t* __restrict__ z_row = z + k * D;
+          for (int64_t d = 0; d < D; ++d) z_row[d] = 0;
           for (int64_t n = bucket_start[k]; n < bucket_start[k + 1]; ++n) {
             const int64_t r = bucket_rows[n];
             const scalar_t* __restrict__ e = emb + r * D;

@@ -271,11 +271,37 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// dLoss/dw and dLoss/db from the rows' partials, in a fixed order.
+template <typename acc_t>
+__device__ void finalize_scalars(const Problem& p, const acc_t* __restrict__ dw_part,
+                                 const acc_t* __restrict__ db_part, acc_t* __restrict__ grad_w,
+                                 acc_t* __restrict__ grad_b, unsigned char* scratch) {
+  const int64_t rows = p.num_speakers * p.utterances;
+  Sums<acc_t, 2> part;
+  for (int64_t r = threadIdx.x; r < rows; r += kThreads) {
+    part.v[0] += dw_part[r];
+    part.v[1] += db_part[r];
+  }
+  const auto total = block_reduce(part, scratch);
+  if (threadIdx.x == 0) {
+    *grad_w = params_of<acc_t>(p).w_active ? total.v[0] : acc_t(0);
+    *grad_b = total.v[1];
+  }
+}
+
+// Blocks 0..K-1: grad_sums from Z and the q sums (and the fold into the rows);
+// block K: dLoss/dw and dLoss/db. One launch for the end of the backward.
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads)
-    finalize_sums_kernel(Problem p, acc_t* __restrict__ z, const acc_t* __restrict__ own_sum_grads,
-                         scalar_t* __restrict__ grad) {
+    finalize_kernel(Problem p, acc_t* __restrict__ z, const acc_t* __restrict__ own_sum_grads,
+                    scalar_t* __restrict__ grad, const acc_t* __restrict__ dw_part,
+                    const acc_t* __restrict__ db_part, acc_t* __restrict__ grad_w,
+                    acc_t* __restrict__ grad_b) {
   GE2E_SCRATCH;
+  if (blockIdx.x == p.total_speakers) {
+    finalize_scalars(p, dw_part, db_part, grad_w, grad_b, scratch);
+    return;
+  }
   const int64_t k = blockIdx.x, D = p.dim, M = p.utterances;
   acc_t* z_row = z + k * D;
   const acc_t* s = static_cast<const acc_t*>(p.sums) + k * D;
@@ -296,25 +322,6 @@ __global__ void __launch_bounds__(kThreads)
         store(g, to_acc(*g) + value);
       }
     }
-  }
-}
-
-template <typename acc_t>
-__global__ void __launch_bounds__(kThreads)
-    finalize_scalars_kernel(Problem p, const acc_t* __restrict__ dw_part,
-                            const acc_t* __restrict__ db_part, acc_t* __restrict__ grad_w,
-                            acc_t* __restrict__ grad_b) {
-  GE2E_SCRATCH;
-  const int64_t rows = p.num_speakers * p.utterances;
-  Sums<acc_t, 2> part;
-  for (int64_t r = threadIdx.x; r < rows; r += kThreads) {
-    part.v[0] += dw_part[r];
-    part.v[1] += db_part[r];
-  }
-  const auto total = block_reduce(part, scratch);
-  if (threadIdx.x == 0) {
-    *grad_w = params_of<acc_t>(p).w_active ? total.v[0] : acc_t(0);
-    *grad_b = total.v[1];
   }
 }
 
@@ -393,14 +400,11 @@ cudaError_t launch_finalize(const Problem& p, void* grad_sums, const void* own_s
   return dispatch(p.dtype, [&](auto scalar_zero, auto acc_zero) {
     using scalar_t = decltype(scalar_zero);
     using acc_t = decltype(acc_zero);
-    finalize_sums_kernel<scalar_t, acc_t><<<grid_of(p.total_speakers), kThreads, 0, stream>>>(
+    finalize_kernel<scalar_t, acc_t><<<grid_of(p.total_speakers + 1), kThreads, 0, stream>>>(
         p, static_cast<acc_t*>(grad_sums), static_cast<const acc_t*>(own_sum_grads),
-        static_cast<scalar_t*>(grad_embeddings));
-    cudaError_t err = cudaGetLastError();
-    if (err != cudaSuccess) return err;
-    finalize_scalars_kernel<acc_t><<<1, kThreads, 0, stream>>>(
-        p, static_cast<const acc_t*>(dw_part), static_cast<const acc_t*>(db_part),
-        static_cast<acc_t*>(grad_w), static_cast<acc_t*>(grad_b));
+        static_cast<scalar_t*>(grad_embeddings), static_cast<const acc_t*>(dw_part),
+        static_cast<const acc_t*>(db_part), static_cast<acc_t*>(grad_w),
+        static_cast<acc_t*>(grad_b));
     return cudaGetLastError();
   });
 }
