@@ -25,7 +25,7 @@ ValueError on every rank instead of a hang.
 Per training step, per rank (``W`` ranks, ``N_max = max_r N_r``, ``s`` bytes per
 element of the accumulation dtype):
 
-- forward: an all_gather of 4 int64 per rank (metadata), then an all_gather of
+- forward: an all_gather of 5 int64 per rank (metadata), then an all_gather of
   the ``W * N_max x D`` padded sums (``K x D`` when the ranks have equal
   batches): each rank sends ``N_max * D * s`` bytes and receives
   ``(W - 1) * N_max * D * s``;
