@@ -34,7 +34,9 @@ def check_options(loss_method, reduction, min_cosine, backend):
             raise TypeError(
                 f"min_cosine must be a float or None, got {type(min_cosine).__name__}"
             )
-        if not math.isfinite(min_cosine):
+        # Comparisons rather than math.isfinite: under torch.compile(dynamic=True)
+        # a float attribute can arrive as a symbolic float.
+        if not -math.inf < min_cosine < math.inf:
             raise ValueError(f"min_cosine must be finite or None, got {min_cosine}")
 
 

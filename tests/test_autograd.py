@@ -94,3 +94,19 @@ def test_torch_compile_fullgraph(method, compiler):
     assert_close_rel(loss.detach(), expected_loss.detach(), 1e-12, "loss")
     for g, e in zip(grads, expected_grads):
         assert_close_rel(g, e, 1e-12, "grad")
+
+
+def test_torch_compile_dynamic_shapes():
+    """One compiled graph serves several (N, M, D): the fake kernels are symbolic."""
+    torch._dynamo.reset()
+    criterion = ge2e_ext.GE2ELoss(backend="extension", min_cosine=1e-6).double()
+    compiled = torch.compile(lambda x: criterion(x), fullgraph=True, dynamic=True,
+                             backend="aot_eager")
+    for shape in [(5, 3, 8), (7, 4, 8), (9, 2, 16)]:
+        x, _, _ = _inputs(*shape, seed=sum(shape))
+        loss = compiled(x)
+        (grad,) = torch.autograd.grad(loss, x)
+        expected = criterion(x)
+        (expected_grad,) = torch.autograd.grad(expected, x)
+        assert_close_rel(loss.detach(), expected.detach(), 1e-12, f"loss {shape}")
+        assert_close_rel(grad, expected_grad, 1e-12, f"grad {shape}")
