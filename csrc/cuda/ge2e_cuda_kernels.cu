@@ -1,8 +1,9 @@
 // CUDA kernels of the GE2E op: the per-row work around the cuBLAS products of
-// ge2e_driver.h. One thread block per speaker walks its M utterances; threads
-// stride over D (dot products, gradients) or over K (similarities), and every
-// reduction is a fixed shuffle tree, so two runs give bitwise-equal results (no
-// atomics). The formulas are those of ge2e_math.h, which the CPU kernel and
+// ge2e_driver.h. The similarity kernels take one thread block per utterance
+// (threads stride over K); the row-gradient kernel one block per speaker, which
+// walks its M utterances so that the speaker's q sum needs no atomics. Threads
+// stride over D for dot products and gradients, and every reduction is a fixed
+// shuffle tree, so two runs give bitwise-equal results. The formulas are those of ge2e_math.h, which the CPU kernel and
 // gradcheck exercise.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -142,47 +143,45 @@ __global__ void __launch_bounds__(kThreads)
                         acc_t* __restrict__ loss, acc_t* __restrict__ row_stat,
                         int64_t* __restrict__ hardest) {
   GE2E_SCRATCH;
-  const int64_t jb = blockIdx.x, j = first + jb, own = p.speaker_offset + j;
-  const int64_t D = p.dim, K = p.total_speakers, M = p.utterances;
+  const int64_t rb = blockIdx.x;  // row in the block
+  const int64_t r = first * p.utterances + rb, own = p.speaker_offset + r / p.utterances;
+  const int64_t D = p.dim, K = p.total_speakers;
   const auto* emb = static_cast<const scalar_t*>(p.embeddings);
   const auto* sums = static_cast<const acc_t*>(p.sums);
   const auto* inv_sums = static_cast<const acc_t*>(p.inv_sums);
   const auto prm = params_of<acc_t>(p);
-  for (int64_t i = 0; i < M; ++i) {
-    const int64_t r = j * M + i, rb = jb * M + i;
-    const auto oc = block_own_cosine(emb + r * D, sums + own * D, D, scratch);
-    const acc_t own_sim = similarity(oc.raw_cos, prm);
-    const acc_t* dot_row = dots + rb * K;
-    HardestImpostor<acc_t> impostor;
-    LogSumExp<acc_t> lse;
-    const bool softmax = p.method == kSoftmax;
-    for (int64_t k = threadIdx.x; k < K; k += kThreads) {
-      if (k == own) {
-        if (softmax) lse.add(own_sim);
-        continue;
-      }
-      const acc_t s = similarity(cosine(dot_row[k], oc.inv_norm_e, inv_sums[k]), prm);
-      if (softmax) {
-        lse.add(s);
-      } else {
-        impostor.add(s, k);
-      }
+  const auto oc = block_own_cosine(emb + r * D, sums + own * D, D, scratch);
+  const acc_t own_sim = similarity(oc.raw_cos, prm);
+  const acc_t* dot_row = dots + rb * K;
+  HardestImpostor<acc_t> impostor;
+  LogSumExp<acc_t> lse;
+  const bool softmax = p.method == kSoftmax;
+  for (int64_t k = threadIdx.x; k < K; k += kThreads) {
+    if (k == own) {
+      if (softmax) lse.add(own_sim);
+      continue;
     }
+    const acc_t s = similarity(cosine(dot_row[k], oc.inv_norm_e, inv_sums[k]), prm);
     if (softmax) {
-      lse = block_reduce(lse, scratch);
+      lse.add(s);
     } else {
-      impostor = block_reduce(impostor, scratch);
+      impostor.add(s, k);
     }
-    if (threadIdx.x == 0) {
-      if (softmax) {
-        row_stat[r] = lse.value();
-        loss[r] = softmax_row_loss(row_stat[r], own_sim);
-        hardest[r] = -1;  // only the contrast loss needs it
-      } else {
-        row_stat[r] = impostor.value;
-        loss[r] = contrast_row_loss(own_sim, impostor.value);
-        hardest[r] = impostor.index;
-      }
+  }
+  if (softmax) {
+    lse = block_reduce(lse, scratch);
+  } else {
+    impostor = block_reduce(impostor, scratch);
+  }
+  if (threadIdx.x == 0) {
+    if (softmax) {
+      row_stat[r] = lse.value();
+      loss[r] = softmax_row_loss(row_stat[r], own_sim);
+      hardest[r] = -1;  // only the contrast loss needs it
+    } else {
+      row_stat[r] = impostor.value;
+      loss[r] = contrast_row_loss(own_sim, impostor.value);
+      hardest[r] = impostor.index;
     }
   }
 }
@@ -194,47 +193,45 @@ __global__ void __launch_bounds__(kThreads)
                             const int64_t* __restrict__ hardest, acc_t* __restrict__ own_terms,
                             acc_t* __restrict__ dw_part, acc_t* __restrict__ db_part) {
   GE2E_SCRATCH;
-  const int64_t jb = blockIdx.x, j = first + jb, own = p.speaker_offset + j;
-  const int64_t D = p.dim, K = p.total_speakers, M = p.utterances;
+  const int64_t rb = blockIdx.x;  // row in the block
+  const int64_t r = first * p.utterances + rb, own = p.speaker_offset + r / p.utterances;
+  const int64_t D = p.dim, K = p.total_speakers;
   const auto* emb = static_cast<const scalar_t*>(p.embeddings);
   const auto* sums = static_cast<const acc_t*>(p.sums);
   const auto* inv_sums = static_cast<const acc_t*>(p.inv_sums);
   const auto prm = params_of<acc_t>(p);
   const bool softmax = p.method == kSoftmax;
-  for (int64_t i = 0; i < M; ++i) {
-    const int64_t r = j * M + i, rb = jb * M + i;
-    const auto oc = block_own_cosine(emb + r * D, sums + own * D, D, scratch);
-    const acc_t g_r = grad_loss[r];
-    const acc_t own_s = similarity(oc.raw_cos, prm);
-    const acc_t lse = row_stat[r];
-    const int64_t star = softmax ? -1 : hardest[r];
-    acc_t* h_row = h + rb * K;
-    Sums<acc_t, 2> part;  // dLoss/dw, dLoss/db of this thread's entries
-    for (int64_t k = threadIdx.x; k < K; k += kThreads) {
-      if (k == own || (!softmax && k != star)) {
-        h_row[k] = acc_t(0);
-        continue;
-      }
-      const acc_t raw = cosine(h_row[k], oc.inv_norm_e, inv_sums[k]);
-      const acc_t s = similarity(raw, prm);
-      const acc_t g = softmax ? softmax_similarity_grad(s, lse, false, g_r)
-                              : contrast_similarity_grad(s, false, g_r);
-      part.v[0] += g * clamp_cosine(raw, prm);
-      part.v[1] += g;
-      h_row[k] = cosine_grad(g, raw, prm) * oc.inv_norm_e * inv_sums[k];
+  const auto oc = block_own_cosine(emb + r * D, sums + own * D, D, scratch);
+  const acc_t g_r = grad_loss[r];
+  const acc_t own_s = similarity(oc.raw_cos, prm);
+  const acc_t lse = row_stat[r];
+  const int64_t star = softmax ? -1 : hardest[r];
+  acc_t* h_row = h + rb * K;
+  Sums<acc_t, 2> part;  // dLoss/dw, dLoss/db of this thread's entries
+  for (int64_t k = threadIdx.x; k < K; k += kThreads) {
+    if (k == own || (!softmax && k != star)) {
+      h_row[k] = acc_t(0);
+      continue;
     }
-    if (threadIdx.x == 0) {
-      const acc_t g = softmax ? softmax_similarity_grad(own_s, lse, true, g_r)
-                              : contrast_similarity_grad(own_s, true, g_r);
-      part.v[0] += g * clamp_cosine(oc.raw_cos, prm);
-      part.v[1] += g;
-      store_own_terms(own_terms + r * kOwnTermsSize, cosine_grad(g, oc.raw_cos, prm), oc);
-    }
-    const auto total = block_reduce(part, scratch);
-    if (threadIdx.x == 0) {
-      dw_part[r] = total.v[0];
-      db_part[r] = total.v[1];
-    }
+    const acc_t raw = cosine(h_row[k], oc.inv_norm_e, inv_sums[k]);
+    const acc_t s = similarity(raw, prm);
+    const acc_t g = softmax ? softmax_similarity_grad(s, lse, false, g_r)
+                            : contrast_similarity_grad(s, false, g_r);
+    part.v[0] += g * clamp_cosine(raw, prm);
+    part.v[1] += g;
+    h_row[k] = cosine_grad(g, raw, prm) * oc.inv_norm_e * inv_sums[k];
+  }
+  if (threadIdx.x == 0) {
+    const acc_t g = softmax ? softmax_similarity_grad(own_s, lse, true, g_r)
+                            : contrast_similarity_grad(own_s, true, g_r);
+    part.v[0] += g * clamp_cosine(oc.raw_cos, prm);
+    part.v[1] += g;
+    store_own_terms(own_terms + r * kOwnTermsSize, cosine_grad(g, oc.raw_cos, prm), oc);
+  }
+  const auto total = block_reduce(part, scratch);
+  if (threadIdx.x == 0) {
+    dw_part[r] = total.v[0];
+    db_part[r] = total.v[1];
   }
 }
 
@@ -359,7 +356,7 @@ cudaError_t launch_forward_rows(const Problem& p, int64_t first, int64_t count, 
   return dispatch(p.dtype, [&](auto scalar_zero, auto acc_zero) {
     using scalar_t = decltype(scalar_zero);
     using acc_t = decltype(acc_zero);
-    forward_rows_kernel<scalar_t, acc_t><<<grid_of(count), kThreads, 0, stream>>>(
+    forward_rows_kernel<scalar_t, acc_t><<<grid_of(count * p.utterances), kThreads, 0, stream>>>(
         p, first, static_cast<const acc_t*>(dots), static_cast<acc_t*>(loss),
         static_cast<acc_t*>(row_stat), hardest);
     return cudaGetLastError();
@@ -373,7 +370,8 @@ cudaError_t launch_similarity_grads(const Problem& p, int64_t first, int64_t cou
   return dispatch(p.dtype, [&](auto scalar_zero, auto acc_zero) {
     using scalar_t = decltype(scalar_zero);
     using acc_t = decltype(acc_zero);
-    similarity_grads_kernel<scalar_t, acc_t><<<grid_of(count), kThreads, 0, stream>>>(
+    similarity_grads_kernel<scalar_t, acc_t><<<grid_of(count * p.utterances), kThreads, 0,
+                                                  stream>>>(
         p, first, static_cast<acc_t*>(dots), static_cast<const acc_t*>(grad_loss),
         static_cast<const acc_t*>(row_stat), hardest, static_cast<acc_t*>(own_terms),
         static_cast<acc_t*>(dw_part), static_cast<acc_t*>(db_part));
