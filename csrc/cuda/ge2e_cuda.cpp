@@ -7,6 +7,7 @@
 
 #include "../ge2e_driver.h"
 #include "ge2e_cuda.h"
+#include "problem_of.h"
 
 namespace ge2e {
 namespace {
@@ -17,37 +18,6 @@ void check_launch(cudaError_t err, const char* kernel) {
 }
 
 cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
-
-cuda::DType dtype_of(const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return cuda::DType::kFloat32;
-    case at::kDouble: return cuda::DType::kFloat64;
-    case at::kHalf: return cuda::DType::kFloat16;
-    case at::kBFloat16: return cuda::DType::kBFloat16;
-    default:
-      TORCH_CHECK_TYPE(false, "ge2e_ext: unsupported embeddings dtype ", t.scalar_type());
-  }
-}
-
-cuda::Problem problem_of(const Context& c) {
-  cuda::Problem p;
-  p.dtype = dtype_of(c.embeddings);
-  p.embeddings = c.embeddings.data_ptr();
-  p.sums = c.sums.data_ptr();
-  p.inv_sums = c.inv_sums.data_ptr();
-  p.w = c.w.data_ptr();
-  p.b = c.b.data_ptr();
-  p.num_speakers = c.num_speakers;
-  p.utterances = c.utterances;
-  p.dim = c.dim;
-  p.total_speakers = c.total_speakers;
-  p.speaker_offset = c.speaker_offset;
-  p.method = c.method;
-  p.clamp = c.clamp;
-  p.min_cosine = c.min_cosine;
-  p.sums_given = c.sums_given;
-  return p;
-}
 
 struct CudaKernels {
   // The contrast loss takes the dense path too: cuBLAS makes its products cheap,
@@ -66,7 +36,7 @@ struct CudaKernels {
 
   static void forward_rows(const Context& c, const Block& blk, const at::Tensor& dots,
                            at::Tensor& loss, at::Tensor& row_stat, at::Tensor& hardest) {
-    check_launch(cuda::launch_forward_rows(problem_of(c), blk.first, blk.count, dots.data_ptr(),
+    check_launch(cuda::launch_forward_rows(cuda::problem_of(c), blk.first, blk.count, dots.data_ptr(),
                                            loss.data_ptr(), row_stat.data_ptr(),
                                            hardest.data_ptr<int64_t>(), current_stream()),
                  "forward_rows");
@@ -77,7 +47,7 @@ struct CudaKernels {
                                const at::Tensor& hardest, at::Tensor& own_terms,
                                at::Tensor& dw_part, at::Tensor& db_part) {
     check_launch(cuda::launch_similarity_grads(
-                     problem_of(c), blk.first, blk.count, dots_to_h.data_ptr(),
+                     cuda::problem_of(c), blk.first, blk.count, dots_to_h.data_ptr(),
                      grad_loss.data_ptr(), row_stat.data_ptr(), hardest.data_ptr<int64_t>(),
                      own_terms.data_ptr(), dw_part.data_ptr(), db_part.data_ptr(), current_stream()),
                  "similarity_grads");
@@ -86,7 +56,7 @@ struct CudaKernels {
   static void backward_rows(const Context& c, const Block& blk, const at::Tensor& cross,
                             const at::Tensor& own_terms, at::Tensor& grad_embeddings,
                             at::Tensor& own_sum_grads) {
-    check_launch(cuda::launch_backward_rows(problem_of(c), blk.first, blk.count, cross.data_ptr(),
+    check_launch(cuda::launch_backward_rows(cuda::problem_of(c), blk.first, blk.count, cross.data_ptr(),
                                             own_terms.data_ptr(), grad_embeddings.data_ptr(),
                                             own_sum_grads.data_ptr(), current_stream()),
                  "backward_rows");
@@ -95,7 +65,7 @@ struct CudaKernels {
   static void finalize(const Context& c, at::Tensor& grad_sums, const at::Tensor& own_sum_grads,
                        at::Tensor& grad_embeddings, const at::Tensor& dw_part,
                        const at::Tensor& db_part, at::Tensor& grad_w, at::Tensor& grad_b) {
-    check_launch(cuda::launch_finalize(problem_of(c), grad_sums.data_ptr(),
+    check_launch(cuda::launch_finalize(cuda::problem_of(c), grad_sums.data_ptr(),
                                        own_sum_grads.data_ptr(), grad_embeddings.data_ptr(),
                                        dw_part.data_ptr(), db_part.data_ptr(), grad_w.data_ptr(),
                                        grad_b.data_ptr(), current_stream()),

@@ -8,27 +8,10 @@
 
 #include <cstdint>
 
+#include "ge2e_cuda_problem.h"
+
 namespace ge2e {
 namespace cuda {
-
-enum class DType { kFloat32, kFloat64, kFloat16, kBFloat16 };
-
-// One call's inputs. Pointers are device pointers; the accumulation type
-// (float, or double for kFloat64 embeddings) is that of sums, inv_sums, w, b
-// and every buffer below except grad_embeddings (the embeddings' dtype).
-struct Problem {
-  DType dtype;
-  const void* embeddings;  // (N, M, D)
-  const void* sums;        // (K, D)
-  const void* inv_sums;    // (K,)
-  const void* w;           // 0-dim, the raw w (clamped in the kernels)
-  const void* b;
-  int64_t num_speakers, utterances, dim, total_speakers, speaker_offset;
-  int method;  // ge2e::LossMethod
-  bool clamp;
-  double min_cosine;
-  bool sums_given;
-};
 
 // out[k] = 1/|rows_k| (0 for a zero row); rows (n, dim) of the accumulation type.
 cudaError_t launch_inverse_norms(bool is_double, const void* rows, int64_t n, int64_t dim,
