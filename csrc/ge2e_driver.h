@@ -181,7 +181,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
   at::Tensor hardest =
       at::empty({c.num_speakers, c.utterances}, acc_options.dtype(at::kLong));
   const int64_t per_block = speakers_per_block<Kernels>(c, block_speakers);
-  at::Tensor similarity_block = at::empty({per_block * c.utterances, c.total_speakers}, acc_options);
+  at::Tensor similarity_block =
+      at::empty({per_block * c.utterances, c.total_speakers}, acc_options);
   for (int64_t first = 0; first < c.num_speakers; first += per_block) {
     const Block blk{first, std::min(per_block, c.num_speakers - first)};
     at::Tensor dots = similarity_block.narrow(0, 0, blk.count * c.utterances);
@@ -246,7 +247,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
     }
   }
   const int64_t per_block = speakers_per_block<Kernels>(c, block_speakers);
-  at::Tensor similarity_block = at::empty({per_block * c.utterances, c.total_speakers}, acc_options);
+  at::Tensor similarity_block =
+      at::empty({per_block * c.utterances, c.total_speakers}, acc_options);
   // T = H S is written where the row's gradient goes when the dtypes agree.
   const bool widened = c.embeddings.scalar_type() != c.sums.scalar_type();
   at::Tensor cross_block =

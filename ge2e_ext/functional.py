@@ -93,7 +93,8 @@ def _as_scalar(value, name, embeddings, dtype):
             value = value.to(embeddings.device)
         return value.reshape(()).to(dtype)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a number or a one-element tensor, got {type(value).__name__}")
+        raise TypeError(
+            f"{name} must be a number or a one-element tensor, got {type(value).__name__}")
     return torch.tensor(float(value), dtype=dtype, device=embeddings.device)
 
 
@@ -105,7 +106,8 @@ def _use_extension(backend, device):
         why = _ops.import_error()
         reason = (
             f"the compiled extension failed to import ({why})" if why is not None
-            else f"it was built without {device.type} kernels (built: {sorted(_ops.EXTENSION_DEVICES)})"
+            else f"it was built without {device.type} kernels "
+                 f"(built: {sorted(_ops.EXTENSION_DEVICES)})"
         )
         raise RuntimeError(
             f"backend='extension' needs ge2e_ext's compiled kernel for {device.type}, but "

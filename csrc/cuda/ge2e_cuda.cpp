@@ -36,8 +36,8 @@ struct CudaKernels {
 
   static void forward_rows(const Context& c, const Block& blk, const at::Tensor& dots,
                            at::Tensor& loss, at::Tensor& row_stat, at::Tensor& hardest) {
-    check_launch(cuda::launch_forward_rows(cuda::problem_of(c), blk.first, blk.count, dots.data_ptr(),
-                                           loss.data_ptr(), row_stat.data_ptr(),
+    check_launch(cuda::launch_forward_rows(cuda::problem_of(c), blk.first, blk.count,
+                                           dots.data_ptr(), loss.data_ptr(), row_stat.data_ptr(),
                                            hardest.data_ptr<int64_t>(), current_stream()),
                  "forward_rows");
   }
@@ -49,16 +49,18 @@ struct CudaKernels {
     check_launch(cuda::launch_similarity_grads(
                      cuda::problem_of(c), blk.first, blk.count, dots_to_h.data_ptr(),
                      grad_loss.data_ptr(), row_stat.data_ptr(), hardest.data_ptr<int64_t>(),
-                     own_terms.data_ptr(), dw_part.data_ptr(), db_part.data_ptr(), current_stream()),
+                     own_terms.data_ptr(), dw_part.data_ptr(), db_part.data_ptr(),
+                     current_stream()),
                  "similarity_grads");
   }
 
   static void backward_rows(const Context& c, const Block& blk, const at::Tensor& cross,
                             const at::Tensor& own_terms, at::Tensor& grad_embeddings,
                             at::Tensor& own_sum_grads) {
-    check_launch(cuda::launch_backward_rows(cuda::problem_of(c), blk.first, blk.count, cross.data_ptr(),
-                                            own_terms.data_ptr(), grad_embeddings.data_ptr(),
-                                            own_sum_grads.data_ptr(), current_stream()),
+    check_launch(cuda::launch_backward_rows(cuda::problem_of(c), blk.first, blk.count,
+                                            cross.data_ptr(), own_terms.data_ptr(),
+                                            grad_embeddings.data_ptr(), own_sum_grads.data_ptr(),
+                                            current_stream()),
                  "backward_rows");
   }
 
