@@ -15,7 +15,12 @@ VENV_PY=.venv/bin/python
 
 if [[ ! -x $VENV_PY ]]; then
   echo "== creating .venv with $($PYTHON --version)"
-  "$PYTHON" -m venv .venv
+  if ! "$PYTHON" -m venv .venv; then
+    rm -rf .venv
+    echo "error: '$PYTHON -m venv' failed; on Debian/Ubuntu install the venv module" \
+         "(apt-get install python3-venv) or set PYTHON to another Python >= 3.9" >&2
+    exit 1
+  fi
 fi
 
 echo "== installing $TORCH_SPEC and the test/benchmark dependencies (first run: a few minutes)"
