@@ -177,8 +177,10 @@ def ge2e_loss(embeddings, w, b, loss_method="softmax", *, reduction="sum", min_c
         # Under autocast the matrix product would run in float16/bfloat16; the
         # loss is computed in the accumulation dtype, as the kernels do.
         device_type = embeddings.device.type
+        autocast_on = (torch.amp.is_autocast_available(device_type)
+                       and torch.is_autocast_enabled(device_type))
         precision = (torch.autocast(device_type=device_type, enabled=False)
-                     if torch.is_autocast_enabled(device_type) else contextlib.nullcontext())
+                     if autocast_on else contextlib.nullcontext())
         with precision:
             rows = _torch_impl.ge2e_rows(embeddings.to(acc), sums, w, b, offset, loss_method,
                                          min_cosine)

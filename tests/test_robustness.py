@@ -145,3 +145,24 @@ def test_near_opposite_utterances_with_m_2(backend, dtype):
     got = ge2e_ext.ge2e_loss(x, 10.0, -5.0, reduction="none", min_cosine=None,
                              backend=backend)
     assert_close_rel(got, expected, 1e-10 if dtype == torch.float64 else 1e-5, "loss")
+
+
+def test_meta_tensors_give_the_loss_shape():
+    """Shape-only tensors (device "meta") go through the pure-PyTorch path."""
+    for reduction, shape in (("sum", ()), ("none", (4, 3))):
+        x = torch.empty(4, 3, 5, device="meta", requires_grad=True)
+        loss = ge2e_ext.ge2e_loss(x, 10.0, -5.0, reduction=reduction)
+        assert loss.device.type == "meta" and loss.shape == shape
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_expanded_embeddings(backend):
+    """A stride-0 view (one utterance repeated) gets its gradient summed back."""
+    base = make_embeddings(3, 1, 4, seed=13)
+    x = base.expand(3, 2, 4)
+    loss = ge2e_ext.ge2e_loss(x, 10.0, -5.0, backend=backend)
+    (grad,) = torch.autograd.grad(loss, base)
+    expected_x = x.detach().clone().requires_grad_()
+    (expected,) = torch.autograd.grad(
+        ge2e_ext.ge2e_loss(expected_x, 10.0, -5.0, backend="torch"), expected_x)
+    assert_close_rel(grad, expected.sum(1, keepdim=True), 1e-10, "grad")
