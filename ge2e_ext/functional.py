@@ -91,7 +91,9 @@ def _as_scalar(value, name, embeddings, dtype):
                     f"{embeddings.device}; move the GE2ELoss module with .to(device)"
                 )
             value = value.to(embeddings.device)
-        return value.reshape(()).to(dtype)
+        if value.dim() != 0:  # a (1,)-shaped parameter, say; 0-dim ones pass as they are
+            value = value.reshape(())
+        return value.to(dtype)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(
             f"{name} must be a number or a one-element tensor, got {type(value).__name__}")
