@@ -7,6 +7,8 @@
 #include <string>
 #include <vector>
 
+#include "ge2e_schema.h"
+
 namespace {
 
 std::vector<std::string> built_devices() {
@@ -20,20 +22,8 @@ std::vector<std::string> built_devices() {
 }  // namespace
 
 TORCH_LIBRARY(ge2e_ext, m) {
-  // Per-utterance GE2E losses of embeddings (N, M, D) scored against the speaker
-  // sums (K, D) (sums=None: the embeddings' own, K = N). Returns the losses
-  // (N, M) and what the backward needs instead of the N x M x K similarities:
-  // the row log-sum-exp (softmax) or hardest-impostor similarity (contrast),
-  // and the hardest impostor's index (contrast; -1 for softmax).
-  m.def(
-      "ge2e_forward(Tensor embeddings, Tensor? sums, Tensor w, Tensor b, int speaker_offset, "
-      "str loss_method, float? min_cosine, int block_speakers=0) -> (Tensor, Tensor, Tensor)");
-  // Gradients for embeddings, sums (already folded into the embeddings'
-  // gradient when sums=None), w and b; recomputes the cosines.
-  m.def(
-      "ge2e_backward(Tensor grad_loss, Tensor embeddings, Tensor? sums, Tensor w, Tensor b, "
-      "Tensor row_stat, Tensor hardest, int speaker_offset, str loss_method, float? min_cosine, "
-      "int block_speakers=0) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(ge2e::kForwardSchema);
+  m.def(ge2e::kBackwardSchema);
   m.def("built_devices() -> str[]", &built_devices);
 }
 

@@ -9,6 +9,7 @@
 
 #include "../../csrc/cuda/ge2e_cuda_kernels.cuh"
 #include "../../csrc/cuda/problem_of.h"
+#include "../../csrc/ge2e_schema.h"
 
 namespace {
 
@@ -135,13 +136,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_emulated(
 }  // namespace
 
 TORCH_LIBRARY(ge2e_emu, m) {
-  m.def(
-      "ge2e_forward(Tensor embeddings, Tensor? sums, Tensor w, Tensor b, int speaker_offset, "
-      "str loss_method, float? min_cosine, int block_speakers=0) -> (Tensor, Tensor, Tensor)");
-  m.def(
-      "ge2e_backward(Tensor grad_loss, Tensor embeddings, Tensor? sums, Tensor w, Tensor b, "
-      "Tensor row_stat, Tensor hardest, int speaker_offset, str loss_method, float? min_cosine, "
-      "int block_speakers=0) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(ge2e::kForwardSchema);
+  m.def(ge2e::kBackwardSchema);
 }
 
 TORCH_LIBRARY_IMPL(ge2e_emu, CPU, m) {
