@@ -5,8 +5,8 @@
     loss = criterion(embeddings)  # embeddings: (N speakers, M utterances, D)
 """
 
-from .functional import ge2e_loss, extension_devices
+from .functional import LOSS_METHODS, ge2e_loss, extension_devices
 from .loss import GE2ELoss
 
-__all__ = ["GE2ELoss", "ge2e_loss", "extension_devices"]
+__all__ = ["GE2ELoss", "ge2e_loss", "extension_devices", "LOSS_METHODS"]
 __version__ = "0.1.0"
