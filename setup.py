@@ -9,6 +9,7 @@ another torch). Environment:
   no GPU is visible, "8.0;9.0+PTX" (A100, H100, and PTX for newer cards).
 - ``MAX_JOBS``: parallel compile jobs (torch's ninja build honours it).
 - ``CUDA_HOME``: the CUDA toolkit; when unset, /usr/local/cuda is used if it exists.
+- ``GE2E_EXT_CUDA=0``: build the CPU op only, even where nvcc and a CUDA torch exist.
 """
 
 import glob
@@ -40,6 +41,8 @@ def _truthy(name):
 
 def _cuda_problem():
     """Why the CUDA kernels cannot be built here, or None when they can."""
+    if os.environ.get("GE2E_EXT_CUDA", "").strip().lower() in ("0", "false", "no", "off"):
+        return "GE2E_EXT_CUDA=0"
     if torch.version.cuda is None:
         return f"torch {torch.__version__} was built without CUDA"
     if CUDA_HOME is None:
@@ -63,10 +66,13 @@ def _cpu_arch_flags():
 
 
 def _extension():
-    sources = [os.path.join("csrc", "ge2e_op.cpp"), os.path.join("csrc", "cpu", "ge2e_cpu.cpp")]
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    sources += sorted(glob.glob(os.path.join("csrc", "autograd", "*.cpp")))
+    sources += sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     # The C++ standard is the one torch requires (it adds it). -fno-math-errno
     # lets sqrt inline (errno is never read); see _cpu_arch_flags for -march.
-    cxx_flags = ["-O3", "-fno-math-errno"] + _cpu_arch_flags()
+    # -Werror=switch: a loss method or dtype missing from a switch is an error.
+    cxx_flags = ["-O3", "-fno-math-errno", "-Werror=switch"] + _cpu_arch_flags()
     problem = _cuda_problem()
     if problem is not None:
         if _truthy("FORCE_CUDA"):
@@ -81,7 +87,7 @@ def _extension():
     sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
     sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
     # No --use_fast_math: exp/log accuracy matters for the log-sum-exp.
-    nvcc_flags = ["-O3", "-lineinfo"]
+    nvcc_flags = ["-O3", "-lineinfo", "-Xcompiler", "-Werror=switch"]
     return CUDAExtension(
         "ge2e_ext._C",
         sources,

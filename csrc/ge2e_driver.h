@@ -1,81 +1,75 @@
-// The device-agnostic part of the GE2E op: input checks, the block loop, and
-// the one O(N^2 D) matrix product per step, done by ATen (BLAS on the CPU,
-// cuBLAS on the GPU) on blocks of whole speakers, so that the only extra
-// memory is O(block x K) for the similarities plus O(N*M + K*D).
+// The device-agnostic part of the GE2E op: input checks, buffers, the loop
+// over blocks of whole speakers, and the matrix products, done by ATen (BLAS
+// on the CPU, cuBLAS on the GPU). The only memory beyond the inputs and the
+// gradient is one block of cosines (block rows x K) and O(N*M + K*D).
 //
-// The per-row work is done by a Kernels policy (cpu/ge2e_cpu.cpp,
-// cuda/ge2e_cuda.cpp) with these static functions, all on contiguous tensors:
-//   inverse_norms(rows, out)                      out[k] = 1/|rows_k| (0 if 0)
-//   forward_rows(ctx, block, P, loss, row_stat, hardest)
-//   similarity_grads(ctx, block, P->H, grad_loss, row_stat, hardest,
-//                    own_terms, dw_part, db_part)
-//   backward_rows(ctx, block, T, own_terms, grad_embeddings, own_sum_grads)
-//   finalize(ctx, Z->grad_sums, own_sum_grads, grad_embeddings,
-//            dw_part, db_part, grad_w, grad_b)
-// and, where kSparseContrast is true, contrast_backward (the contrast loss
-// without matrix products; see cpu/ge2e_cpu.cpp); kBlockInputShare sizes the
-// blocks (speakers_per_block).
-// See ge2e_math.h for what each quantity is.
+// A step with one upstream gradient for every row (reduction "sum" or
+// "mean") is one sweep: per block, P = E S^T; the row kernel turns P into the
+// rows' losses and H (in place); T = H S and Z = H^T E give the cross-speaker
+// gradients; the row-gradient kernel adds the own-speaker terms. That is
+// three products, the minimum (docs/math.md); the backward then only scales.
+//
+// The per-row work is a Device policy's (cpu/ge2e_cpu.cpp, cuda/ge2e_cuda.cpp):
+//   kBlockInputShare,            size the blocks (speakers_per_block)
+//   kMinBlockSpeakers
+//   kSparseProducts              whether a method with a sparse gradient
+//                                (ContrastLoss) skips T = H S and Z = H^T E
+//   speaker_stats(p)             sums, their inverse norms, the rows' own cosines
+//   rows<Method>(p, buffers, pass, block, cosines)
+//   row_gradients<Method>(p, block, cross, cosines, hardest, z_to_fold, grad)
+//   sparse_sum_grads(p, block, cosines, hardest, z, accumulate)   (kSparseProducts)
+//   fold(p, z, grad)             adds dLoss/ds_j to every utterance of speaker j
+//   finish(p, z, w_part, b_part, loss_rows, loss_scale, grad_w, grad_b, loss_total)
+// each taking the call's Problem (ge2e_problem.h). The loss method is a type
+// from here on (dispatch_loss_method).
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/core/DeviceGuard.h>
 #include <c10/util/Optional.h>
 
 #include <algorithm>
 #include <string>
 #include <tuple>
+#include <vector>
 
 #include "ge2e_math.h"
+#include "ge2e_problem.h"
 
 namespace ge2e {
-
-// Everything a kernel needs about one call; tensors are contiguous.
-struct Context {
-  at::Tensor embeddings;  // (N, M, D), the input dtype
-  at::Tensor sums;        // (K, D), accumulation dtype
-  at::Tensor inv_sums;    // (K,), 1/|s_k|
-  at::Tensor w;           // 0-dim, accumulation dtype
-  at::Tensor b;
-  int64_t num_speakers;   // N: speakers of these embeddings
-  int64_t utterances;     // M
-  int64_t dim;            // D
-  int64_t total_speakers; // K: rows of sums (N, or all ranks' speakers)
-  int64_t speaker_offset; // row of sums that belongs to local speaker 0
-  LossMethod method;
-  bool clamp;
-  double min_cosine;
-  bool sums_given;        // false: sums were computed here, and their
-                          // gradient is folded into the embeddings' gradient
-};
-
-// Whole speakers [first, first + count) of this process's embeddings.
-struct Block {
-  int64_t first;
-  int64_t count;
-};
 
 inline at::ScalarType accumulation_type(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-inline LossMethod parse_loss_method(c10::string_view name) {
-  if (name == "softmax") return kSoftmax;
-  if (name == "contrast") return kContrast;
-  TORCH_CHECK_VALUE(false, "ge2e_ext: loss_method must be 'softmax' or 'contrast', got '",
-                    std::string(name), "'");
+inline DType dtype_of(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return DType::kFloat32;
+    case at::kDouble: return DType::kFloat64;
+    case at::kHalf: return DType::kFloat16;
+    case at::kBFloat16: return DType::kBFloat16;
+    default: break;
+  }
+  TORCH_CHECK_TYPE(false, "ge2e_ext: embeddings must be float32, float64, float16 or bfloat16, got ",
+                   t);
 }
 
-// Speakers per block: the whole batch when the similarity block is small,
-// else as many as keep it under max(2^18 elements, input / input_share), where
-// Kernels::kBlockInputShare trades memory for larger, faster matrix products.
-template <class Kernels>
-int64_t speakers_per_block(const Context& c, int64_t requested) {
-  if (requested > 0) return std::min(requested, c.num_speakers);
-  const int64_t input_numel = c.num_speakers * c.utterances * c.dim;
-  const int64_t budget =
-      std::max<int64_t>(int64_t(1) << 18, input_numel / Kernels::kBlockInputShare);
-  const int64_t per_speaker = c.utterances * c.total_speakers;
-  return std::max<int64_t>(1, std::min<int64_t>(c.num_speakers, budget / per_speaker));
+template <int I = 0>
+void append_method_names(std::string& names) {
+  using Policy = typename std::tuple_element<I, LossMethods>::type;
+  names += std::string(I == 0 ? "'" : ", '") + Policy::kName + "'";
+  if constexpr (I + 1 < kNumLossMethods) append_method_names<I + 1>(names);
+}
+
+inline int parse_loss_method(c10::string_view name) {
+  const int index = loss_method_index(name);
+  if (index < 0) {
+    std::string names;
+    append_method_names(names);
+    TORCH_CHECK_VALUE(false, "ge2e_ext: loss_method must be one of ", names, ", got '",
+                      std::string(name), "'");
+  }
+  return index;
 }
 
 inline void check_scalar(const at::Tensor& t, const char* name, const at::Tensor& emb,
@@ -88,192 +82,296 @@ inline void check_scalar(const at::Tensor& t, const char* name, const at::Tensor
               " but the embeddings are on ", emb.device());
 }
 
-// Validates the inputs of either op and builds the context. Messages say what
-// was expected and what came; the Python wrapper checks first with the same
-// wording, these guard direct calls of torch.ops.ge2e_ext.*.
-template <class Kernels>
-Context make_context(const at::Tensor& embeddings, const c10::optional<at::Tensor>& sums,
-                     const at::Tensor& w, const at::Tensor& b, int64_t speaker_offset,
-                     c10::string_view loss_method, c10::optional<double> min_cosine) {
+// The tensors of one call, and the Problem that points into them.
+struct Call {
+  at::Tensor embeddings;  // contiguous
+  at::Tensor sums, own_sums_hi, own_sums_lo, inv_sums, own_terms, w, b;
+  at::TensorOptions acc_options;
+  Problem problem;
+};
+
+// Validates the inputs of any of the ops and computes the speaker statistics.
+// Messages say what was expected and what came; the Python wrapper checks
+// first with the same wording, these guard direct calls of torch.ops.ge2e_ext.*.
+template <class Device>
+Call make_call(const at::Tensor& embeddings, const c10::optional<at::Tensor>& sums,
+               const at::Tensor& w, const at::Tensor& b, int64_t speaker_offset,
+               c10::string_view loss_method, c10::optional<double> min_cosine) {
+  TORCH_CHECK_VALUE(embeddings.layout() == at::kStrided,
+                    "ge2e_ext: embeddings must be a dense (strided) tensor, got layout ",
+                    embeddings.layout());
   TORCH_CHECK_VALUE(embeddings.dim() == 3,
                     "ge2e_ext: embeddings must have shape (N speakers, M utterances, D), got ",
                     embeddings.dim(), " dimensions ", embeddings.sizes());
-  const auto dtype = embeddings.scalar_type();
-  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
-                       dtype == at::kBFloat16,
-                   "ge2e_ext: embeddings must be float32, float64, float16 or bfloat16, got ",
-                   dtype);
-  Context c;
-  c.num_speakers = embeddings.size(0);
-  c.utterances = embeddings.size(1);
-  c.dim = embeddings.size(2);
+  Call c;
+  Problem& p = c.problem;
+  p.dtype = dtype_of(embeddings.scalar_type());
+  p.speakers = embeddings.size(0);
+  p.utterances = embeddings.size(1);
+  p.dim = embeddings.size(2);
   // With sums of other processes' speakers given, one local speaker is enough.
   const int64_t min_speakers = sums.has_value() ? 1 : 2;
-  TORCH_CHECK_VALUE(c.num_speakers >= min_speakers, "ge2e_ext: GE2E needs N >= ", min_speakers,
-                    " speakers, got N = ", c.num_speakers);
-  TORCH_CHECK_VALUE(c.utterances >= 2,
+  TORCH_CHECK_VALUE(p.speakers >= min_speakers, "ge2e_ext: GE2E needs N >= ", min_speakers,
+                    " speakers, got N = ", p.speakers);
+  TORCH_CHECK_VALUE(p.utterances >= 2,
                     "ge2e_ext: GE2E needs M >= 2 utterances per speaker (the exclusive "
                     "centroid of one utterance is empty), got M = ",
-                    c.utterances);
-  TORCH_CHECK_VALUE(c.dim >= 1, "ge2e_ext: embeddings need D >= 1 features, got D = ", c.dim);
-  const auto acc = accumulation_type(dtype);
+                    p.utterances);
+  TORCH_CHECK_VALUE(p.dim >= 1, "ge2e_ext: embeddings need D >= 1 features, got D = ", p.dim);
+  const auto acc = accumulation_type(embeddings.scalar_type());
   check_scalar(w, "w", embeddings, acc);
   check_scalar(b, "b", embeddings, acc);
-  c.method = parse_loss_method(loss_method);
-  c.clamp = min_cosine.has_value();
-  c.min_cosine = min_cosine.value_or(0.0);
+  p.method = parse_loss_method(loss_method);
+  if (min_cosine.has_value()) {
+    TORCH_CHECK_VALUE(*min_cosine < 1.0 && *min_cosine > -HUGE_VAL,
+                      "ge2e_ext: min_cosine must be a finite number below 1 (a cosine is at "
+                      "most 1, so a clamp at or above it makes the loss constant), got ",
+                      *min_cosine);
+  }
+  p.clamp = min_cosine.has_value();
+  p.min_cosine = min_cosine.value_or(0.0);
+  c.acc_options = embeddings.options().dtype(acc);
   c.embeddings = embeddings.contiguous();
-  c.w = w.reshape({});
-  c.b = b.reshape({});
-  c.sums_given = sums.has_value();
-  if (c.sums_given) {
+  c.w = w.dim() == 0 ? w : w.reshape({});
+  c.b = b.dim() == 0 ? b : b.reshape({});
+  p.sums_given = sums.has_value();
+  c.own_sums_hi = at::empty({p.speakers, p.dim}, c.acc_options);
+  c.own_sums_lo = at::empty({p.speakers, p.dim}, c.acc_options);
+  if (p.sums_given) {
     const auto& s = *sums;
-    TORCH_CHECK_VALUE(s.dim() == 2 && s.size(1) == c.dim,
-                      "ge2e_ext: sums must have shape (K speakers, D = ", c.dim, "), got ",
+    TORCH_CHECK_VALUE(s.dim() == 2 && s.size(1) == p.dim,
+                      "ge2e_ext: sums must have shape (K speakers, D = ", p.dim, "), got ",
                       s.sizes());
     TORCH_CHECK_TYPE(s.scalar_type() == acc, "ge2e_ext: sums must have dtype ", acc, " for ",
-                     dtype, " embeddings, got ", s.scalar_type());
+                     embeddings.scalar_type(), " embeddings, got ", s.scalar_type());
     TORCH_CHECK(s.device() == embeddings.device(), "ge2e_ext: sums are on ", s.device(),
                 " but the embeddings are on ", embeddings.device());
-    c.total_speakers = s.size(0);
-    TORCH_CHECK_VALUE(c.total_speakers >= 2, "ge2e_ext: GE2E needs K >= 2 speakers in sums, got ",
-                      c.total_speakers);
-    TORCH_CHECK_VALUE(speaker_offset >= 0 && speaker_offset + c.num_speakers <= c.total_speakers,
+    p.total_speakers = s.size(0);
+    TORCH_CHECK_VALUE(p.total_speakers >= 2, "ge2e_ext: GE2E needs K >= 2 speakers in sums, got ",
+                      p.total_speakers);
+    TORCH_CHECK_VALUE(speaker_offset >= 0 && speaker_offset + p.speakers <= p.total_speakers,
                       "ge2e_ext: speaker_offset + N must lie in [0, K]: got speaker_offset = ",
-                      speaker_offset, ", N = ", c.num_speakers, ", K = ", c.total_speakers);
+                      speaker_offset, ", N = ", p.speakers, ", K = ", p.total_speakers);
     c.sums = s.contiguous();
-    c.speaker_offset = speaker_offset;
+    p.speaker_offset = speaker_offset;
   } else {
     TORCH_CHECK_VALUE(speaker_offset == 0,
                       "ge2e_ext: speaker_offset must be 0 when sums are not given, got ",
                       speaker_offset);
-    c.sums = c.embeddings.sum(1, /*keepdim=*/false, acc);
-    c.total_speakers = c.num_speakers;
-    c.speaker_offset = 0;
+    c.sums = c.own_sums_hi;
+    p.total_speakers = p.speakers;
+    p.speaker_offset = 0;
   }
-  c.inv_sums = at::empty({c.total_speakers}, c.sums.options());
-  Kernels::inverse_norms(c.sums, c.inv_sums);
+  c.inv_sums = at::empty({p.total_speakers}, c.acc_options);
+  c.own_terms = at::empty({p.rows(), kOwnTermsSize}, c.acc_options);
+  p.embeddings = c.embeddings.data_ptr();
+  p.w = c.w.data_ptr();
+  p.b = c.b.data_ptr();
+  p.sums = c.sums.data_ptr();
+  p.own_sums_hi = c.own_sums_hi.data_ptr();
+  p.own_sums_lo = c.own_sums_lo.data_ptr();
+  p.inv_sums = c.inv_sums.data_ptr();
+  p.own_terms = c.own_terms.data_ptr();
+  Device::speaker_stats(p);
   return c;
+}
+
+// Speakers per block: the whole batch when its cosines take no more than
+// max(2^18 elements, input / kBlockInputShare); else as many as fit in that,
+// but at least kMinBlockSpeakers. Both trade memory for larger, faster
+// matrix products.
+template <class Device>
+int64_t speakers_per_block(const Problem& p, int64_t requested) {
+  if (requested > 0) return std::min(requested, p.speakers);
+  const int64_t input_numel = p.rows() * p.dim;
+  const int64_t budget =
+      std::max<int64_t>(int64_t(1) << 18, input_numel / Device::kBlockInputShare);
+  const int64_t per_speaker = p.utterances * p.total_speakers;
+  return std::max<int64_t>(
+      std::min<int64_t>(p.speakers, Device::kMinBlockSpeakers),
+      std::min<int64_t>(p.speakers, budget / per_speaker));
 }
 
 // The block of embeddings as a (rows, D) matrix in the accumulation dtype, for
 // the matrix products (a float16/bfloat16 input is widened one block at a time).
-inline at::Tensor block_rows(const Context& c, const Block& blk) {
-  at::Tensor rows = c.embeddings.view({c.num_speakers * c.utterances, c.dim})
-                        .narrow(0, blk.first * c.utterances, blk.count * c.utterances);
+inline at::Tensor block_rows(const Call& c, const Block& blk) {
+  const Problem& p = c.problem;
+  at::Tensor rows = c.embeddings.view({p.rows(), p.dim})
+                        .narrow(0, blk.first * p.utterances, blk.count * p.utterances);
   return rows.scalar_type() == c.sums.scalar_type() ? rows : rows.to(c.sums.scalar_type());
 }
 
-// forward(embeddings, sums?, w, b) -> (loss (N, M), row_stat (N, M), hardest (N, M))
-// row_stat: the row's log-sum-exp (softmax) or hardest-impostor similarity
-// (contrast); hardest: the index k != j of the most similar other speaker
-// (contrast; -1 for softmax, which does not need it).
-template <class Kernels>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
-    const at::Tensor& embeddings, const c10::optional<at::Tensor>& sums, const at::Tensor& w,
-    const at::Tensor& b, int64_t speaker_offset, c10::string_view loss_method,
-    c10::optional<double> min_cosine, int64_t block_speakers) {
-  Context c = make_context<Kernels>(embeddings, sums, w, b, speaker_offset, loss_method,
-                                    min_cosine);
-  const auto acc_options = c.sums.options();
-  at::Tensor loss = at::empty({c.num_speakers, c.utterances}, acc_options);
-  at::Tensor row_stat = at::empty({c.num_speakers, c.utterances}, acc_options);
-  at::Tensor hardest =
-      at::empty({c.num_speakers, c.utterances}, acc_options.dtype(at::kLong));
-  const int64_t per_block = speakers_per_block<Kernels>(c, block_speakers);
-  at::Tensor similarity_block =
-      at::empty({per_block * c.utterances, c.total_speakers}, acc_options);
-  for (int64_t first = 0; first < c.num_speakers; first += per_block) {
-    const Block blk{first, std::min(per_block, c.num_speakers - first)};
-    at::Tensor dots = similarity_block.narrow(0, 0, blk.count * c.utterances);
-    at::mm_out(dots, block_rows(c, blk), c.sums.t());  // e_r . s_k for every k
-    Kernels::forward_rows(c, blk, dots, loss, row_stat, hardest);
+// The gradient buffers of a sweep.
+struct Gradients {
+  at::Tensor embeddings;  // (N, M, D), the embeddings' dtype
+  at::Tensor sums;        // (K, D): Z = H^T E, then dLoss/ds when sums were given
+  at::Tensor w_part;      // (N*M,) per-row dLoss/dw, dLoss/db
+  at::Tensor b_part;
+};
+
+inline Gradients allocate_gradients(const Call& c) {
+  const Problem& p = c.problem;
+  return {at::empty_like(c.embeddings, at::MemoryFormat::Contiguous),
+          at::empty({p.total_speakers, p.dim}, c.acc_options), at::empty({p.rows()}, c.acc_options),
+          at::empty({p.rows()}, c.acc_options)};
+}
+
+// The loop over blocks for one pass of the row kernel; for the gradient passes
+// also the products and the row gradients.
+template <class Device, class Method>
+void sweep(const Call& c, RowPass pass, const RowBuffers& buffers, Gradients* grads,
+           int64_t block_speakers) {
+  const Problem& p = c.problem;
+  const int64_t per_block = speakers_per_block<Device>(p, block_speakers);
+  const bool single_block = per_block >= p.speakers;
+  constexpr bool sparse = Device::kSparseProducts && Method::kSparseGradient;
+  at::Tensor cosine_block = at::empty({per_block * p.utterances, p.total_speakers}, c.acc_options);
+  // T = H S is written where the rows' gradient goes when the dtypes agree.
+  const bool widened = c.embeddings.scalar_type() != c.sums.scalar_type();
+  at::Tensor cross_block;
+  if (grads != nullptr && !sparse && widened) {
+    cross_block = at::empty({per_block * p.utterances, p.dim}, c.acc_options);
   }
-  return {loss, row_stat, hardest};
+  for (int64_t first = 0; first < p.speakers; first += per_block) {
+    const Block blk{first, std::min(per_block, p.speakers - first)};
+    const int64_t blk_rows = blk.count * p.utterances;
+    const at::Tensor e_rows = block_rows(c, blk);
+    at::Tensor cosines = cosine_block.narrow(0, 0, blk_rows);
+    at::mm_out(cosines, e_rows, c.sums.t());  // e_r . s_k; the row kernel makes it H
+    Device::template rows<Method>(p, buffers, pass, blk, cosines.data_ptr());
+    if (grads == nullptr) continue;
+    at::Tensor cross;
+    if constexpr (sparse) {
+      Device::sparse_sum_grads(p, blk, cosines.data_ptr(), buffers.hardest,
+                               grads->sums.data_ptr(), first > 0);
+    } else {
+      cross = widened ? cross_block.narrow(0, 0, blk_rows)
+                      : grads->embeddings.view({p.rows(), p.dim})
+                            .narrow(0, blk.first * p.utterances, blk_rows);
+      at::mm_out(cross, cosines, c.sums);             // T = H S
+      if (first == 0) {
+        at::mm_out(grads->sums, cosines.t(), e_rows);  // Z = H^T E
+      } else {
+        grads->sums.addmm_(cosines.t(), e_rows);       // Z += H^T E
+      }
+    }
+    // Z is complete after the last block: with one block, the fold of dLoss/ds
+    // into the rows happens here; with several, in one pass at the end.
+    const bool fold_now = single_block && !p.sums_given;
+    Device::template row_gradients<Method>(
+        p, blk, sparse ? nullptr : cross.data_ptr(), cosines.data_ptr(), buffers.hardest,
+        fold_now ? grads->sums.data_ptr() : nullptr, grads->embeddings.data_ptr());
+  }
+  if (grads != nullptr && !single_block && !p.sums_given) {
+    Device::fold(p, grads->sums.data_ptr(), grads->embeddings.data_ptr());
+  }
 }
 
-// The end of every backward: grad_sums from Z and the q sums (folded into the
-// rows' gradients when the sums were computed here), and dLoss/dw, dLoss/db.
-template <class Kernels>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> finish_backward(
-    const Context& c, const at::Tensor& w, const at::Tensor& b, at::Tensor& grad_sums,
-    const at::Tensor& own_sum_grads, at::Tensor& grad_embeddings, const at::Tensor& dw_part,
-    const at::Tensor& db_part) {
-  at::Tensor grad_w = at::empty_like(c.w);
-  at::Tensor grad_b = at::empty_like(c.b);
-  Kernels::finalize(c, grad_sums, own_sum_grads, grad_embeddings, dw_part, db_part, grad_w,
-                    grad_b);
-  return {grad_embeddings, grad_sums, grad_w.view(w.sizes()), grad_b.view(b.sizes())};
+inline RowBuffers row_buffers(at::Tensor& loss, at::Tensor& hardest, Gradients* grads) {
+  RowBuffers rb{};
+  rb.loss = loss.data_ptr();
+  rb.hardest = hardest.data_ptr<int64_t>();
+  if (grads != nullptr) {
+    rb.w_grad_part = grads->w_part.data_ptr();
+    rb.b_grad_part = grads->b_part.data_ptr();
+  }
+  return rb;
 }
 
-// backward -> (grad_embeddings, grad_sums (K, D), grad_w, grad_b). When sums
-// were not given, grad_sums is already folded into grad_embeddings.
-template <class Kernels>
+// forward(embeddings, sums?, w, b, ...) -> (loss (N, M), hardest (N, M)):
+// the rows' losses and each row's hardest impostor (-1 for the softmax loss).
+template <class Device>
+std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& embeddings,
+                                           const c10::optional<at::Tensor>& sums,
+                                           const at::Tensor& w, const at::Tensor& b,
+                                           int64_t speaker_offset, c10::string_view loss_method,
+                                           c10::optional<double> min_cosine,
+                                           int64_t block_speakers) {
+  const c10::OptionalDeviceGuard device_guard(embeddings.device());
+  const Call c =
+      make_call<Device>(embeddings, sums, w, b, speaker_offset, loss_method, min_cosine);
+  const Problem& p = c.problem;
+  at::Tensor loss = at::empty({p.speakers, p.utterances}, c.acc_options);
+  at::Tensor hardest = at::empty({p.speakers, p.utterances}, c.acc_options.dtype(at::kLong));
+  const RowBuffers rb = row_buffers(loss, hardest, nullptr);
+  dispatch_loss_method(p.method, [&](auto method) {
+    sweep<Device, decltype(method)>(c, RowPass::kLoss, rb, nullptr, block_speakers);
+  });
+  return {loss, hardest};
+}
+
+// The end of a gradient sweep: dLoss/ds (when given), dLoss/dw, dLoss/db and,
+// for the fused op, the reduced loss.
+template <class Device>
+std::tuple<at::Tensor, at::Tensor> finish(const Call& c, Gradients& g, const at::Tensor* loss_rows,
+                                          double loss_scale, at::Tensor* loss_total) {
+  at::Tensor grad_w = at::empty({}, c.acc_options);
+  at::Tensor grad_b = at::empty({}, c.acc_options);
+  Device::finish(c.problem, g.sums.data_ptr(), g.w_part.data_ptr(), g.b_part.data_ptr(),
+                 loss_rows ? loss_rows->data_ptr() : nullptr, loss_scale, grad_w.data_ptr(),
+                 grad_b.data_ptr(), loss_total ? loss_total->data_ptr() : nullptr);
+  return {grad_w, grad_b};
+}
+
+// backward(grad_loss (N, M), embeddings, sums?, w, b, loss, hardest, ...) ->
+// (grad_embeddings, grad_sums (K, D), grad_w, grad_b). Recomputes the cosines
+// (one block at a time); grad_sums is folded into grad_embeddings (and
+// returned as zeros' shape-mate, unused) when sums were not given.
+template <class Device>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
     const at::Tensor& grad_loss, const at::Tensor& embeddings,
     const c10::optional<at::Tensor>& sums, const at::Tensor& w, const at::Tensor& b,
-    const at::Tensor& row_stat, const at::Tensor& hardest, int64_t speaker_offset,
+    const at::Tensor& loss, const at::Tensor& hardest, int64_t speaker_offset,
     c10::string_view loss_method, c10::optional<double> min_cosine, int64_t block_speakers) {
-  Context c = make_context<Kernels>(embeddings, sums, w, b, speaker_offset, loss_method,
-                                    min_cosine);
-  const int64_t rows = c.num_speakers * c.utterances;
-  const std::vector<int64_t> row_shape{c.num_speakers, c.utterances};
-  TORCH_CHECK_VALUE(grad_loss.sizes() == row_shape && row_stat.sizes() == row_shape &&
+  const c10::OptionalDeviceGuard device_guard(embeddings.device());
+  const Call c =
+      make_call<Device>(embeddings, sums, w, b, speaker_offset, loss_method, min_cosine);
+  const Problem& p = c.problem;
+  const std::vector<int64_t> row_shape{p.speakers, p.utterances};
+  TORCH_CHECK_VALUE(grad_loss.sizes() == row_shape && loss.sizes() == row_shape &&
                         hardest.sizes() == row_shape,
-                    "ge2e_ext: grad_loss, row_stat and hardest must have shape (N, M) = ",
-                    row_shape, ", got ", grad_loss.sizes(), ", ", row_stat.sizes(), ", ",
-                    hardest.sizes());
-  const auto acc_options = c.sums.options();
-  const at::Tensor grad_rows = grad_loss.to(acc_options).contiguous();
-  const at::Tensor row_stat_c = row_stat.to(acc_options).contiguous();
-  const at::Tensor hardest_c = hardest.to(acc_options.dtype(at::kLong)).contiguous();
+                    "ge2e_ext: grad_loss, loss and hardest must have shape (N, M) = ", row_shape,
+                    ", got ", grad_loss.sizes(), ", ", loss.sizes(), ", ", hardest.sizes());
+  // The upstream gradient is read through its strides (an expanded scalar is
+  // not copied); the saved statistics are small.
+  const at::Tensor grad_rows = grad_loss.to(c.acc_options);
+  at::Tensor loss_c = loss.to(c.acc_options).contiguous();
+  at::Tensor hardest_c = hardest.to(c.acc_options.dtype(at::kLong)).contiguous();
+  Gradients g = allocate_gradients(c);
+  RowBuffers rb = row_buffers(loss_c, hardest_c, &g);
+  rb.grad_loss = grad_rows.data_ptr();
+  rb.grad_stride_speaker = grad_rows.stride(0);
+  rb.grad_stride_utterance = grad_rows.stride(1);
+  dispatch_loss_method(p.method, [&](auto method) {
+    sweep<Device, decltype(method)>(c, RowPass::kGradient, rb, &g, block_speakers);
+  });
+  auto [grad_w, grad_b] = finish<Device>(c, g, nullptr, 1.0, nullptr);
+  return {g.embeddings, g.sums, grad_w.view(w.sizes()), grad_b.view(b.sizes())};
+}
 
-  at::Tensor grad_embeddings = at::empty_like(c.embeddings);
-  // Accumulates Z = H^T E over the blocks (the first block writes it).
-  at::Tensor grad_sums = at::empty({c.total_speakers, c.dim}, acc_options);
-  at::Tensor own_sum_grads = at::empty({c.num_speakers, c.dim}, acc_options);
-  // Per row: h = dLoss/dcos(e, s - e), 1/|e|, 1/|s - e| and that cosine (the
-  // OwnTerms of ge2e_math.h), so the second pass need not recompute them.
-  at::Tensor own_terms = at::empty({rows, kOwnTermsSize}, acc_options);
-  at::Tensor dw_part = at::empty({rows}, acc_options);
-  at::Tensor db_part = at::empty({rows}, acc_options);
-
-  if constexpr (Kernels::kSparseContrast) {
-    if (c.method == kContrast) {
-      Kernels::contrast_backward(c, grad_rows, hardest_c, grad_embeddings, own_sum_grads, dw_part,
-                                 db_part, grad_sums);
-      return finish_backward<Kernels>(c, w, b, grad_sums, own_sum_grads, grad_embeddings, dw_part,
-                                      db_part);
-    }
-  }
-  const int64_t per_block = speakers_per_block<Kernels>(c, block_speakers);
-  at::Tensor similarity_block =
-      at::empty({per_block * c.utterances, c.total_speakers}, acc_options);
-  // T = H S is written where the row's gradient goes when the dtypes agree.
-  const bool widened = c.embeddings.scalar_type() != c.sums.scalar_type();
-  at::Tensor cross_block =
-      widened ? at::empty({per_block * c.utterances, c.dim}, acc_options) : at::Tensor();
-  at::Tensor grad_rows_2d = grad_embeddings.view({rows, c.dim});
-  for (int64_t first = 0; first < c.num_speakers; first += per_block) {
-    const Block blk{first, std::min(per_block, c.num_speakers - first)};
-    const int64_t blk_rows = blk.count * c.utterances;
-    at::Tensor e_rows = block_rows(c, blk);
-    at::Tensor h = similarity_block.narrow(0, 0, blk_rows);
-    at::mm_out(h, e_rows, c.sums.t());  // recompute e_r . s_k
-    Kernels::similarity_grads(c, blk, h, grad_rows, row_stat_c, hardest_c, own_terms, dw_part,
-                              db_part);  // h now holds H
-    at::Tensor cross = widened ? cross_block.narrow(0, 0, blk_rows)
-                               : grad_rows_2d.narrow(0, blk.first * c.utterances, blk_rows);
-    at::mm_out(cross, h, c.sums);                // T = H S
-    if (first == 0) {
-      at::mm_out(grad_sums, h.t(), e_rows);      // Z = H^T E
-    } else {
-      grad_sums.addmm_(h.t(), e_rows);           // Z += H^T E
-    }
-    Kernels::backward_rows(c, blk, cross, own_terms, grad_embeddings, own_sum_grads);
-  }
-  return finish_backward<Kernels>(c, w, b, grad_sums, own_sum_grads, grad_embeddings, dw_part,
-                                  db_part);
+// forward_backward(embeddings, sums?, w, b, ..., scale) -> (loss, grad_embeddings,
+// grad_sums, grad_w, grad_b): loss = scale * sum of the rows' losses (0-dim)
+// and its gradients, in one sweep.
+template <class Device>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_backward(
+    const at::Tensor& embeddings, const c10::optional<at::Tensor>& sums, const at::Tensor& w,
+    const at::Tensor& b, int64_t speaker_offset, c10::string_view loss_method,
+    c10::optional<double> min_cosine, double scale, int64_t block_speakers) {
+  const c10::OptionalDeviceGuard device_guard(embeddings.device());
+  const Call c =
+      make_call<Device>(embeddings, sums, w, b, speaker_offset, loss_method, min_cosine);
+  const Problem& p = c.problem;
+  at::Tensor loss = at::empty({p.speakers, p.utterances}, c.acc_options);
+  at::Tensor hardest = at::empty({p.speakers, p.utterances}, c.acc_options.dtype(at::kLong));
+  Gradients g = allocate_gradients(c);
+  RowBuffers rb = row_buffers(loss, hardest, &g);
+  rb.grad_scale = scale;
+  dispatch_loss_method(p.method, [&](auto method) {
+    sweep<Device, decltype(method)>(c, RowPass::kLossAndGradient, rb, &g, block_speakers);
+  });
+  at::Tensor loss_total = at::empty({}, c.acc_options);
+  auto [grad_w, grad_b] = finish<Device>(c, g, &loss, scale, &loss_total);
+  return {loss_total, g.embeddings, g.sums, grad_w.view(w.sizes()), grad_b.view(b.sizes())};
 }
 
 }  // namespace ge2e

@@ -1,53 +1,71 @@
-// Per-element math of the GE2E loss, shared by the CPU and the CUDA kernels.
+// The math of the GE2E loss, shared by the CPU and the CUDA kernels.
 //
-// Everything here is a small inline function of scalars, compiled for the host
-// and (under nvcc) for the device, so the CUDA kernels run exactly the formulas
-// that the CPU kernel, and therefore gradcheck and the parity tests, exercise.
-// The notation follows shared/design/ge2e-math.md: a row is one utterance e_ji,
-// s_k the sum of speaker k's utterances, u_ji = s_j - e_ji the (unnormalised)
-// exclusive centroid, S = w * max(cos, min_cosine) + b the similarity.
+// Everything here is a small inline function or struct of scalars, compiled
+// for the host and (under nvcc) for the device, so the CUDA kernels run
+// exactly the formulas that the CPU kernel, and therefore gradcheck and the
+// parity tests, exercise. docs/math.md derives every formula; the names follow
+// it: a row r = (j, i) is utterance e_ji, s_k the sum of speaker k's
+// utterances, u_ji the sum of speaker j's other utterances (parallel to the
+// exclusive centroid), c the clamped cosine, S = w c + b the similarity.
+//
+// The loss methods are policies (SoftmaxLoss, ContrastLoss below): each says
+// what a row keeps while it scans its K cosines, the row's loss, and the
+// gradient of each similarity. The kernels are templates over the policy;
+// dispatch_loss_method() picks it once per call (LossMethods lists them).
 #pragma once
 
 #include <cmath>
 #include <cstdint>
+#include <tuple>
 
 #if defined(__CUDACC__)
 #define GE2E_HD __host__ __device__ __forceinline__
 #else
-// Forced inline: the CPU kernel's loops only vectorize with these inside.
+// Forced inline: the CPU kernel's row loops only vectorize with these inside.
 #define GE2E_HD inline __attribute__((always_inline))
 #endif
 
 namespace ge2e {
 
-enum LossMethod : int { kSoftmax = 0, kContrast = 1 };
-
-// The paper requires w > 0; the forward uses max(w, kMinW) (see README).
-constexpr double kMinW = 1e-6;
+// ---------------------------------------------------------------- scalars
 
 template <typename T>
 GE2E_HD bool is_nan(T x) { return x != x; }
 
+// False for NaN and +-inf.
+template <typename T>
+GE2E_HD bool is_finite(T x) { return x - x == T(0); }
+
 template <typename T>
 GE2E_HD T infinity() { return static_cast<T>(HUGE_VAL); }
+
+template <typename T>
+GE2E_HD T quiet_nan() { return static_cast<T>(NAN); }
 
 // Overloads instead of std:: so that the same call compiles on the device.
 GE2E_HD float sqrt_(float x) { return ::sqrtf(x); }
 GE2E_HD double sqrt_(double x) { return ::sqrt(x); }
+GE2E_HD float log_(float x) { return ::logf(x); }
+GE2E_HD double log_(double x) { return ::log(x); }
+GE2E_HD float log1p_(float x) { return ::log1pf(x); }
+GE2E_HD double log1p_(double x) { return ::log1p(x); }
+GE2E_HD float expm1_(float x) { return ::expm1f(x); }
+GE2E_HD double expm1_(double x) { return ::expm1(x); }
 GE2E_HD double exp_(double x) { return ::exp(x); }
 
 // exp for float. On the device: the CUDA library's expf. On the host: a
 // branch-free Cephes-style exp (range reduction by ln 2 in two parts, a
-// degree-5 polynomial, 2^n built in the exponent bits), within 2 ulp of expf
-// over the float range, which the compiler inlines and vectorizes: the CPU
-// kernel evaluates one exp per similarity, and libm's scalar call would be
-// most of its time. NaN propagates; overflow gives inf, underflow 0.
+// degree-5 polynomial, 2^n applied as two factors built in the exponent bits
+// so that subnormal results come out too), within 2 ulp of expf over the float
+// range, which the compiler inlines and vectorizes: the CPU kernel evaluates
+// one exp per similarity, and libm's scalar call would be most of its time.
+// NaN propagates; overflow gives inf, underflow (below the least subnormal) 0.
 GE2E_HD float exp_(float x) {
 #if defined(__CUDA_ARCH__)
   return ::expf(x);
 #else
-  const float kMaxArg = 88.72283172607421875f;   // log(FLT_MAX)
-  const float kMinArg = -87.33654022216796875f;  // log(FLT_MIN): below, 0
+  const float kMaxArg = 88.72283172607421875f;  // log(FLT_MAX)
+  const float kMinArg = -103.972084045410156f;  // log of half the least subnormal
   const bool overflow = x > kMaxArg;
   const bool underflow = x < kMinArg;
   float xc = (overflow || underflow) ? 0.0f : x;
@@ -63,167 +81,129 @@ GE2E_HD float exp_(float x) {
   poly = poly * r + 1.6666665459e-1f;
   poly = poly * r + 5.0000001201e-1f;
   const float y = poly * r * r + r + 1.0f;
-  const int32_t scale_bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  __builtin_memcpy(&scale, &scale_bits, sizeof(scale));
-  const float result = y * scale;
+  // 2^n = 2^half * 2^(n - half), each factor a normal float for n in [-150, 128].
+  const int32_t whole = static_cast<int32_t>(n);
+  const int32_t half = whole / 2;
+  const int32_t first_bits = (half + 127) << 23;
+  const int32_t second_bits = (whole - half + 127) << 23;
+  float first, second;
+  __builtin_memcpy(&first, &first_bits, sizeof(first));
+  __builtin_memcpy(&second, &second_bits, sizeof(second));
+  const float result = (y * first) * second;
   return x != x ? x : (overflow ? infinity<float>() : (underflow ? 0.0f : result));
 #endif
 }
-GE2E_HD float log_(float x) { return ::logf(x); }
-GE2E_HD double log_(double x) { return ::log(x); }
+
+// 1/(1 + exp(-x)): relative accuracy for every x (1 - sigmoid(x) is written
+// sigmoid(-x) wherever it is needed, never as a difference).
+template <typename T>
+GE2E_HD T sigmoid(T x) { return T(1) / (T(1) + exp_(-x)); }
+
+// sigmoid'(x) = sigmoid(x) sigmoid(-x), accurate where sigmoid(x) rounds to 1.
+template <typename T>
+GE2E_HD T sigmoid_slope(T x) { return sigmoid(x) * sigmoid(-x); }
 
 // 1/|v| from |v|^2, and 0 for a zero vector: cos(0, v) is then 0 and its
 // gradient 0, so zero-norm embeddings give a finite loss instead of the
-// reference's 0/0. An infinite norm gives 0 too, and the inf * 0 in the
+// original code's 0/0. An infinite norm gives 0 too, and the inf * 0 in the
 // cosine turns into NaN, which is what a non-finite input must produce.
 template <typename T>
 GE2E_HD T inverse_norm(T squared_norm) {
   return squared_norm > T(0) ? T(1) / sqrt_(squared_norm) : T(0);
 }
 
-// The scalar parameters of one call, already in the accumulation type.
+template <typename T>
+GE2E_HD T cosine(T dot, T inv_norm_a, T inv_norm_v) {
+  return dot * inv_norm_a * inv_norm_v;
+}
+
+// ------------------------------------------------- sums without cancellation
+
+// hi += x keeping lo += the rounding error of hi (Knuth's TwoSum,
+// exact in round-to-nearest; no multiplication, so FMA contraction cannot
+// change it). The sum of a speaker's utterances minus one of them, taken as
+// (hi - x) + lo, is then as accurate as summing the others directly: when x
+// dominates, hi - x is exact (Sterbenz), and lo carries what hi lost of the
+// small terms. The plain s - x would cancel (docs/math.md, "Numerics").
+template <typename T>
+GE2E_HD void add_compensated(T& hi, T& lo, T x) {
+  const T sum = hi + x;
+  const T x_part = sum - hi;
+  lo += (hi - (sum - x_part)) + (x - x_part);
+  hi = sum;
+}
+
+// The sum hi + lo of some terms without one of them, `term` (bitwise one of
+// the terms added).
+template <typename T>
+GE2E_HD T sum_without(T hi, T lo, T term) { return (hi - term) + lo; }
+
+// ---------------------------------------------------------- the similarity
+
+// The paper requires w > 0; the forward uses max(w, kMinW) (see README).
+constexpr double kMinW = 1e-6;
+
+// The scalar parameters of one call, in the accumulation type.
 template <typename T>
 struct SimilarityParams {
-  T w;            // max(w, kMinW): the scale actually applied
+  T w;               // max(w, kMinW), or NaN when w or b is not finite
   T b;
-  T min_cosine;   // ignored unless clamp
-  bool clamp;     // false: the paper's unclamped cosine
-  bool w_active;  // w >= kMinW: whether dLoss/dw flows (torch.clamp's rule)
+  T min_cosine;      // used when clamp
+  bool clamp;        // false: the paper's unclamped cosine
+  bool w_grad_flows; // raw w > kMinW: torch.clamp passes no gradient at or below its bound
+  bool poisoned;     // w or b is NaN or infinite: every output is NaN
 };
 
 template <typename T>
 GE2E_HD SimilarityParams<T> make_params(T raw_w, T b, double min_cosine, bool clamp) {
   SimilarityParams<T> p;
   const T min_w = static_cast<T>(kMinW);
-  // NaN-propagating max: a NaN w must not become kMinW.
-  p.w = raw_w < min_w ? min_w : raw_w;
-  // A non-finite w or b makes every similarity NaN: the contrast loss would
-  // otherwise saturate its sigmoids into a finite, meaningless number.
-  if (!(raw_w - raw_w == T(0)) || !(b - b == T(0))) p.w = infinity<T>() - infinity<T>();
+  p.poisoned = !is_finite(raw_w) || !is_finite(b);
+  // A non-finite w or b makes every similarity NaN: a saturated sigmoid would
+  // otherwise turn it into a finite, meaningless contrast loss, and the
+  // softmax loss, which does not depend on b, would hide a NaN b.
+  p.w = p.poisoned ? quiet_nan<T>() : (raw_w > min_w ? raw_w : min_w);
   p.b = b;
   p.min_cosine = static_cast<T>(min_cosine);
   p.clamp = clamp;
-  p.w_active = !(raw_w < min_w);
+  p.w_grad_flows = raw_w > min_w;
   return p;
 }
 
-// cos(a, v) from the dot product and both inverse norms.
-template <typename T>
-GE2E_HD T cosine(T dot, T inv_norm_a, T inv_norm_v) {
-  return dot * inv_norm_a * inv_norm_v;
-}
-
-// max(cos, min_cosine) that propagates NaN, like torch.clamp.
+// max(cos, min_cosine), NaN-propagating like torch.clamp.
 template <typename T>
 GE2E_HD T clamp_cosine(T raw_cos, const SimilarityParams<T>& p) {
   return (p.clamp && raw_cos < p.min_cosine) ? p.min_cosine : raw_cos;
 }
 
-// d clamp / d cos: 1 where the clamp is inactive (torch.clamp passes the
-// gradient at equality), and for NaN so that a NaN keeps flowing.
 template <typename T>
-GE2E_HD T clamp_gradient_mask(T raw_cos, const SimilarityParams<T>& p) {
-  return (p.clamp && raw_cos < p.min_cosine) ? T(0) : T(1);
+GE2E_HD T similarity(T clamped_cos, const SimilarityParams<T>& p) {
+  return p.w * clamped_cos + p.b;
 }
 
-template <typename T>
-GE2E_HD T similarity(T raw_cos, const SimilarityParams<T>& p) {
-  return p.w * clamp_cosine(raw_cos, p) + p.b;
-}
-
-template <typename T>
-GE2E_HD T sigmoid(T x) { return T(1) / (T(1) + exp_(-x)); }
-
-// Online log-sum-exp over a row of similarities (flash-attention style): one
-// pass, no stored row. A NaN similarity makes the sum NaN, never dropped.
-template <typename T>
-struct LogSumExp {
-  T max;
-  T sum;
-  GE2E_HD LogSumExp() : max(-infinity<T>()), sum(T(0)) {}
-  GE2E_HD void add(T s) {
-    if (s > max) {
-      sum = sum * exp_(max - s) + T(1);
-      max = s;
-    } else {
-      sum += exp_(s - max);
-    }
-  }
-  // Combines two partial rows (parallel reductions).
-  GE2E_HD void merge(const LogSumExp& other) {
-    if (other.sum == T(0)) return;  // other saw nothing
-    if (sum == T(0)) { *this = other; return; }
-    if (other.max > max) {
-      sum = sum * exp_(max - other.max) + other.sum;
-      max = other.max;
-    } else {
-      sum += other.sum * exp_(other.max - max);
-    }
-  }
-  GE2E_HD T value() const { return max + log_(sum); }
-};
-
-// The hardest impostor: arg-max of the similarity over k != j. Ties go to the
-// lowest k (sequential scans and tree merges agree on that), a NaN beats any
-// number so that it propagates, and the first element is always taken so the
-// index is valid even when every similarity is -inf.
-template <typename T>
-struct HardestImpostor {
-  T value;
-  int64_t index;
-  GE2E_HD HardestImpostor() : value(-infinity<T>()), index(-1) {}
-  GE2E_HD bool beats(T v, int64_t k) const {
-    if (index < 0) return true;
-    if (is_nan(value)) return is_nan(v) && k < index;
-    if (is_nan(v)) return true;
-    return v > value || (v == value && k < index);
-  }
-  GE2E_HD void add(T v, int64_t k) {
-    if (beats(v, k)) { value = v; index = k; }
-  }
-  GE2E_HD void merge(const HardestImpostor& other) {
-    if (other.index >= 0) add(other.value, other.index);
-  }
-};
-
-// L_ji for the softmax loss (eq. 6): logsumexp_k S_jik - S_jij.
-template <typename T>
-GE2E_HD T softmax_row_loss(T log_sum_exp, T own_similarity) {
-  return log_sum_exp - own_similarity;
-}
-
-// L_ji for the contrast loss (eq. 7): 1 - sig(S_jij) + max_{k != j} sig(S_jik),
-// where the max of the sigmoid is the sigmoid of the max (sigmoid is monotone).
-template <typename T>
-GE2E_HD T contrast_row_loss(T own_similarity, T hardest_similarity) {
-  return T(1) - sigmoid(own_similarity) + sigmoid(hardest_similarity);
-}
-
-// dL_ji/dS_jik times the upstream gradient of the row, softmax: p_jik - [k == j].
-template <typename T>
-GE2E_HD T softmax_similarity_grad(T s, T log_sum_exp, bool own, T grad_row) {
-  return grad_row * (exp_(s - log_sum_exp) - (own ? T(1) : T(0)));
-}
-
-// Contrast: -sig'(S_jij) on the own speaker, +sig'(S_jik*) on the hardest
-// impostor k*, zero elsewhere.
-template <typename T>
-GE2E_HD T contrast_similarity_grad(T s, bool own, T grad_row) {
-  const T sig = sigmoid(s);
-  const T slope = sig * (T(1) - sig);
-  return own ? -grad_row * slope : grad_row * slope;
-}
-
-// dLoss/d(raw cos) from dLoss/dS: through S = w * clamp(cos) + b.
+// dLoss/d(raw cos) from dLoss/dS through S = w * clamp(cos) + b. Like
+// torch.clamp's backward, no gradient where the cosine is at or below the
+// bound (nor where it is NaN): a select, not a product, so it stays 0; but
+// a poisoned call's NaN goes everywhere.
 template <typename T>
 GE2E_HD T cosine_grad(T similarity_grad, T raw_cos, const SimilarityParams<T>& p) {
-  return p.w * similarity_grad * clamp_gradient_mask(raw_cos, p);
+  return (!p.clamp || raw_cos > p.min_cosine || p.poisoned) ? p.w * similarity_grad : T(0);
 }
 
-// The own-speaker cosine cos(e, u) with u = s - e, from the three dot products
-// e.e, e.u and u.u that a kernel accumulates directly over u (never through
-// |s|^2 - 2 e.s + |e|^2, which cancels catastrophically when u is small).
+// dLoss/dw and dLoss/db of the call from the sums of the rows' terms.
+template <typename T>
+GE2E_HD T w_grad(T total, const SimilarityParams<T>& p) {
+  return p.poisoned ? quiet_nan<T>() : (p.w_grad_flows ? total : T(0));
+}
+template <typename T>
+GE2E_HD T b_grad(T total, const SimilarityParams<T>& p) {
+  return p.poisoned ? quiet_nan<T>() : total;
+}
+
+// ---------------------------------------------- the own-speaker (exclusive) term
+
+// cos(e, u) of a row with the sum u of its speaker's other utterances, from
+// e.e, e.u and u.u accumulated directly over e and u.
 template <typename T>
 struct OwnCosine {
   T inv_norm_e;
@@ -240,52 +220,233 @@ GE2E_HD OwnCosine<T> own_cosine(T ee, T eu, T uu) {
   return c;
 }
 
-// What the backward keeps per row between its two passes: h = dLoss/dcos(e, u)
-// and the row's OwnCosine, stored as kOwnTermsSize consecutive numbers.
+// What a row keeps between the kernels: its OwnCosine and, once the gradient
+// is known, own_grad = dLoss/d(raw cos(e, u)). kOwnTermsSize numbers a row.
 constexpr int kOwnTermsSize = 4;
 
 template <typename T>
-GE2E_HD void store_own_terms(T* out, T h, const OwnCosine<T>& c) {
-  out[0] = h;
-  out[1] = c.inv_norm_e;
-  out[2] = c.inv_norm_u;
-  out[3] = c.raw_cos;
+GE2E_HD void store_own_cosine(T* out, const OwnCosine<T>& c) {
+  out[0] = c.inv_norm_e;
+  out[1] = c.inv_norm_u;
+  out[2] = c.raw_cos;
 }
 
 template <typename T>
-GE2E_HD OwnCosine<T> load_own_terms(const T* in, T* h) {
-  *h = in[0];
+GE2E_HD OwnCosine<T> load_own_cosine(const T* in) {
   OwnCosine<T> c;
-  c.inv_norm_e = in[1];
-  c.inv_norm_u = in[2];
-  c.raw_cos = in[3];
+  c.inv_norm_e = in[0];
+  c.inv_norm_u = in[1];
+  c.raw_cos = in[2];
   return c;
 }
 
-// One coordinate of the own-speaker gradient with h = dLoss/dcos(e, u):
-//   dcos/de = u/(|e||u|) - cos e/|e|^2   (through e as the first argument)
-//   q       = h * (e/(|e||u|) - cos u/|u|^2)  (through u, which is s - e)
-// The row receives h * dcos/de - q, and the speaker sum s receives q.
+constexpr int kOwnGradSlot = 3;
+
+// One coordinate of the own term's gradient, with h = dLoss/d(raw cos(e, u)):
+//   through e:  h (u/(|e||u|) - cos e/|e|^2)
+//   through u:  q = h (e/(|e||u|) - cos u/|u|^2), which every other utterance
+//               of the speaker receives (u is their sum).
 template <typename T>
-GE2E_HD T own_grad_wrt_embedding(T h, const OwnCosine<T>& c, T e, T u) {
+GE2E_HD T own_grad_through_embedding(T h, const OwnCosine<T>& c, T e, T u) {
   return h * (c.inv_norm_e * c.inv_norm_u * u - c.raw_cos * c.inv_norm_e * c.inv_norm_e * e);
 }
 
 template <typename T>
-GE2E_HD T own_grad_wrt_centroid(T h, const OwnCosine<T>& c, T e, T u) {
+GE2E_HD T own_grad_through_others(T h, const OwnCosine<T>& c, T e, T u) {
   return h * (c.inv_norm_e * c.inv_norm_u * e - c.raw_cos * c.inv_norm_u * c.inv_norm_u * u);
 }
 
 // The cross-speaker gradients come from two matrix products with
-// H_rk = h_rk / (|e_r| |s_k|):  T = H S and Z = H^T E. Because
-// e_r . T_r = sum_k h_rk cos_rk (and s_k . Z_k = sum_r h_rk cos_rk), the
-// cos * a / |a|^2 terms of dcos/da and dcos/dv are projections, so
+// H_rk = h_rk / (|e_r| |s_k|): T = H S and Z = H^T E. The cos * a / |a|^2
+// part of dcos/da is a projection, so
 //   dLoss/de_r (cross) = T_r - e_r (e_r . T_r) / |e_r|^2
-//   dLoss/ds_k (cross) = Z_k - s_k (s_k . Z_k) / |s_k|^2
-// which needs no row or column sums of h * cos.
+//   dLoss/ds_k         = Z_k - s_k (s_k . Z_k) / |s_k|^2
 template <typename T>
 GE2E_HD T remove_projection(T value, T along, T dot_with_along, T inv_norm_along) {
   return value - along * dot_with_along * inv_norm_along * inv_norm_along;
+}
+
+// ------------------------------------------------------------ loss methods
+//
+// A row scans the clamped cosines c_k of its utterance to every other speaker
+// k != own (own: its speaker's row of the sums). A method policy gives:
+//   value(c_k, row)          what the row's Statistic is built from
+//   Statistic<T>             add(value, k) / merge(other): the row's reduction
+//                            (default-constructed: the identity)
+//   row_loss(stat, row)      L_ji
+//   RowSummary               what a row keeps for a later backward: its loss
+//                            and, for a sparse gradient, the one impostor index
+//   impostor_grad(value_k, k, summary, row, grad_row)
+//                            dL/dS_k for k != own, times the row's upstream gradient
+//   own_grad(G, row, grad_row)
+//                            dL/dS_own, given G = the sum of impostor_grad
+//   kSparseGradient          whether impostor_grad is zero but for one k
+//                            (summary.hardest), so a device may skip the
+//                            cross-speaker matrix products
+// Per row, dLoss/dw = sum_k g_k (c_k - c_own) + (g_own + G) c_own and
+// dLoss/db = g_own + G (row_w_grad, row_b_grad below): for the softmax loss,
+// g_own = -G exactly, so db is exactly 0 and dw has no cancelling terms.
+
+// The row as a method sees it.
+template <typename T>
+struct RowView {
+  T own_cos;                   // clamped cos(e, u)
+  SimilarityParams<T> params;
+};
+
+template <typename T>
+struct RowSummary {
+  T loss;
+  int64_t hardest;  // the hardest impostor (ContrastLoss); -1 where unused
+};
+
+// Softmax (eq. 6), computed from differences: S_k - S_own = w (c_k - c_own)
+// does not contain b (the loss does not depend on it) and L = log(1 +
+// sum_{k != own} exp(d_k)) is accurate to a few ulp of itself when the own
+// speaker wins by a margin, where logsumexp(S) - S_own would subtract two
+// numbers of size w + b.
+struct SoftmaxLoss {
+  static constexpr const char* kName = "softmax";
+  static constexpr bool kSparseGradient = false;
+
+  template <typename T>
+  GE2E_HD static T value(T cos_k, const RowView<T>& row) {
+    return row.params.w * (cos_k - row.own_cos);
+  }
+
+  // Online log-sum-exp of the differences d_k (flash-attention style), the
+  // own speaker's d = 0 included implicitly: max starts at 0 and sum counts
+  // exp(d_k - max) over k != own only. Branch-free: one exp per element, so
+  // per-lane accumulators vectorize. A NaN value makes the sum NaN.
+  template <typename T>
+  struct Statistic {
+    T max = T(0);
+    T sum = T(0);
+    GE2E_HD void add(T d, int64_t /*k*/) {
+      const T gap = d - max;
+      const T e = exp_(gap > T(0) ? -gap : gap);
+      const bool larger = gap > T(0);
+      sum = larger ? sum * e + T(1) : sum + e;
+      max = larger ? d : max;
+    }
+    GE2E_HD void merge(const Statistic& other) {
+      const T gap = other.max - max;
+      const T e = exp_(gap > T(0) ? -gap : gap);
+      const bool larger = gap > T(0);
+      sum = larger ? sum * e + other.sum : sum + other.sum * e;
+      max = larger ? other.max : max;
+    }
+  };
+
+  // L = max + log(exp(-max) + sum) = max + log1p(expm1(-max) + sum): exact
+  // in form when the own speaker is the most similar (max = 0: log1p(sum)).
+  template <typename T>
+  GE2E_HD static T row_loss(const Statistic<T>& stat, const RowView<T>&) {
+    return stat.max + log1p_(expm1_(-stat.max) + stat.sum);
+  }
+
+  template <typename T>
+  GE2E_HD static int64_t hardest(const Statistic<T>&) { return -1; }
+
+  // p_k = exp(d_k - L), the softmax probability of impostor k.
+  template <typename T>
+  GE2E_HD static T impostor_grad(T d, int64_t /*k*/, const RowSummary<T>& summary,
+                                 const RowView<T>&, T grad_row) {
+    return grad_row * exp_(d - summary.loss);
+  }
+
+  // p_own - 1 = -sum_{k != own} p_k: no cancellation when p_own ~ 1.
+  template <typename T>
+  GE2E_HD static T own_grad(T impostor_grad_sum, const RowView<T>&, T /*grad_row*/) {
+    return -impostor_grad_sum;
+  }
+};
+
+// Contrast (eq. 7): L = 1 - sig(S_own) + max_{k != own} sig(S_k), written
+// sig(-S_own) + sig(S_hardest) (no 1 - x cancellation). The hardest impostor
+// is the arg-max of the clamped cosine (the similarity is increasing in it),
+// chosen before any rounding of sigmoids: ties go to the lowest k, a NaN
+// beats every number so it propagates, and the first candidate is always
+// taken so the index is valid even for an all -inf row.
+struct ContrastLoss {
+  static constexpr const char* kName = "contrast";
+  static constexpr bool kSparseGradient = true;
+
+  template <typename T>
+  GE2E_HD static T value(T cos_k, const RowView<T>&) { return cos_k; }
+
+  template <typename T>
+  struct Statistic {
+    T max = -infinity<T>();
+    int64_t index = -1;
+    GE2E_HD bool beats(T v, int64_t k) const {
+      if (k < 0) return false;  // an identity being merged
+      if (index < 0) return true;
+      if (is_nan(max)) return is_nan(v) && k < index;
+      if (is_nan(v)) return true;
+      return v > max || (v == max && k < index);
+    }
+    GE2E_HD void add(T v, int64_t k) {
+      if (beats(v, k)) {
+        max = v;
+        index = k;
+      }
+    }
+    GE2E_HD void merge(const Statistic& other) { add(other.max, other.index); }
+  };
+
+  template <typename T>
+  GE2E_HD static T row_loss(const Statistic<T>& stat, const RowView<T>& row) {
+    const T own_s = similarity(row.own_cos, row.params);
+    return sigmoid(-own_s) + sigmoid(similarity(stat.max, row.params));
+  }
+
+  template <typename T>
+  GE2E_HD static int64_t hardest(const Statistic<T>& stat) { return stat.index; }
+
+  template <typename T>
+  GE2E_HD static T impostor_grad(T cos_k, int64_t k, const RowSummary<T>& summary,
+                                 const RowView<T>& row, T grad_row) {
+    return k == summary.hardest ? grad_row * sigmoid_slope(similarity(cos_k, row.params)) : T(0);
+  }
+
+  template <typename T>
+  GE2E_HD static T own_grad(T /*impostor_grad_sum*/, const RowView<T>& row, T grad_row) {
+    return -grad_row * sigmoid_slope(similarity(row.own_cos, row.params));
+  }
+};
+
+// The per-row dLoss/dw and dLoss/db (see the policy comment above), from
+// G = sum_k g_k, the sum over impostors of g_k (c_k - c_own), and g_own.
+template <typename T>
+GE2E_HD T row_w_grad(T impostor_grad_sum, T weighted_gap_sum, T own_grad, T own_cos) {
+  return weighted_gap_sum + (own_grad + impostor_grad_sum) * own_cos;
+}
+template <typename T>
+GE2E_HD T row_b_grad(T impostor_grad_sum, T own_grad) { return own_grad + impostor_grad_sum; }
+
+// Every loss method, in the order of their indices. Adding a method is a
+// policy above and its name here, plus its entry in ge2e_ext/methods.py.
+using LossMethods = std::tuple<SoftmaxLoss, ContrastLoss>;
+constexpr int kNumLossMethods = static_cast<int>(std::tuple_size<LossMethods>::value);
+
+// Calls fn(Policy{}) for the method with this index (one of LossMethods'):
+// the one place where a method becomes a type.
+template <int I = 0, typename Fn>
+auto dispatch_loss_method(int method, Fn&& fn) {
+  using Policy = typename std::tuple_element<I, LossMethods>::type;
+  if constexpr (I + 1 < kNumLossMethods) {
+    if (method != I) return dispatch_loss_method<I + 1>(method, fn);
+  }
+  return fn(Policy{});
+}
+
+// The index of the method called `name`, or -1.
+template <int I = 0, typename String>
+int loss_method_index(const String& name) {
+  if (name == std::tuple_element<I, LossMethods>::type::kName) return I;
+  if constexpr (I + 1 < kNumLossMethods) return loss_method_index<I + 1>(name);
+  return -1;
 }
 
 }  // namespace ge2e

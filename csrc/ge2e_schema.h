@@ -1,24 +1,44 @@
-// The schemas of the GE2E ops, shared by their registration (ge2e_op.cpp) and
-// the CPU emulation of the CUDA kernels (tests/cuda_emulation), which registers
-// the same signatures under another namespace.
+// The schemas of the GE2E ops, shared by their registration (ge2e_ops.cpp)
+// and the CPU emulation of the CUDA kernels (tests/cuda_emulation), which
+// registers the kernel ops under another namespace.
+//
+// ge2e_loss is the op users reach (through ge2e_ext.ge2e_loss): it carries
+// the autograd (autograd/ge2e_autograd.cpp) and calls the three kernel ops,
+// which every device implements (cpu/, cuda/).
 #pragma once
 
 namespace ge2e {
 
-// Per-utterance GE2E losses of embeddings (N, M, D) scored against the speaker
-// sums (K, D) (sums=None: the embeddings' own, K = N). Returns the losses
-// (N, M) and what the backward needs instead of the N x M x K similarities:
-// the row log-sum-exp (softmax) or hardest-impostor similarity (contrast),
-// and the hardest impostor's index (contrast; -1 for softmax).
+// The GE2E loss of embeddings (N, M, D) scored against the speaker sums
+// (K, D) (sums=None: the embeddings' own, K = N), local speaker j being row
+// speaker_offset + j of the sums: the (N, M) per-utterance losses, or, with
+// reduce, scale times their sum. Differentiable in embeddings, sums, w, b.
+inline constexpr const char* kLossSchema =
+    "ge2e_loss(Tensor embeddings, Tensor? sums, Tensor w, Tensor b, int speaker_offset, "
+    "str loss_method, float? min_cosine, bool reduce, float scale, int block_speakers=0) "
+    "-> Tensor";
+
+// The per-utterance losses (N, M) and each utterance's hardest impostor
+// (N, M) (the arg-max speaker k != own of the contrast loss; -1 for softmax).
 inline constexpr const char* kForwardSchema =
     "ge2e_forward(Tensor embeddings, Tensor? sums, Tensor w, Tensor b, int speaker_offset, "
-    "str loss_method, float? min_cosine, int block_speakers=0) -> (Tensor, Tensor, Tensor)";
+    "str loss_method, float? min_cosine, int block_speakers=0) -> (Tensor, Tensor)";
 
-// Gradients for embeddings, sums (already folded into the embeddings'
-// gradient when sums=None), w and b; recomputes the cosines.
+// The gradients (embeddings, sums, w, b) for the upstream gradient of the
+// losses (N, M), given the forward's losses and hardest impostors; the
+// cosines are recomputed. When sums are not given, their gradient is already
+// folded into the embeddings' (the second output is then scratch).
 inline constexpr const char* kBackwardSchema =
     "ge2e_backward(Tensor grad_loss, Tensor embeddings, Tensor? sums, Tensor w, Tensor b, "
-    "Tensor row_stat, Tensor hardest, int speaker_offset, str loss_method, float? min_cosine, "
+    "Tensor loss, Tensor hardest, int speaker_offset, str loss_method, float? min_cosine, "
     "int block_speakers=0) -> (Tensor, Tensor, Tensor, Tensor)";
+
+// scale times the sum of the losses (0-dim) and its gradients (embeddings,
+// sums, w, b), in one sweep: what a training step with reduction "sum" or
+// "mean" needs.
+inline constexpr const char* kForwardBackwardSchema =
+    "ge2e_forward_backward(Tensor embeddings, Tensor? sums, Tensor w, Tensor b, "
+    "int speaker_offset, str loss_method, float? min_cosine, float scale, "
+    "int block_speakers=0) -> (Tensor, Tensor, Tensor, Tensor, Tensor)";
 
 }  // namespace ge2e

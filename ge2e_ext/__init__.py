@@ -5,8 +5,9 @@
     loss = criterion(embeddings)  # embeddings: (N speakers, M utterances, D)
 """
 
-from .functional import LOSS_METHODS, ge2e_loss, extension_devices
+from .functional import ge2e_loss, extension_devices
 from .loss import GE2ELoss
+from .methods import LOSS_METHODS
 
 __all__ = ["GE2ELoss", "ge2e_loss", "extension_devices", "LOSS_METHODS"]
 __version__ = "0.1.0"

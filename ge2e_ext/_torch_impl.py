@@ -1,15 +1,18 @@
 """The pure-PyTorch GE2E loss: vectorized, differentiable by autograd, any device.
 
-This is the fallback used where no compiled kernel exists (``backend="torch"``,
-or ``"auto"`` without the extension) and the "eager" provider of the benchmark.
-It computes the same function as the compiled op (same exclusive centroid
-``s_j - e_ji``, same zero-norm convention, same tie rule), but materialises the
-N x M x K similarities and an N x M x D tensor of exclusive centroids.
+This is the path used where no compiled kernel exists (``backend="torch"``, or
+``"auto"`` without the extension, or under torch.func transforms and forward-mode
+AD) and the "eager" provider of the benchmark. It computes the same function as
+the compiled op with the same numerics (exclusive sums without subtraction, the
+softmax loss from differences, the zero-norm and non-finite rules, the clamp's
+gradient), but materialises the N x M x K cosines.
 """
 
 from __future__ import annotations
 
 import torch
+
+from .methods import METHODS
 
 MIN_W = 1e-6  # the forward uses max(w, MIN_W): the paper requires w > 0
 
@@ -26,6 +29,15 @@ def inverse_norm(vectors: torch.Tensor) -> torch.Tensor:
     return torch.where(positive, 1.0 / safe, torch.zeros_like(norm))
 
 
+def exclusive_sums(embeddings: torch.Tensor) -> torch.Tensor:
+    """u_ji = sum_{l != i} e_jl as prefix plus suffix sums: never s_j - e_ji, which
+    cancels when e_ji dominates its speaker."""
+    zeros = embeddings.new_zeros(embeddings.shape[0], 1, embeddings.shape[2])
+    prefix = torch.cat([zeros, embeddings[:, :-1].cumsum(1)], 1)
+    suffix = torch.cat([embeddings[:, 1:].flip(1).cumsum(1).flip(1), zeros], 1)
+    return prefix + suffix
+
+
 def ge2e_rows(embeddings, sums, w, b, speaker_offset, loss_method, min_cosine):
     """Per-utterance GE2E losses (N, M).
 
@@ -36,23 +48,16 @@ def ge2e_rows(embeddings, sums, w, b, speaker_offset, loss_method, min_cosine):
     n, m, _ = embeddings.shape
     if sums is None:
         sums = embeddings.sum(1)
-    inv_e = inverse_norm(embeddings)                                     # (N, M)
-    inv_s = inverse_norm(sums)                                           # (K,)
-    exclusive = sums[speaker_offset:speaker_offset + n].unsqueeze(1) - embeddings  # (N, M, D)
-    own_cos = (embeddings * exclusive).sum(-1) * inv_e * inverse_norm(exclusive)  # (N, M)
-    cos = torch.matmul(embeddings, sums.t()) * inv_e.unsqueeze(-1) * inv_s       # (N, M, K)
+    inv_e = inverse_norm(embeddings)                                    # (N, M)
+    others = exclusive_sums(embeddings)                                 # (N, M, D)
+    own_cos = (embeddings * others).sum(-1) * inv_e * inverse_norm(others)
+    cos = torch.matmul(embeddings, sums.t()) * inv_e.unsqueeze(-1) * inverse_norm(sums)
     own = (torch.arange(n, device=embeddings.device) + speaker_offset).view(n, 1, 1).expand(n, m, 1)
-    cos = cos.scatter(-1, own, own_cos.unsqueeze(-1))
+    cos = cos.scatter(-1, own, own_cos.unsqueeze(-1))                   # (N, M, K)
     if min_cosine is not None:
         cos = cos.clamp(min=min_cosine)
-    # A non-finite w or b makes every similarity NaN (as in the kernels): the
-    # contrast loss would otherwise saturate into a finite, meaningless number.
-    finite = torch.isfinite(w) & torch.isfinite(b)
-    w = torch.where(finite, w.clamp(min=MIN_W), torch.full_like(w, float("nan")))
-    sim = w * cos + b
-    own_sim = sim.gather(-1, own).squeeze(-1)
-    if loss_method == "softmax":
-        return torch.logsumexp(sim, dim=-1) - own_sim
-    impostors = sim.scatter(-1, own, torch.full_like(own_sim.unsqueeze(-1), float("-inf")))
-    hardest = impostors.max(dim=-1).values
-    return 1.0 - torch.sigmoid(own_sim) + torch.sigmoid(hardest)
+    # (w + b) * 0 is 0 with gradient 0, but NaN when w or b is not finite: then
+    # every output is NaN, as in the kernels (a saturated sigmoid, or the
+    # softmax loss, which does not depend on b, would otherwise hide it).
+    w = w.clamp(min=MIN_W) + (w + b) * 0
+    return METHODS[loss_method].rows(cos, cos.gather(-1, own).squeeze(-1), own, w, b)

@@ -7,10 +7,11 @@ import math
 import numbers
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 
 from . import _ops, _torch_impl
+from .methods import LOSS_METHODS
 
-LOSS_METHODS = ("softmax", "contrast")
 REDUCTIONS = ("sum", "mean", "none")
 BACKENDS = ("auto", "extension", "torch")
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -21,7 +22,7 @@ def extension_devices() -> frozenset:
     return _ops.EXTENSION_DEVICES
 
 
-def check_options(loss_method, reduction, min_cosine, backend):
+def check_options(loss_method, reduction, min_cosine, backend, distributed=False, group=None):
     """Validates the non-tensor arguments; shared by ge2e_loss and GE2ELoss."""
     if loss_method not in LOSS_METHODS:
         raise ValueError(f"loss_method must be one of {LOSS_METHODS}, got {loss_method!r}")
@@ -32,12 +33,19 @@ def check_options(loss_method, reduction, min_cosine, backend):
     if min_cosine is not None:
         if isinstance(min_cosine, bool) or not isinstance(min_cosine, numbers.Real):
             raise TypeError(
-                f"min_cosine must be a float or None, got {type(min_cosine).__name__}"
+                f"min_cosine must be a float below 1 or None, got {type(min_cosine).__name__}"
             )
         # Comparisons rather than math.isfinite: under torch.compile(dynamic=True)
         # a float attribute can arrive as a symbolic float.
         if not -math.inf < min_cosine < math.inf:
             raise ValueError(f"min_cosine must be finite or None, got {min_cosine}")
+        if not min_cosine < 1:
+            raise ValueError(
+                f"min_cosine must be below 1 (a cosine is at most 1, so a clamp at or above "
+                f"it makes the loss constant), got {min_cosine}"
+            )
+    if group is not None and not distributed:
+        raise ValueError("group is only used with distributed=True; pass distributed=True too")
 
 
 def _check_embeddings(embeddings, min_speakers=2):
@@ -45,6 +53,11 @@ def _check_embeddings(embeddings, min_speakers=2):
         raise TypeError(
             "embeddings must be a torch.Tensor of shape (N speakers, M utterances, D), "
             f"got {type(embeddings).__name__}"
+        )
+    if embeddings.layout != torch.strided:
+        raise TypeError(
+            f"embeddings must be a dense (strided) tensor, got layout {embeddings.layout}; "
+            "convert it with .to_dense()"
         )
     if embeddings.dim() != 3:
         raise ValueError(
@@ -75,6 +88,9 @@ def _check_embeddings(embeddings, min_speakers=2):
 def _as_scalar(value, name, embeddings, dtype):
     """w or b as a 0-dim tensor of ``dtype`` on the embeddings' device (autograd-aware)."""
     if isinstance(value, torch.Tensor):
+        # The usual case (GE2ELoss's parameters, moved with the model) costs nothing.
+        if value.dim() == 0 and value.dtype == dtype and value.device == embeddings.device:
+            return value
         if value.numel() != 1:
             raise ValueError(
                 f"{name} must be a scalar (a number or a one-element tensor), got a tensor of "
@@ -91,7 +107,7 @@ def _as_scalar(value, name, embeddings, dtype):
                     f"{embeddings.device}; move the GE2ELoss module with .to(device)"
                 )
             value = value.to(embeddings.device)
-        if value.dim() != 0:  # a (1,)-shaped parameter, say; 0-dim ones pass as they are
+        if value.dim() != 0:  # a (1,)-shaped parameter, say
             value = value.reshape(())
         return value.to(dtype)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
@@ -100,24 +116,46 @@ def _as_scalar(value, name, embeddings, dtype):
     return torch.tensor(float(value), dtype=dtype, device=embeddings.device)
 
 
-def _use_extension(backend, device):
+def _transformed():
+    """Whether torch.func transforms (grad, vmap, jvp, ...) or forward-mode AD are
+    active: the compiled op has neither batching rules nor forward derivatives."""
+    if _forward_ad._current_level >= 0:
+        return True
+    return torch._C._are_functorch_transforms_active()
+
+
+def _use_extension(backend, embeddings):
     if backend == "torch":
         return False
+    device = embeddings.device
     available = device.type in _ops.EXTENSION_DEVICES
-    if backend == "extension" and not available:
-        why = _ops.import_error()
-        reason = (
-            f"the compiled extension failed to import ({why})" if why is not None
-            else f"it was built without {device.type} kernels "
-                 f"(built: {sorted(_ops.EXTENSION_DEVICES)})"
-        )
+    if backend == "auto":
+        return available and not _transformed()
+    if _transformed():
         raise RuntimeError(
-            f"backend='extension' needs ge2e_ext's compiled kernel for {device.type}, but "
-            f"{reason}. Build it with `pip install --no-build-isolation -e .` in the ge2e_ext "
-            "checkout (CUDA kernels need nvcc and a CUDA build of torch), or use "
-            "backend='torch'/'auto'."
+            "backend='extension' does not support torch.func transforms (grad, vmap, jvp, "
+            "jacrev, ...) or forward-mode AD: the compiled op has neither batching rules nor "
+            "forward derivatives. Use backend='torch' (or 'auto', which picks it there)."
         )
-    return available
+    if available:
+        return True
+    if device.type == "meta":
+        raise RuntimeError(
+            "backend='extension' computes on cpu or cuda tensors; meta (shape-only) tensors go "
+            "through backend='torch' or 'auto'"
+        )
+    why = _ops.import_error()
+    reason = (
+        f"the compiled extension failed to import ({why})" if why is not None
+        else f"it was built without {device.type} kernels "
+             f"(built: {sorted(_ops.EXTENSION_DEVICES)})"
+    )
+    raise RuntimeError(
+        f"backend='extension' needs ge2e_ext's compiled kernel for {device.type}, but "
+        f"{reason}. Build it with `pip install --no-build-isolation -e .` in the ge2e_ext "
+        "checkout (CUDA kernels need nvcc and a CUDA build of torch), or use "
+        "backend='torch'/'auto'."
+    )
 
 
 def ge2e_loss(embeddings, w, b, loss_method="softmax", *, reduction="sum", min_cosine=1e-6,
@@ -129,64 +167,66 @@ def ge2e_loss(embeddings, w, b, loss_method="softmax", *, reduction="sum", min_c
             shape (N, M, D), N >= 2 (>= 1 per rank when distributed), M >= 2.
         w, b: the similarity scale and bias, ``S = max(w, 1e-6) * cos + b``; 0-dim
             (or one-element) tensors or numbers.
-        loss_method: "softmax" (eq. 6) or "contrast" (eq. 7).
+        loss_method: one of ``ge2e_ext.LOSS_METHODS``: "softmax" (eq. 6) or
+            "contrast" (eq. 7).
         reduction: "sum" (the original code's and the paper's total), "mean" (over
             the N*M utterances) or "none" (per-utterance losses, shape (N, M)).
-        min_cosine: lower clamp on every cosine; 1e-6 reproduces the original
-            code, None gives the paper's unclamped formula.
+        min_cosine: lower clamp on every cosine, below 1; 1e-6 reproduces the
+            original code, None gives the paper's unclamped formula.
         backend: "auto" (compiled kernel for this device if built, else PyTorch),
             "extension" (compiled kernel or RuntimeError) or "torch".
         distributed: score against the speakers of every rank of ``group`` (None:
-            the default process group); see ``ge2e_ext.distributed`` and
-            docs/distributed.md. "mean" then divides by all ranks' utterances, so
-            the ranks' losses add up to the loss of the whole batch.
+            the default process group); see docs/distributed.md. "mean" then
+            divides by all ranks' utterances, so the ranks' losses add up to the
+            loss of the whole batch.
         group: the process group, with distributed=True only.
 
     Returns:
-        The loss, in float32 (float64 for float64 embeddings).
+        The loss, in float32 (float64 for float64 embeddings). With reduction
+        "sum" or "mean" and a gradient to compute, the compiled op computes the
+        gradient in the same pass as the loss (the backward then only scales it):
+        evaluate without gradients under ``torch.no_grad()``.
     """
-    if group is not None and not distributed:
-        raise ValueError("group is only used with distributed=True")
     # In distributed mode a rank whose inputs are bad must not leave the others
     # waiting in a collective: its error travels with the metadata exchange and
     # every rank raises.
     local_error = None
     try:
-        check_options(loss_method, reduction, min_cosine, backend)
+        check_options(loss_method, reduction, min_cosine, backend, distributed, group)
         _check_embeddings(embeddings, min_speakers=1 if distributed else 2)
         acc = _ops.accumulation_dtype(embeddings.dtype)
         w = _as_scalar(w, "w", embeddings, acc)
         b = _as_scalar(b, "b", embeddings, acc)
-        use_extension = _use_extension(backend, embeddings.device)
+        use_extension = _use_extension(backend, embeddings)
     except (TypeError, ValueError, RuntimeError) as error:
         if not distributed:
             raise
         local_error = error
     min_cosine = None if min_cosine is None else float(min_cosine)
 
-    sums, offset, total_utterances = None, 0, None
+    sums, offset = None, 0
+    total_utterances = embeddings.shape[0] * embeddings.shape[1] if local_error is None else 0
     if distributed:
         from . import distributed as dist_impl
 
         sums, offset, total_utterances = dist_impl.gather_speaker_sums(
             embeddings, group, local_error=local_error)
-    else:
-        total_utterances = embeddings.shape[0] * embeddings.shape[1]
 
     if use_extension:
-        rows = _ops.forward(embeddings, sums, w, b, offset, loss_method, min_cosine)
-    else:
-        # Under autocast the matrix product would run in float16/bfloat16; the
-        # loss is computed in the accumulation dtype, as the kernels do.
-        device_type = embeddings.device.type
-        autocast_on = (torch.amp.is_autocast_available(device_type)
-                       and torch.is_autocast_enabled(device_type))
-        precision = (torch.autocast(device_type=device_type, enabled=False)
-                     if autocast_on else contextlib.nullcontext())
-        with precision:
-            rows = _torch_impl.ge2e_rows(embeddings.to(acc), sums, w, b, offset, loss_method,
-                                         min_cosine)
+        reduce = reduction != "none"
+        scale = 1.0 / total_utterances if reduction == "mean" else 1.0
+        return _ops.loss(embeddings, sums, w, b, offset, loss_method, min_cosine, reduce, scale)
 
+    # Under autocast the matrix product would run in float16/bfloat16; the
+    # loss is computed in the accumulation dtype, as the kernels do.
+    device_type = embeddings.device.type
+    autocast_on = (torch.amp.is_autocast_available(device_type)
+                   and torch.is_autocast_enabled(device_type))
+    precision = (torch.autocast(device_type=device_type, enabled=False)
+                 if autocast_on else contextlib.nullcontext())
+    with precision:
+        rows = _torch_impl.ge2e_rows(embeddings.to(acc), sums, w, b, offset, loss_method,
+                                     min_cosine)
     if reduction == "none":
         return rows
     if reduction == "sum":

@@ -20,7 +20,7 @@ class GE2ELoss(nn.Module):
     def __init__(self, init_w=10.0, init_b=-5.0, loss_method="softmax", *, reduction="sum",
                  min_cosine=1e-6, backend="auto", distributed=False, group=None):
         super().__init__()
-        check_options(loss_method, reduction, min_cosine, backend)
+        check_options(loss_method, reduction, min_cosine, backend, distributed, group)
         self.w = nn.Parameter(torch.tensor(float(init_w)))
         self.b = nn.Parameter(torch.tensor(float(init_b)))
         self.loss_method = loss_method

@@ -1,12 +1,13 @@
 """The loop reference: the original GE2E-Loss code's computation, step by step.
 
 This transcribes the semantics of the pure-PyTorch ``ge2e.py`` that users train
-with today (shared/seed/): for every utterance a fresh stack of centroids with the
-own speaker's replaced by the exclusive mean, cosines through ``torch.norm``,
-``torch.clamp(cos, 1e-6)``, ``w * cos + b``, then a Python loop of per-row
-``log_softmax`` or sigmoid-max losses. It is deliberately as slow as the
+with today: for every utterance a fresh stack of centroids with the own
+speaker's replaced by the mean of its other utterances, cosines through
+``torch.norm``, ``torch.clamp(cos, 1e-6)``, ``w * cos + b``, then a Python loop
+of per-row losses (``ge2e_ext.methods``: ``-log_softmax(S)[own]``, or
+``1 - sig(S_own) + max sig(S_impostor)``). It is deliberately as slow as the
 original (that is what the benchmark compares against) and serves the tests and
-the benchmark as the ground truth.
+the benchmark as the ground truth; run it in float64 for a yardstick.
 
 Two knobs make it cover both conventions:
 - ``clamp_w=True`` applies ``max(w, 1e-6)`` as ge2e_ext does; the original meant
@@ -19,6 +20,8 @@ Zero-norm embeddings give NaN here, as in the original (0/0).
 from __future__ import annotations
 
 import torch
+
+from .methods import LOSS_METHODS, METHODS
 
 
 def _cosine_matrix(embeddings, min_cosine):
@@ -47,23 +50,14 @@ def ge2e_loss_reference(embeddings, w, b, loss_method="softmax", *, min_cosine=1
 
     ``w`` and ``b`` are 0-dim tensors (or numbers); gradients flow by autograd.
     """
-    if loss_method not in ("softmax", "contrast"):
-        raise ValueError(f"loss_method must be 'softmax' or 'contrast', got {loss_method!r}")
+    if loss_method not in METHODS:
+        raise ValueError(f"loss_method must be one of {LOSS_METHODS}, got {loss_method!r}")
+    row_loss = METHODS[loss_method].reference_row
     w = torch.as_tensor(w, dtype=embeddings.dtype, device=embeddings.device)
     b = torch.as_tensor(b, dtype=embeddings.dtype, device=embeddings.device)
     if clamp_w:
         w = torch.clamp(w, min=1e-6)
     sim = _cosine_matrix(embeddings, min_cosine) * w + b
     n, m, _ = sim.shape
-    losses = []
-    for j in range(n):
-        row = []
-        for i in range(m):
-            if loss_method == "softmax":
-                row.append(-torch.log_softmax(sim[j, i], dim=0)[j])
-            else:
-                sig = torch.sigmoid(sim[j, i])
-                impostors = torch.cat((sig[:j], sig[j + 1:]))
-                row.append(1.0 - sig[j] + torch.max(impostors))
-        losses.append(torch.stack(row))
-    return torch.stack(losses)
+    return torch.stack([torch.stack([row_loss(sim[j, i], j) for i in range(m)])
+                        for j in range(n)])

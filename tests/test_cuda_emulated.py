@@ -1,10 +1,12 @@
-"""The CUDA kernels, run on the CPU: csrc/cuda/ge2e_cuda_kernels.cuh compiled
-under tests/cuda_emulation/emulate.h (threads for a block's threads, barriers,
-emulated warp shuffles) behind the real driver, compared with the CPU kernel.
+"""The CUDA kernels, run on the CPU: csrc/cuda/ge2e_cuda_kernels.cuh compiled under
+tests/cuda_emulation/emulate.h (threads for a block's threads, barriers, emulated
+warp shuffles), launched by its own Launchers (the GPU's grids) behind the real
+driver, and compared with the CPU kernel.
 
 This checks the kernels' indexing, striding (K and D beyond one sweep of the
-block's threads) and reductions on machines without a GPU; tests/test_cuda.py
-runs the real thing on a GPU."""
+block's threads), reductions, half-precision loads and stores, and how many
+kernels a step launches, on machines without a GPU; the device-parametrized
+tests run the real thing where a GPU exists."""
 
 import os
 import pathlib
@@ -12,17 +14,14 @@ import pathlib
 import pytest
 import torch
 
-import ge2e_ext
-
-from conftest import assert_close_rel, make_embeddings
+from helpers import LOSS_METHODS, assert_close_rel, make_embeddings, needs_cpu_extension
 
 HERE = pathlib.Path(__file__).parent
-# 64 threads per emulated block (the GPU build uses 256): two warps, so the
-# cross-warp reduction runs, and K or D above 64 exercises the striding.
+# 64 threads per emulated block at most (the GPU build uses 256): two warps, so
+# the cross-warp reduction runs, and K or D above 64 exercises the striding.
 EMULATED_THREADS = 64
 
-pytestmark = pytest.mark.skipif("cpu" not in ge2e_ext.extension_devices(),
-                                reason="the comparison needs the compiled CPU op")
+pytestmark = needs_cpu_extension  # the comparison needs the compiled CPU op
 
 
 @pytest.fixture(scope="module")
@@ -37,76 +36,139 @@ def emulated(tmp_path_factory):
     return torch.ops.ge2e_emu
 
 
-def _both(emulated, x, method, min_cosine, sums=None, offset=0, block=0, w=3.0, b=-1.0,
-          grad=None):
-    """Forward and backward of the emulated CUDA kernels and of the CPU kernel."""
-    acc = x.dtype
-    w = torch.tensor(w, dtype=acc)
-    b = torch.tensor(b, dtype=acc)
-    grad = torch.randn(x.shape[:2], dtype=acc, generator=torch.Generator().manual_seed(1)) \
-        if grad is None else grad
-    results = []
-    for ops in (emulated, torch.ops.ge2e_ext):
-        forward = ops.ge2e_forward(x, sums, w, b, offset, method, min_cosine, block)
-        backward = ops.ge2e_backward(grad, x, sums, w, b, forward[1], forward[2], offset, method,
-                                     min_cosine, block)
-        results.append((forward, backward))
-    return results
+def _scalars(x, w, b):
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return torch.tensor(w, dtype=acc), torch.tensor(b, dtype=acc)
 
 
-def _assert_same(results, rtol):
-    (emu_fwd, emu_bwd), (cpu_fwd, cpu_bwd) = results
-    assert_close_rel(emu_fwd[0], cpu_fwd[0], rtol, "loss")
-    assert_close_rel(emu_fwd[1], cpu_fwd[1], rtol, "row statistic")
-    assert torch.equal(emu_fwd[2], cpu_fwd[2]), "hardest impostor"
-    for name, e, c in zip(("embeddings", "sums", "w", "b"), emu_bwd, cpu_bwd):
-        assert_close_rel(e, c, rtol, f"grad {name}")
+def _all_ops(ops, x, method, min_cosine, sums=None, offset=0, block=0, w=3.0, b=-1.0,
+             scale=0.5):
+    """Every op of a library on one input: forward, backward, forward_backward."""
+    w, b = _scalars(x, w, b)
+    acc = w.dtype
+    grad = torch.randn(x.shape[:2], dtype=acc, generator=torch.Generator().manual_seed(1))
+    loss, hardest = ops.ge2e_forward(x, sums, w, b, offset, method, min_cosine, block)
+    backward = ops.ge2e_backward(grad, x, sums, w, b, loss, hardest, offset, method, min_cosine,
+                                 block)
+    fused = ops.ge2e_forward_backward(x, sums, w, b, offset, method, min_cosine, scale, block)
+    return loss, hardest, backward, fused
 
 
-@pytest.mark.parametrize("method", ["softmax", "contrast"])
+def _assert_same(emulated, x, method, min_cosine, rtol=1e-12, **kwargs):
+    emu = _all_ops(emulated, x, method, min_cosine, **kwargs)
+    cpu = _all_ops(torch.ops.ge2e_ext, x, method, min_cosine, **kwargs)
+    assert_close_rel(emu[0], cpu[0], rtol, "loss")
+    assert torch.equal(emu[1], cpu[1]), "hardest impostor"
+    sums_given = kwargs.get("sums") is not None
+    for which, e_out, c_out in (("backward", emu[2], cpu[2]), ("fused", emu[3][1:], cpu[3][1:])):
+        for name, e, c in zip(("embeddings", "sums", "w", "b"), e_out, c_out):
+            if name == "sums" and not sums_given:
+                continue  # scratch when the sums are the call's own
+            assert_close_rel(e.float() if e.dtype != c.dtype else e, c, rtol,
+                             f"{which} grad {name}")
+    assert_close_rel(emu[3][0], cpu[3][0], rtol, "fused loss")
+
+
+@pytest.mark.parametrize("method", LOSS_METHODS)
 @pytest.mark.parametrize("min_cosine", [1e-6, None])
 @pytest.mark.parametrize("shape", [(2, 2, 1), (3, 2, 3), (5, 4, 33), (6, 3, 130)])
 def test_kernels_match_the_cpu_kernel(emulated, method, min_cosine, shape):
     x = make_embeddings(*shape, seed=sum(shape), requires_grad=False)
-    _assert_same(_both(emulated, x, method, min_cosine), 1e-12)
+    _assert_same(emulated, x, method, min_cosine)
 
 
-@pytest.mark.parametrize("method", ["softmax", "contrast"])
+@pytest.mark.parametrize("method", LOSS_METHODS)
 def test_more_speakers_than_threads(emulated, method):
-    """K = 70 > 64 threads: the similarity kernels stride over K."""
+    """K = 70 > 64 threads: the row kernel strides over K."""
     x = make_embeddings(70, 2, 9, seed=3, requires_grad=False)
-    _assert_same(_both(emulated, x, method, 1e-6), 1e-12)
+    _assert_same(emulated, x, method, 1e-6)
 
 
-@pytest.mark.parametrize("method", ["softmax", "contrast"])
-def test_float32_and_blocks(emulated, method):
+@pytest.mark.parametrize("method", LOSS_METHODS)
+@pytest.mark.parametrize("block", [1, 2, 3])
+def test_float32_and_blocks(emulated, method, block):
     x = make_embeddings(7, 3, 20, seed=4, dtype=torch.float32, requires_grad=False)
-    _assert_same(_both(emulated, x, method, 1e-6, block=2), 2e-6)
+    _assert_same(emulated, x, method, 1e-6, rtol=2e-6, block=block)
 
 
-@pytest.mark.parametrize("method", ["softmax", "contrast"])
+@pytest.mark.parametrize("method", LOSS_METHODS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_inputs(emulated, method, dtype):
+    """float16/bfloat16 embeddings are read and their gradient written in their
+    dtype, everything else in float32: as the CPU kernel, up to one rounding."""
+    x = make_embeddings(6, 3, 40, seed=12, dtype=dtype, requires_grad=False)
+    _assert_same(emulated, x, method, 1e-6, rtol=2 * torch.finfo(dtype).eps)
+
+
+@pytest.mark.parametrize("method", LOSS_METHODS)
 def test_external_sums_at_an_offset(emulated, method):
     """The distributed form: 2 local speakers at rows 1-2 of 5 speaker sums."""
     x = make_embeddings(2, 3, 6, seed=5, requires_grad=False)
     g = torch.Generator().manual_seed(6)
     sums = torch.cat([torch.randn(1, 6, generator=g, dtype=torch.float64), x.sum(1),
                       torch.randn(2, 6, generator=g, dtype=torch.float64)])
-    _assert_same(_both(emulated, x, method, 1e-6, sums=sums, offset=1), 1e-12)
+    _assert_same(emulated, x, method, 1e-6, sums=sums, offset=1)
 
 
-def test_zero_vectors_ties_and_clamped_w(emulated):
+def test_zero_vectors_ties_clamped_w_and_the_clamp_bound(emulated):
     x = make_embeddings(4, 3, 5, seed=7, offset=0.5, requires_grad=False)
     x[0, 1] = 0     # a zero utterance
     x[3] = x[2]     # two identical speakers: tied impostors
-    for method in ("softmax", "contrast"):
-        results = _both(emulated, x, method, 1e-6, w=-2.0)  # w below the floor
-        _assert_same(results, 1e-12)
-        assert results[0][1][2].item() == 0.0  # no gradient for w while clamped
+    bound = torch.tensor([[[1.0, 0, 0], [2.0, 0.5, 0]], [[0, 0, 1.0], [0, 0.5, 3.0]],
+                          [[0, 1.0, 0], [0.5, 2.0, 0]]], dtype=torch.float64)
+    for method in LOSS_METHODS:
+        _assert_same(emulated, x, method, 1e-6, w=-2.0)   # w below the floor
+        _assert_same(emulated, x, method, 1e-6, w=1e-6)   # w at the floor
+        _assert_same(emulated, bound, method, 0.0)        # cosines exactly at the bound
 
 
-@pytest.mark.parametrize("method", ["softmax", "contrast"])
+@pytest.mark.parametrize("method", LOSS_METHODS)
+def test_dominant_utterance_and_converged_rows(emulated, method):
+    """The numerics cases: an utterance 1e8 times its speaker's other one, and
+    rows whose loss is tiny next to w + b."""
+    x = torch.tensor([[[1e4, 0.0], [1e-4, 1e-4]], [[0.0, 1.0], [0.1, 1.0]],
+                      [[1.0, 0.2], [1.0, 0.1]]], dtype=torch.float64)
+    _assert_same(emulated, x, method, 1e-6, w=10.0, b=-5.0)
+    g = torch.Generator().manual_seed(9)
+    centres = torch.nn.functional.normalize(torch.randn(8, 1, 16, generator=g,
+                                                        dtype=torch.float64), dim=-1)
+    converged = centres + 0.05 * torch.randn(8, 4, 16, generator=g, dtype=torch.float64)
+    _assert_same(emulated, converged, method, 1e-6, w=30.0, b=-5.0)
+
+
+@pytest.mark.parametrize("method", LOSS_METHODS)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_w_or_b_gives_nan_everywhere(emulated, method, bad):
+    x = make_embeddings(3, 2, 4, seed=8, requires_grad=False)
+    for w, b in ((bad, -1.0), (3.0, bad)):
+        loss, _, backward, fused = _all_ops(emulated, x, method, 1e-6, w=w, b=b)
+        assert torch.isnan(loss).all() and torch.isnan(fused[0])
+        for grad in (backward[0], backward[2], backward[3], fused[1], fused[3], fused[4]):
+            assert torch.isnan(grad).all()
+
+
+@pytest.mark.parametrize("method", LOSS_METHODS)
 def test_non_finite_input_stays_non_finite(emulated, method):
     x = make_embeddings(3, 2, 4, seed=8, requires_grad=False)
     x[1, 0, 2] = float("nan")
-    (emu_fwd, _), _ = _both(emulated, x, method, 1e-6)
-    assert not torch.isfinite(emu_fwd[0].sum())
+    loss, _, _, fused = _all_ops(emulated, x, method, 1e-6)
+    assert not torch.isfinite(loss.sum()) and not torch.isfinite(fused[0])
+
+
+@pytest.mark.parametrize("method", LOSS_METHODS)
+def test_a_training_step_is_four_kernel_launches(emulated, method):
+    """Speaker statistics, rows, row gradients, finish: four launches around the
+    three matrix products of a fused step with one block of speakers (the backward
+    then scales the saved gradients: three elementwise kernels, seven in all)."""
+    x = make_embeddings(64, 10, 32, seed=10, dtype=torch.float32, requires_grad=False)
+    w, b = _scalars(x, 10.0, -5.0)
+    emulated.kernel_launches()  # reset
+    emulated.ge2e_forward_backward(x, None, w, b, 0, method, 1e-6, 1.0, 0)
+    assert emulated.kernel_launches() == 4
+    # Several blocks (forced: 16 speakers each): rows and row gradients per block,
+    # then one pass that folds dLoss/ds into the rows.
+    emulated.ge2e_forward_backward(x, None, w, b, 0, method, 1e-6, 1.0, 16)
+    assert emulated.kernel_launches() == 2 + 2 * 4 + 1
+    # Inference: statistics and rows.
+    emulated.ge2e_forward(x, None, w, b, 0, method, 1e-6, 0)
+    assert emulated.kernel_launches() == 2

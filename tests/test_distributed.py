@@ -24,7 +24,7 @@ import torch.distributed as dist
 from ge2e_ext import GE2ELoss, ge2e_loss
 from ge2e_ext import distributed as ge2e_dist
 
-from conftest import CPU_BACKENDS, RTOL, assert_close_rel, make_embeddings
+from helpers import CPU_BACKENDS, LOSS_METHODS, RTOL, assert_close_rel, make_embeddings
 
 pytestmark = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()),
@@ -45,7 +45,7 @@ def _cases(world):
     """The cases one spawn of ``world`` processes runs, as plain dicts."""
     cases = []
     for ci, counts in enumerate(COUNTS[world]):
-        for mi, method in enumerate(("softmax", "contrast")):
+        for mi, method in enumerate(LOSS_METHODS):
             for bi, backend in enumerate(CPU_BACKENDS):
                 cases.append(dict(
                     name=f"{method}-{backend}-N{'+'.join(map(str, counts))}",

@@ -6,7 +6,7 @@ import torch
 import ge2e_ext
 from ge2e_ext import _ops
 
-from conftest import CPU_BACKENDS
+from helpers import CPU_BACKENDS, needs_cpu_extension
 
 GOOD = torch.randn(3, 2, 4)
 
@@ -63,6 +63,9 @@ def test_bad_scalars(name, value, error, words):
         ({"backend": "cuda"}, ValueError, ["backend", "'cuda'", "extension"]),
         ({"min_cosine": "0.1"}, TypeError, ["min_cosine", "str"]),
         ({"min_cosine": float("nan")}, ValueError, ["min_cosine", "nan"]),
+        ({"min_cosine": 1.0}, ValueError, ["min_cosine", "below 1", "1.0"]),
+        ({"min_cosine": 3}, ValueError, ["min_cosine", "below 1", "3"]),
+        ({"group": object()}, ValueError, ["group", "distributed=True"]),
     ],
 )
 def test_bad_options(kwargs, error, words):
@@ -89,7 +92,20 @@ def test_extension_backend_without_kernel_says_how_to_build(monkeypatch):
     assert torch.equal(ge2e_ext.ge2e_loss(GOOD, 10.0, -5.0), expected)
 
 
-@pytest.mark.skipif("cpu" not in ge2e_ext.extension_devices(), reason="compiled op not built")
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_sparse_embeddings_are_refused(backend):
+    with pytest.raises(TypeError, match="dense .strided. tensor, got layout torch.sparse_coo"):
+        ge2e_ext.ge2e_loss(GOOD.to_sparse(), 10.0, -5.0, backend=backend)
+
+
+def test_meta_embeddings_with_the_extension_backend_say_what_is_wrong():
+    with pytest.raises(RuntimeError, match="meta .shape-only. tensors go through "
+                                           "backend='torch' or 'auto'"):
+        ge2e_ext.ge2e_loss(torch.empty(3, 2, 4, device="meta"), 10.0, -5.0,
+                           backend="extension")
+
+
+@needs_cpu_extension
 class TestOpChecks:
     """Direct calls of torch.ops.ge2e_ext.* are checked in C++ as well."""
 
@@ -110,12 +126,20 @@ class TestOpChecks:
             self.op(GOOD, torch.randn(4, 4, dtype=torch.float64), w, b, 0, "softmax", 1e-6)
 
     def test_bad_method(self):
-        with pytest.raises(ValueError, match="'hinge'"):
+        with pytest.raises(ValueError, match="one of 'softmax', 'contrast', got 'hinge'"):
             self.op(GOOD, None, torch.tensor(1.0), torch.tensor(0.0), 0, "hinge", 1e-6)
 
-    def test_bad_hardest_index(self):
+    def test_bad_min_cosine(self):
+        with pytest.raises(ValueError, match="min_cosine must be a finite number below 1"):
+            self.op(GOOD, None, torch.tensor(1.0), torch.tensor(0.0), 0, "softmax", 1.5)
+
+    def test_bad_hardest_index_poisons_the_rows(self):
+        """A hardest impostor that is not one (only a direct call of the backward op can
+        pass one) gives NaN gradients, never a read out of bounds or a finite answer."""
         w, b = torch.tensor(1.0), torch.tensor(0.0)
-        _, stat, hardest = self.op(GOOD, None, w, b, 0, "contrast", 1e-6)
-        with pytest.raises(RuntimeError, match="hardest impostor index"):
-            torch.ops.ge2e_ext.ge2e_backward(torch.ones(3, 2), GOOD, None, w, b, stat,
-                                             torch.full_like(hardest, 7), 0, "contrast", 1e-6)
+        loss, hardest = self.op(GOOD, None, w, b, 0, "contrast", 1e-6)
+        for bad in (7, -1, 0):  # out of range, negative, the own speaker of row 0
+            grads = torch.ops.ge2e_ext.ge2e_backward(torch.ones(3, 2), GOOD, None, w, b, loss,
+                                                     torch.full_like(hardest, bad), 0,
+                                                     "contrast", 1e-6)
+            assert torch.isnan(grads[0][0]).all() and torch.isnan(grads[2])

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 import ge2e_ext
 
-from conftest import CPU_BACKENDS, assert_close_rel
+from helpers import CPU_BACKENDS, LOSS_METHODS, assert_close_rel, needs_cpu_extension
 
 PROPERTY_SETTINGS = settings(max_examples=30, deadline=None,
                              suppress_health_check=[HealthCheck.too_slow])
@@ -20,13 +20,12 @@ def _embeddings(shape, seed, dtype=torch.float64):
     return torch.randn(*shape, generator=g, dtype=dtype)
 
 
+@needs_cpu_extension
 @PROPERTY_SETTINGS
-@given(shape=shapes, seed=st.integers(0, 2**31 - 1), method=st.sampled_from(["softmax", "contrast"]),
+@given(shape=shapes, seed=st.integers(0, 2**31 - 1), method=st.sampled_from(LOSS_METHODS),
        min_cosine=st.sampled_from([1e-6, None, -0.5, 0.3]),
        w=st.floats(0.5, 20.0), b=st.floats(-10.0, 10.0))
 def test_backends_agree(shape, seed, method, min_cosine, w, b):
-    if len(CPU_BACKENDS) < 2:
-        pytest.skip("compiled op not built")
     x = _embeddings(shape, seed)
     results = []
     for backend in CPU_BACKENDS:
@@ -42,7 +41,7 @@ def test_backends_agree(shape, seed, method, min_cosine, w, b):
 
 
 @PROPERTY_SETTINGS
-@given(shape=shapes, seed=st.integers(0, 2**31 - 1), method=st.sampled_from(["softmax", "contrast"]),
+@given(shape=shapes, seed=st.integers(0, 2**31 - 1), method=st.sampled_from(LOSS_METHODS),
        log_scale=st.floats(-6.0, 6.0), backend=st.sampled_from(CPU_BACKENDS))
 def test_loss_is_scale_invariant(shape, seed, method, log_scale, backend):
     """Cosines do not depend on the embeddings' scale, so neither does the loss."""
@@ -54,7 +53,7 @@ def test_loss_is_scale_invariant(shape, seed, method, log_scale, backend):
 
 
 @PROPERTY_SETTINGS
-@given(shape=shapes, seed=st.integers(0, 2**31 - 1), method=st.sampled_from(["softmax", "contrast"]),
+@given(shape=shapes, seed=st.integers(0, 2**31 - 1), method=st.sampled_from(LOSS_METHODS),
        backend=st.sampled_from(CPU_BACKENDS), data=st.data())
 def test_relabelling_speakers_and_utterances_permutes_the_losses(shape, seed, method, backend,
                                                                   data):

@@ -1,99 +1,55 @@
-// Launchers of the CUDA kernels (ge2e_cuda_kernels.cuh): dtype dispatch, grid
-// sizes, the current stream, and the launch error of every kernel.
+// The CUDA kernels of ge2e_cuda_kernels.cuh launched on the GPU: the Launch
+// policy of its Launchers, and the launchers that the CUDA device
+// (ge2e_cuda.cpp) calls. Includes only the CUDA runtime and the math headers
+// (nvcc compiles it in seconds; ATen would cost minutes).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
-#include "ge2e_cuda.h"
 #include "ge2e_cuda_kernels.cuh"
 
 namespace ge2e {
 namespace cuda {
 namespace {
 
-// Calls fn(scalar_t{}, acc_t{}) for the embeddings' dtype.
-template <typename Fn>
-cudaError_t dispatch(DType dtype, Fn&& fn) {
-  switch (dtype) {
-    case DType::kFloat32: return fn(float(), float());
-    case DType::kFloat64: return fn(double(), double());
-    case DType::kFloat16: return fn(__half(), float());
-    case DType::kBFloat16: return fn(__nv_bfloat16(), float());
+struct CudaLaunch {
+  template <typename... Params, typename... Args>
+  static int run(void (*kernel)(Params...), int64_t blocks, int threads, Stream stream,
+                 Args... args) {
+    if (blocks == 0) return cudaSuccess;
+    kernel<<<dim3(static_cast<unsigned int>(blocks)), threads, 0,
+             static_cast<cudaStream_t>(stream)>>>(args...);
+    return cudaGetLastError();
   }
-  return cudaErrorInvalidValue;
-}
+};
 
-dim3 grid_of(int64_t blocks) { return dim3(static_cast<unsigned int>(blocks)); }
+using Gpu = Launchers<CudaLaunch>;
 
 }  // namespace
 
-cudaError_t launch_inverse_norms(bool is_double, const void* rows, int64_t n, int64_t dim,
-                                 void* out, cudaStream_t stream) {
-  if (is_double) {
-    inverse_norms_kernel<double><<<grid_of(n), kThreads, 0, stream>>>(
-        static_cast<const double*>(rows), dim, static_cast<double*>(out));
-  } else {
-    inverse_norms_kernel<float><<<grid_of(n), kThreads, 0, stream>>>(
-        static_cast<const float*>(rows), dim, static_cast<float*>(out));
-  }
-  return cudaGetLastError();
+int launch_speaker_stats(const Problem& p, Stream stream, const char** failed) {
+  return Gpu::speaker_stats(p, stream, failed);
 }
 
-cudaError_t launch_forward_rows(const Problem& p, int64_t first, int64_t count, const void* dots,
-                                void* loss, void* row_stat, int64_t* hardest,
-                                cudaStream_t stream) {
-  return dispatch(p.dtype, [&](auto scalar_zero, auto acc_zero) {
-    using scalar_t = decltype(scalar_zero);
-    using acc_t = decltype(acc_zero);
-    forward_rows_kernel<scalar_t, acc_t><<<grid_of(count * p.utterances), kThreads, 0, stream>>>(
-        p, first, static_cast<const acc_t*>(dots), static_cast<acc_t*>(loss),
-        static_cast<acc_t*>(row_stat), hardest);
-    return cudaGetLastError();
-  });
+int launch_rows(const Problem& p, const RowBuffers& rb, RowPass pass, Block blk, void* cosines,
+                Stream stream, const char** failed) {
+  return Gpu::rows(p, rb, pass, blk, cosines, stream, failed);
 }
 
-cudaError_t launch_similarity_grads(const Problem& p, int64_t first, int64_t count, void* dots,
-                                    const void* grad_loss, const void* row_stat,
-                                    const int64_t* hardest, void* own_terms, void* dw_part,
-                                    void* db_part, cudaStream_t stream) {
-  return dispatch(p.dtype, [&](auto scalar_zero, auto acc_zero) {
-    using scalar_t = decltype(scalar_zero);
-    using acc_t = decltype(acc_zero);
-    similarity_grads_kernel<scalar_t, acc_t><<<grid_of(count * p.utterances), kThreads, 0,
-                                                  stream>>>(
-        p, first, static_cast<acc_t*>(dots), static_cast<const acc_t*>(grad_loss),
-        static_cast<const acc_t*>(row_stat), hardest, static_cast<acc_t*>(own_terms),
-        static_cast<acc_t*>(dw_part), static_cast<acc_t*>(db_part));
-    return cudaGetLastError();
-  });
+int launch_row_gradients(const Problem& p, Block blk, const void* cross, const void* z_to_fold,
+                         void* grad, Stream stream, const char** failed) {
+  return Gpu::row_gradients(p, blk, cross, z_to_fold, grad, stream, failed);
 }
 
-cudaError_t launch_backward_rows(const Problem& p, int64_t first, int64_t count,
-                                 const void* cross, const void* own_terms, void* grad_embeddings,
-                                 void* own_sum_grads, cudaStream_t stream) {
-  return dispatch(p.dtype, [&](auto scalar_zero, auto acc_zero) {
-    using scalar_t = decltype(scalar_zero);
-    using acc_t = decltype(acc_zero);
-    backward_rows_kernel<scalar_t, acc_t><<<grid_of(count), kThreads, 0, stream>>>(
-        p, first, static_cast<const acc_t*>(cross), static_cast<const acc_t*>(own_terms),
-        static_cast<scalar_t*>(grad_embeddings), static_cast<acc_t*>(own_sum_grads));
-    return cudaGetLastError();
-  });
+int launch_fold(const Problem& p, const void* z, void* grad, Stream stream, const char** failed) {
+  return Gpu::fold(p, z, grad, stream, failed);
 }
 
-cudaError_t launch_finalize(const Problem& p, void* grad_sums, const void* own_sum_grads,
-                            void* grad_embeddings, const void* dw_part, const void* db_part,
-                            void* grad_w, void* grad_b, cudaStream_t stream) {
-  return dispatch(p.dtype, [&](auto scalar_zero, auto acc_zero) {
-    using scalar_t = decltype(scalar_zero);
-    using acc_t = decltype(acc_zero);
-    finalize_kernel<scalar_t, acc_t><<<grid_of(p.total_speakers + 1), kThreads, 0, stream>>>(
-        p, static_cast<acc_t*>(grad_sums), static_cast<const acc_t*>(own_sum_grads),
-        static_cast<scalar_t*>(grad_embeddings), static_cast<const acc_t*>(dw_part),
-        static_cast<const acc_t*>(db_part), static_cast<acc_t*>(grad_w),
-        static_cast<acc_t*>(grad_b));
-    return cudaGetLastError();
-  });
+int launch_finish(const Problem& p, void* z, const void* w_part, const void* b_part,
+                  const void* loss_rows, double loss_scale, void* grad_w, void* grad_b,
+                  void* loss_total, Stream stream, const char** failed) {
+  return Gpu::finish(p, z, w_part, b_part, loss_rows, loss_scale, grad_w, grad_b, loss_total,
+                     stream, failed);
 }
 
 }  // namespace cuda

@@ -1,39 +1,82 @@
-// The CUDA kernels of the GE2E op, as a header: ge2e_cuda_kernels.cu compiles
-// them for the GPU, and tests/cuda_emulation/ compiles the same code for the
-// CPU under a small emulation of blocks, barriers and warp shuffles, so the
-// kernels' indexing and reductions are tested on machines without a GPU.
+// The CUDA kernels of the GE2E op and their launchers, as a header:
+// ge2e_cuda_kernels.cu compiles them for the GPU, and tests/cuda_emulation/
+// compiles the same code for the CPU under a small emulation of blocks,
+// barriers and warp shuffles (with its own Launch policy, so the grids below
+// are the ones both run), so the kernels' indexing and reductions are tested
+// on machines without a GPU.
 //
-// The per-row work around the cuBLAS products of ge2e_driver.h. The similarity
-// kernels take one thread block per utterance (threads stride over K); the
-// row-gradient kernel one block per speaker, which walks its M utterances so
-// that the speaker's q sum needs no atomics. Threads stride over D for dot
-// products and gradients, and every reduction is a fixed shuffle tree, so two
-// runs give bitwise-equal results. The formulas are those of ge2e_math.h,
-// which the CPU kernel and gradcheck exercise.
+// The per-row work around the cuBLAS products of ge2e_driver.h; the formulas
+// are ge2e_math.h's, which the CPU kernel and gradcheck exercise. A training
+// step with one block of speakers is four launches (speaker statistics, rows,
+// row gradients, finish) around three cuBLAS products. Every reduction is a
+// fixed shuffle tree and no kernel uses atomics, so two runs give bitwise-equal
+// results.
 //
-// Expects __half, __nv_bfloat16 and their conversions to be declared
-// (cuda_fp16.h and cuda_bf16.h, or the emulation's stand-ins).
+// The first part is plain C++ (ge2e_cuda.cpp includes it for the launchers'
+// declarations); the kernels need __CUDACC__ or the emulation, which also
+// declare __half and __nv_bfloat16 with their conversions.
 #pragma once
 
+#include <cstdint>
+#include <cstring>
+
 #include "../ge2e_math.h"
-#include "ge2e_cuda_problem.h"
+#include "../ge2e_problem.h"
+
+namespace ge2e {
+namespace cuda {
+
+// How the GPU device blocks its speakers (ge2e_driver.h, speakers_per_block):
+// the whole batch while its cosines take at most half the input, else at
+// least 128 speakers per block (efficient cuBLAS products), which keeps a
+// step's peak within 1.5x of input plus gradient.
+struct BlockPolicy {
+  static constexpr int64_t kBlockInputShare = 2;
+  static constexpr int64_t kMinBlockSpeakers = 128;
+  // The contrast loss takes the dense products too: cuBLAS makes them cheap.
+  static constexpr bool kSparseProducts = false;
+};
+
+using Stream = void*;  // a cudaStream_t
+
+// The launchers the CUDA device calls (ge2e_cuda_kernels.cu); each returns a
+// cudaError_t (0: success) and names the kernel that failed in *failed.
+int launch_speaker_stats(const Problem& p, Stream stream, const char** failed);
+int launch_rows(const Problem& p, const RowBuffers& rb, RowPass pass, Block blk, void* cosines,
+                Stream stream, const char** failed);
+int launch_row_gradients(const Problem& p, Block blk, const void* cross, const void* z_to_fold,
+                         void* grad, Stream stream, const char** failed);
+int launch_fold(const Problem& p, const void* z, void* grad, Stream stream, const char** failed);
+int launch_finish(const Problem& p, void* z, const void* w_part, const void* b_part,
+                  const void* loss_rows, double loss_scale, void* grad_w, void* grad_b,
+                  void* loss_total, Stream stream, const char** failed);
+
+}  // namespace cuda
+}  // namespace ge2e
+
+#if defined(__CUDACC__) || defined(GE2E_CUDA_EMULATION)
 
 namespace ge2e {
 namespace cuda {
 namespace {
 
-// Threads per block. The CPU emulation of these kernels compiles them with
-// fewer (GE2E_CUDA_THREADS) so that it runs in seconds; any multiple of 32
-// up to 1024 is valid.
+// Threads per block, at most. The CPU emulation compiles the kernels with
+// fewer (GE2E_CUDA_THREADS) so that it runs in seconds; any multiple of 32 up
+// to 1024 is valid.
 #ifndef GE2E_CUDA_THREADS
 #define GE2E_CUDA_THREADS 256
 #endif
-constexpr int kThreads = GE2E_CUDA_THREADS;
-static_assert(kThreads % 32 == 0 && kThreads <= 1024, "threads per block: a multiple of 32");
-constexpr int kWarps = kThreads / 32;
+constexpr int kMaxThreads = GE2E_CUDA_THREADS;
+static_assert(kMaxThreads % 32 == 0 && kMaxThreads <= 1024, "threads per block: a multiple of 32");
+constexpr int kMaxWarps = kMaxThreads / 32;
 // Shared scratch of a block reduction: one slot per warp plus the result, each
 // large enough for the largest reduced type (four doubles).
 constexpr int kSlotBytes = 32;
+
+struct CudaTypes {
+  using Half = __half;
+  using BFloat16 = __nv_bfloat16;
+};
 
 __device__ __forceinline__ float to_acc(float x) { return x; }
 __device__ __forceinline__ double to_acc(double x) { return x; }
@@ -59,30 +102,20 @@ struct Sums {
   }
 };
 
-template <typename T>
-__device__ __forceinline__ T shfl_down(T v, int offset) {
-  return __shfl_down_sync(0xffffffffu, v, offset);
-}
-template <typename T, int N>
-__device__ __forceinline__ Sums<T, N> shfl_down(const Sums<T, N>& s, int offset) {
-  Sums<T, N> o;
+// A warp shuffle of any trivially copyable value (a Sums, a method's
+// Statistic), 32 bits at a time, so that a new method's statistic needs no
+// shuffle of its own.
+template <typename R>
+__device__ __forceinline__ R shfl_down(const R& value, int offset) {
+  static_assert(sizeof(R) % 4 == 0, "shuffled types are made of 32-bit words");
+  constexpr int kWords = sizeof(R) / 4;
+  unsigned int words[kWords];
+  memcpy(words, &value, sizeof(R));
 #pragma unroll
-  for (int n = 0; n < N; ++n) o.v[n] = shfl_down(s.v[n], offset);
-  return o;
-}
-template <typename T>
-__device__ __forceinline__ LogSumExp<T> shfl_down(const LogSumExp<T>& s, int offset) {
-  LogSumExp<T> o;
-  o.max = shfl_down(s.max, offset);
-  o.sum = shfl_down(s.sum, offset);
-  return o;
-}
-template <typename T>
-__device__ __forceinline__ HardestImpostor<T> shfl_down(const HardestImpostor<T>& s, int offset) {
-  HardestImpostor<T> o;
-  o.value = shfl_down(s.value, offset);
-  o.index = static_cast<int64_t>(shfl_down(static_cast<long long>(s.index), offset));
-  return o;
+  for (int w = 0; w < kWords; ++w) words[w] = __shfl_down_sync(0xffffffffu, words[w], offset);
+  R out;
+  memcpy(&out, words, sizeof(R));
+  return out;
 }
 
 template <typename R>
@@ -93,29 +126,30 @@ __device__ __forceinline__ R warp_reduce(R v) {
 }
 
 // Reduces one value per thread over the block (a default-constructed R is the
-// identity) and returns the result to every thread. Ends with a barrier so the
-// scratch can be reused at once.
+// identity; blockDim.x a multiple of 32) and returns the result to every
+// thread. Ends with a barrier so the scratch can be reused at once.
 template <typename R>
 __device__ R block_reduce(R v, unsigned char* scratch) {
   static_assert(sizeof(R) <= kSlotBytes, "reduction type too large for the scratch slots");
   R* slots = reinterpret_cast<R*>(scratch);
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
+  const int warps = blockDim.x >> 5;
   v = warp_reduce(v);
   if (lane == 0) slots[warp] = v;
   __syncthreads();
   if (warp == 0) {
-    R w = lane < kWarps ? slots[lane] : R();
+    R w = lane < warps ? slots[lane] : R();
     w = warp_reduce(w);
-    if (lane == 0) slots[kWarps] = w;
+    if (lane == 0) slots[kMaxWarps] = w;
   }
   __syncthreads();
-  const R result = slots[kWarps];
+  const R result = slots[kMaxWarps];
   __syncthreads();
   return result;
 }
 
-#define GE2E_SCRATCH __shared__ __align__(16) unsigned char scratch[(kWarps + 1) * kSlotBytes]
+#define GE2E_SCRATCH __shared__ __align__(16) unsigned char scratch[(kMaxWarps + 1) * kSlotBytes]
 
 template <typename acc_t>
 __device__ SimilarityParams<acc_t> params_of(const Problem& p) {
@@ -123,218 +157,340 @@ __device__ SimilarityParams<acc_t> params_of(const Problem& p) {
                             p.min_cosine, p.clamp);
 }
 
-// cos(e, s - e) of one row, the block's threads striding over D.
+// One block per utterance r = (j, i), threads over D: the compensated sum of
+// speaker j's utterances (every block of the speaker sums them again: M loads
+// a column, from cache), the row's OwnCosine with u = that sum without e_ji,
+// and, in the speaker's first block, the sums (hi, lo) and 1/|s_j|.
 template <typename scalar_t, typename acc_t>
-__device__ OwnCosine<acc_t> block_own_cosine(const scalar_t* e, const acc_t* s, int64_t dim,
-                                             unsigned char* scratch) {
-  Sums<acc_t, 3> part;
-  for (int64_t d = threadIdx.x; d < dim; d += kThreads) {
-    const acc_t ev = to_acc(e[d]);
-    const acc_t uv = s[d] - ev;
+__global__ void __launch_bounds__(kMaxThreads) speaker_stats_kernel(Problem p) {
+  GE2E_SCRATCH;
+  const int64_t r = blockIdx.x, M = p.utterances, D = p.dim;
+  const int64_t j = r / M, i = r % M;
+  const auto* emb = static_cast<const scalar_t*>(p.embeddings);
+  const scalar_t* speaker = emb + j * M * D;
+  auto* sums_hi = static_cast<acc_t*>(p.own_sums_hi) + j * D;
+  auto* sums_lo = static_cast<acc_t*>(p.own_sums_lo) + j * D;
+  Sums<acc_t, 4> part;  // e.e, e.u, u.u, s.s
+  for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
+    acc_t hi = 0, lo = 0;
+    for (int64_t l = 0; l < M; ++l) add_compensated(hi, lo, to_acc(speaker[l * D + d]));
+    const acc_t ev = to_acc(speaker[i * D + d]);
+    const acc_t uv = sum_without(hi, lo, ev);
     part.v[0] += ev * ev;
     part.v[1] += ev * uv;
     part.v[2] += uv * uv;
+    part.v[3] += hi * hi;
+    if (i == 0) {
+      sums_hi[d] = hi;
+      sums_lo[d] = lo;
+    }
   }
   const auto total = block_reduce(part, scratch);
-  return own_cosine(total.v[0], total.v[1], total.v[2]);
+  if (threadIdx.x == 0) {
+    store_own_cosine(static_cast<acc_t*>(p.own_terms) + r * kOwnTermsSize,
+                     own_cosine(total.v[0], total.v[1], total.v[2]));
+    if (i == 0 && !p.sums_given) static_cast<acc_t*>(p.inv_sums)[j] = inverse_norm(total.v[3]);
+  }
 }
 
+// One block per row of given sums: 1/|s_k|.
 template <typename acc_t>
-__global__ void __launch_bounds__(kThreads)
-    inverse_norms_kernel(const acc_t* __restrict__ rows, int64_t dim, acc_t* __restrict__ out) {
+__global__ void __launch_bounds__(kMaxThreads) sum_inverse_norms_kernel(Problem p) {
   GE2E_SCRATCH;
-  const acc_t* row = rows + static_cast<int64_t>(blockIdx.x) * dim;
+  const acc_t* row = static_cast<const acc_t*>(p.sums) + static_cast<int64_t>(blockIdx.x) * p.dim;
   Sums<acc_t, 1> part;
-  for (int64_t d = threadIdx.x; d < dim; d += kThreads) part.v[0] += row[d] * row[d];
+  for (int64_t d = threadIdx.x; d < p.dim; d += blockDim.x) part.v[0] += row[d] * row[d];
   const auto total = block_reduce(part, scratch);
-  if (threadIdx.x == 0) out[blockIdx.x] = inverse_norm(total.v[0]);
+  if (threadIdx.x == 0) static_cast<acc_t*>(p.inv_sums)[blockIdx.x] = inverse_norm(total.v[0]);
 }
 
-template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kThreads)
-    forward_rows_kernel(Problem p, int64_t first, const acc_t* __restrict__ dots,
-                        acc_t* __restrict__ loss, acc_t* __restrict__ row_stat,
-                        int64_t* __restrict__ hardest) {
+// One block per row of the block, threads over K: the row kernel of
+// cpu/ge2e_cpu_kernels.h (same outputs), its reductions as shuffle trees.
+template <class Method, typename acc_t>
+__global__ void __launch_bounds__(kMaxThreads)
+    rows_kernel(Problem p, RowBuffers rb, RowPass pass, Block blk, acc_t* cosines) {
   GE2E_SCRATCH;
-  const int64_t rb = blockIdx.x;  // row in the block
-  const int64_t r = first * p.utterances + rb, own = p.speaker_offset + r / p.utterances;
-  const int64_t D = p.dim, K = p.total_speakers;
-  const auto* emb = static_cast<const scalar_t*>(p.embeddings);
-  const auto* sums = static_cast<const acc_t*>(p.sums);
+  const int64_t M = p.utterances, K = p.total_speakers;
+  const int64_t row_in_block = blockIdx.x;
+  const int64_t r = blk.first * M + row_in_block;
+  const int64_t j = r / M, i = r % M, own = p.speaker_offset + j;
+  const auto params = params_of<acc_t>(p);
   const auto* inv_sums = static_cast<const acc_t*>(p.inv_sums);
-  const auto prm = params_of<acc_t>(p);
-  const auto oc = block_own_cosine(emb + r * D, sums + own * D, D, scratch);
-  const acc_t own_sim = similarity(oc.raw_cos, prm);
-  const acc_t* dot_row = dots + rb * K;
-  HardestImpostor<acc_t> impostor;
-  LogSumExp<acc_t> lse;
-  const bool softmax = p.method == kSoftmax;
-  for (int64_t k = threadIdx.x; k < K; k += kThreads) {
-    if (k == own) {
-      if (softmax) lse.add(own_sim);
-      continue;
-    }
-    const acc_t s = similarity(cosine(dot_row[k], oc.inv_norm_e, inv_sums[k]), prm);
-    if (softmax) {
-      lse.add(s);
-    } else {
-      impostor.add(s, k);
+  auto* own_terms = static_cast<acc_t*>(p.own_terms);
+  const OwnCosine<acc_t> oc = load_own_cosine(own_terms + r * kOwnTermsSize);
+  const RowView<acc_t> view{clamp_cosine(oc.raw_cos, params), params};
+  acc_t* row = cosines + row_in_block * K;
+
+  typename Method::template Statistic<acc_t> stat;
+  for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {
+    const acc_t raw = cosine(row[k], oc.inv_norm_e, inv_sums[k]);
+    row[k] = raw;  // read back below by this thread only
+    if (pass != RowPass::kGradient && k != own) {
+      stat.add(Method::value(clamp_cosine(raw, params), view), k);
     }
   }
-  if (softmax) {
-    lse = block_reduce(lse, scratch);
+  RowSummary<acc_t> summary;
+  if (pass == RowPass::kGradient) {
+    summary.loss = static_cast<const acc_t*>(rb.loss)[r];
+    summary.hardest = rb.hardest[r];
   } else {
-    impostor = block_reduce(impostor, scratch);
-  }
-  if (threadIdx.x == 0) {
-    if (softmax) {
-      row_stat[r] = lse.value();
-      loss[r] = softmax_row_loss(row_stat[r], own_sim);
-      hardest[r] = -1;  // only the contrast loss needs it
-    } else {
-      row_stat[r] = impostor.value;
-      loss[r] = contrast_row_loss(own_sim, impostor.value);
-      hardest[r] = impostor.index;
+    stat = block_reduce(stat, scratch);
+    summary.loss = Method::row_loss(stat, view);
+    summary.hardest = Method::hardest(stat);
+    if (threadIdx.x == 0) {
+      static_cast<acc_t*>(rb.loss)[r] = summary.loss;
+      rb.hardest[r] = summary.hardest;
     }
+    if (pass == RowPass::kLoss) return;
   }
-}
 
-template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kThreads)
-    similarity_grads_kernel(Problem p, int64_t first, acc_t* __restrict__ h,
-                            const acc_t* __restrict__ grad_loss, const acc_t* __restrict__ row_stat,
-                            const int64_t* __restrict__ hardest, acc_t* __restrict__ own_terms,
-                            acc_t* __restrict__ dw_part, acc_t* __restrict__ db_part) {
-  GE2E_SCRATCH;
-  const int64_t rb = blockIdx.x;  // row in the block
-  const int64_t r = first * p.utterances + rb, own = p.speaker_offset + r / p.utterances;
-  const int64_t D = p.dim, K = p.total_speakers;
-  const auto* emb = static_cast<const scalar_t*>(p.embeddings);
-  const auto* sums = static_cast<const acc_t*>(p.sums);
-  const auto* inv_sums = static_cast<const acc_t*>(p.inv_sums);
-  const auto prm = params_of<acc_t>(p);
-  const bool softmax = p.method == kSoftmax;
-  const auto oc = block_own_cosine(emb + r * D, sums + own * D, D, scratch);
-  const acc_t g_r = grad_loss[r];
-  const acc_t own_s = similarity(oc.raw_cos, prm);
-  const acc_t lse = row_stat[r];
-  const int64_t star = softmax ? -1 : hardest[r];
-  acc_t* h_row = h + rb * K;
-  Sums<acc_t, 2> part;  // dLoss/dw, dLoss/db of this thread's entries
-  for (int64_t k = threadIdx.x; k < K; k += kThreads) {
-    if (k == own || (!softmax && k != star)) {
-      h_row[k] = acc_t(0);
+  acc_t grad_row = pass == RowPass::kGradient
+                       ? static_cast<const acc_t*>(rb.grad_loss)[j * rb.grad_stride_speaker +
+                                                                 i * rb.grad_stride_utterance]
+                       : static_cast<acc_t>(rb.grad_scale);
+  if (Method::kSparseGradient) {
+    const int64_t k = summary.hardest;
+    if (k < 0 || k >= K || k == own) grad_row = quiet_nan<acc_t>();  // see the CPU kernel
+  }
+  Sums<acc_t, 2> part;  // G = sum g_k, sum g_k (c_k - c_own)
+  for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {
+    if (k == own) {
+      row[k] = acc_t(0);  // the own speaker's term goes through u, not s_own
       continue;
     }
-    const acc_t raw = cosine(h_row[k], oc.inv_norm_e, inv_sums[k]);
-    const acc_t s = similarity(raw, prm);
-    const acc_t g = softmax ? softmax_similarity_grad(s, lse, false, g_r)
-                            : contrast_similarity_grad(s, false, g_r);
-    part.v[0] += g * clamp_cosine(raw, prm);
-    part.v[1] += g;
-    h_row[k] = cosine_grad(g, raw, prm) * oc.inv_norm_e * inv_sums[k];
-  }
-  if (threadIdx.x == 0) {
-    const acc_t g = softmax ? softmax_similarity_grad(own_s, lse, true, g_r)
-                            : contrast_similarity_grad(own_s, true, g_r);
-    part.v[0] += g * clamp_cosine(oc.raw_cos, prm);
-    part.v[1] += g;
-    store_own_terms(own_terms + r * kOwnTermsSize, cosine_grad(g, oc.raw_cos, prm), oc);
+    const acc_t raw = row[k];
+    const acc_t c = clamp_cosine(raw, params);
+    const acc_t g = Method::impostor_grad(Method::value(c, view), k, summary, view, grad_row);
+    part.v[0] += g;
+    part.v[1] += g * (c - view.own_cos);
+    row[k] = cosine_grad(g, raw, params) * oc.inv_norm_e * inv_sums[k];
   }
   const auto total = block_reduce(part, scratch);
   if (threadIdx.x == 0) {
-    dw_part[r] = total.v[0];
-    db_part[r] = total.v[1];
+    const acc_t own_g = Method::own_grad(total.v[0], view, grad_row);
+    own_terms[r * kOwnTermsSize + kOwnGradSlot] = cosine_grad(own_g, oc.raw_cos, params);
+    static_cast<acc_t*>(rb.w_grad_part)[r] =
+        row_w_grad(total.v[0], total.v[1], own_g, view.own_cos);
+    static_cast<acc_t*>(rb.b_grad_part)[r] = row_b_grad(total.v[0], own_g);
   }
 }
 
-template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kThreads)
-    backward_rows_kernel(Problem p, int64_t first, const acc_t* cross,
-                         const acc_t* __restrict__ own_terms, scalar_t* grad,
-                         acc_t* __restrict__ own_sum_grads) {
-  GE2E_SCRATCH;
-  const int64_t jb = blockIdx.x, j = first + jb;
-  const int64_t D = p.dim, M = p.utterances;
-  const auto* emb = static_cast<const scalar_t*>(p.embeddings);
-  const acc_t* s = static_cast<const acc_t*>(p.sums) + (p.speaker_offset + j) * D;
-  acc_t* q_row = own_sum_grads + j * D;
-  for (int64_t i = 0; i < M; ++i) {
-    const int64_t r = j * M + i, rb = jb * M + i;
-    const scalar_t* e = emb + r * D;
-    // cross may alias grad: each thread reads t_row[d] before it writes grad[d].
-    const acc_t* t_row = cross + rb * D;
-    Sums<acc_t, 1> part;
-    for (int64_t d = threadIdx.x; d < D; d += kThreads) part.v[0] += to_acc(e[d]) * t_row[d];
-    const acc_t e_dot_t = block_reduce(part, scratch).v[0];
-    acc_t hv;
-    const auto oc = load_own_terms(own_terms + r * kOwnTermsSize, &hv);
-    for (int64_t d = threadIdx.x; d < D; d += kThreads) {
-      const acc_t ev = to_acc(e[d]);
-      const acc_t uv = s[d] - ev;
-      const acc_t q = own_grad_wrt_centroid(hv, oc, ev, uv);
-      const acc_t g = remove_projection(t_row[d], ev, e_dot_t, oc.inv_norm_e) +
-                      own_grad_wrt_embedding(hv, oc, ev, uv) - q;
-      store(grad + r * D + d, g);
-      q_row[d] = i == 0 ? q : q_row[d] + q;
-    }
-  }
-}
-
-// dLoss/dw and dLoss/db from the rows' partials, in a fixed order.
+// dLoss/ds_k . (the part of dLoss/ds_k along s_k is removed) for one coordinate.
 template <typename acc_t>
-__device__ void finalize_scalars(const Problem& p, const acc_t* __restrict__ dw_part,
-                                 const acc_t* __restrict__ db_part, acc_t* __restrict__ grad_w,
-                                 acc_t* __restrict__ grad_b, unsigned char* scratch) {
-  const int64_t rows = p.num_speakers * p.utterances;
-  Sums<acc_t, 2> part;
-  for (int64_t r = threadIdx.x; r < rows; r += kThreads) {
-    part.v[0] += dw_part[r];
-    part.v[1] += db_part[r];
+__device__ __forceinline__ acc_t sum_grad(const Problem& p, int64_t k, int64_t d, const acc_t* z,
+                                          acc_t s_dot_z) {
+  const acc_t* s = static_cast<const acc_t*>(p.sums) + k * p.dim;
+  const acc_t inv_s = static_cast<const acc_t*>(p.inv_sums)[k];
+  return remove_projection(z[k * p.dim + d], s[d], s_dot_z, inv_s);
+}
+
+// One block per row of the block (several per speaker), threads over D: the
+// cross part from T = H S (`cross`, which may be the gradient's own memory:
+// each thread reads its elements before it writes them, after the barriers of
+// the reduction), the own part, the other rows' q summed directly over the
+// speaker's M - 1 other utterances (no subtraction), and with z_to_fold the
+// speaker's dLoss/ds.
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kMaxThreads)
+    row_gradients_kernel(Problem p, Block blk, const acc_t* cross, const acc_t* z_to_fold,
+                         scalar_t* grad) {
+  GE2E_SCRATCH;
+  const int64_t M = p.utterances, D = p.dim;
+  const int64_t row_in_block = blockIdx.x;
+  const int64_t r = blk.first * M + row_in_block;
+  const int64_t j = r / M, i = r % M, own = p.speaker_offset + j;
+  const auto* emb = static_cast<const scalar_t*>(p.embeddings);
+  const auto* own_terms = static_cast<const acc_t*>(p.own_terms);
+  const acc_t* s_hi = static_cast<const acc_t*>(p.own_sums_hi) + j * D;
+  const acc_t* s_lo = static_cast<const acc_t*>(p.own_sums_lo) + j * D;
+  const acc_t* sums = static_cast<const acc_t*>(p.sums) + own * D;
+  const scalar_t* e = emb + r * D;
+  const acc_t* t_row = cross + row_in_block * D;
+  Sums<acc_t, 2> part;  // e . T, s_j . Z_j
+  for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
+    part.v[0] += to_acc(e[d]) * t_row[d];
+    if (z_to_fold != nullptr) part.v[1] += sums[d] * z_to_fold[own * D + d];
   }
-  const auto total = block_reduce(part, scratch);
-  if (threadIdx.x == 0) {
-    *grad_w = params_of<acc_t>(p).w_active ? total.v[0] : acc_t(0);
-    *grad_b = total.v[1];
+  const auto dots = block_reduce(part, scratch);
+  const OwnCosine<acc_t> oc = load_own_cosine(own_terms + r * kOwnTermsSize);
+  const acc_t h = own_terms[r * kOwnTermsSize + kOwnGradSlot];
+  for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
+    const acc_t ev = to_acc(e[d]);
+    acc_t others = 0;  // sum over the other rows i' of q_ji'
+    for (int64_t other = 0; other < M; ++other) {
+      if (other == i) continue;
+      const int64_t r2 = j * M + other;
+      const acc_t e2 = to_acc(emb[r2 * D + d]);
+      others += own_grad_through_others(own_terms[r2 * kOwnTermsSize + kOwnGradSlot],
+                                        load_own_cosine(own_terms + r2 * kOwnTermsSize), e2,
+                                        sum_without(s_hi[d], s_lo[d], e2));
+    }
+    acc_t g = remove_projection(t_row[d], ev, dots.v[0], oc.inv_norm_e) +
+              own_grad_through_embedding(h, oc, ev, sum_without(s_hi[d], s_lo[d], ev)) + others;
+    if (z_to_fold != nullptr) g += sum_grad(p, own, d, z_to_fold, dots.v[1]);
+    store(grad + r * D + d, g);
   }
 }
 
-// Blocks 0..K-1: grad_sums from Z and the q sums (and the fold into the rows);
-// block K: dLoss/dw and dLoss/db. One launch for the end of the backward.
+// One block per local row: adds its speaker's dLoss/ds (from Z).
 template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kThreads)
-    finalize_kernel(Problem p, acc_t* __restrict__ z, const acc_t* __restrict__ own_sum_grads,
-                    scalar_t* __restrict__ grad, const acc_t* __restrict__ dw_part,
-                    const acc_t* __restrict__ db_part, acc_t* __restrict__ grad_w,
-                    acc_t* __restrict__ grad_b) {
+__global__ void __launch_bounds__(kMaxThreads)
+    fold_kernel(Problem p, const acc_t* z, scalar_t* grad) {
   GE2E_SCRATCH;
-  if (blockIdx.x == p.total_speakers) {
-    finalize_scalars(p, dw_part, db_part, grad_w, grad_b, scratch);
+  const int64_t r = blockIdx.x, D = p.dim;
+  const int64_t own = p.speaker_offset + r / p.utterances;
+  const acc_t* s = static_cast<const acc_t*>(p.sums) + own * D;
+  Sums<acc_t, 1> part;
+  for (int64_t d = threadIdx.x; d < D; d += blockDim.x) part.v[0] += s[d] * z[own * D + d];
+  const acc_t s_dot_z = block_reduce(part, scratch).v[0];
+  for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
+    scalar_t* g = grad + r * D + d;
+    store(g, to_acc(*g) + sum_grad(p, own, d, z, s_dot_z));
+  }
+}
+
+// Blocks [0, sum_rows): Z becomes dLoss/ds in place (given sums); the last
+// block: dLoss/dw, dLoss/db and scale * the sum of the losses, in a fixed order.
+template <typename acc_t>
+__global__ void __launch_bounds__(kMaxThreads)
+    finish_kernel(Problem p, int64_t sum_rows, acc_t* z, const acc_t* w_part,
+                  const acc_t* b_part, const acc_t* loss_rows, double loss_scale, acc_t* grad_w,
+                  acc_t* grad_b, acc_t* loss_total) {
+  GE2E_SCRATCH;
+  if (blockIdx.x < sum_rows) {
+    const int64_t k = blockIdx.x, D = p.dim;
+    const acc_t* s = static_cast<const acc_t*>(p.sums) + k * D;
+    Sums<acc_t, 1> part;
+    for (int64_t d = threadIdx.x; d < D; d += blockDim.x) part.v[0] += s[d] * z[k * D + d];
+    const acc_t s_dot_z = block_reduce(part, scratch).v[0];
+    for (int64_t d = threadIdx.x; d < D; d += blockDim.x) z[k * D + d] = sum_grad(p, k, d, z, s_dot_z);
     return;
   }
-  const int64_t k = blockIdx.x, D = p.dim, M = p.utterances;
-  acc_t* z_row = z + k * D;
-  const acc_t* s = static_cast<const acc_t*>(p.sums) + k * D;
-  const acc_t inv_s = static_cast<const acc_t*>(p.inv_sums)[k];
-  Sums<acc_t, 1> part;
-  for (int64_t d = threadIdx.x; d < D; d += kThreads) part.v[0] += s[d] * z_row[d];
-  const acc_t s_dot_z = block_reduce(part, scratch).v[0];
-  const int64_t j = k - p.speaker_offset;  // local speaker, if it is one
-  const bool local = j >= 0 && j < p.num_speakers;
-  for (int64_t d = threadIdx.x; d < D; d += kThreads) {
-    const acc_t value = remove_projection(z_row[d], s[d], s_dot_z, inv_s) +
-                        (local ? own_sum_grads[j * D + d] : acc_t(0));
-    z_row[d] = value;
-    if (!p.sums_given) {
-      // ds_j/de_ji = I: every utterance of speaker j receives grad s_j.
-      for (int64_t i = 0; i < M; ++i) {
-        scalar_t* g = grad + (j * M + i) * D + d;
-        store(g, to_acc(*g) + value);
-      }
-    }
+  Sums<acc_t, 3> part;
+  for (int64_t r = threadIdx.x; r < p.rows(); r += blockDim.x) {
+    part.v[0] += w_part[r];
+    part.v[1] += b_part[r];
+    if (loss_rows != nullptr) part.v[2] += loss_rows[r];
+  }
+  const auto total = block_reduce(part, scratch);
+  if (threadIdx.x == 0) {
+    const auto params = params_of<acc_t>(p);
+    *grad_w = w_grad(total.v[0], params);
+    *grad_b = b_grad(total.v[1], params);
+    if (loss_total != nullptr) *loss_total = static_cast<acc_t>(loss_scale) * total.v[2];
   }
 }
+
+#undef GE2E_SCRATCH
+
+// Threads for a loop over n elements: whole warps, at most kMaxThreads.
+inline int threads_for(int64_t n) {
+  const int64_t warps = (n + 31) / 32;
+  return static_cast<int>(32 * (warps < 1 ? 1 : (warps > kMaxWarps ? kMaxWarps : warps)));
+}
+
+// The grids of the kernels and their dtype and method dispatch, for an
+// execution model Launch: Launch::run(name, kernel, blocks, threads, stream,
+// args...) launches and returns a cudaError_t (0: success). The GPU's Launch
+// is in ge2e_cuda_kernels.cu, the CPU emulation's in tests/cuda_emulation.
+template <class Launch>
+struct Launchers {
+  // The first failure of a sequence of launches, and its kernel's name.
+  struct Status {
+    int error = 0;
+    const char* failed = nullptr;
+    void operator()(int e, const char* name) {
+      if (error == 0 && e != 0) {
+        error = e;
+        failed = name;
+      }
+    }
+  };
+
+  static int speaker_stats(const Problem& p, Stream stream, const char** failed) {
+    Status status;
+    dispatch_dtype<CudaTypes>(p.dtype, [&](auto scalar_zero, auto acc_zero) {
+      using scalar_t = decltype(scalar_zero);
+      using acc_t = decltype(acc_zero);
+      status(Launch::run(speaker_stats_kernel<scalar_t, acc_t>, p.rows(), threads_for(p.dim),
+                         stream, p),
+             "speaker_stats");
+      if (p.sums_given) {
+        status(Launch::run(sum_inverse_norms_kernel<acc_t>, p.total_speakers,
+                           threads_for(p.dim), stream, p),
+               "sum_inverse_norms");
+      }
+    });
+    *failed = status.failed;
+    return status.error;
+  }
+
+  static int rows(const Problem& p, const RowBuffers& rb, RowPass pass, Block blk, void* cosines,
+                  Stream stream, const char** failed) {
+    Status status;
+    dispatch_dtype<CudaTypes>(p.dtype, [&](auto, auto acc_zero) {
+      using acc_t = decltype(acc_zero);
+      dispatch_loss_method(p.method, [&](auto method) {
+        status(Launch::run(rows_kernel<decltype(method), acc_t>, blk.count * p.utterances,
+                           threads_for(p.total_speakers), stream, p, rb, pass, blk,
+                           static_cast<acc_t*>(cosines)),
+               "rows");
+      });
+    });
+    *failed = status.failed;
+    return status.error;
+  }
+
+  static int row_gradients(const Problem& p, Block blk, const void* cross, const void* z_to_fold,
+                           void* grad, Stream stream, const char** failed) {
+    Status status;
+    dispatch_dtype<CudaTypes>(p.dtype, [&](auto scalar_zero, auto acc_zero) {
+      using scalar_t = decltype(scalar_zero);
+      using acc_t = decltype(acc_zero);
+      status(Launch::run(row_gradients_kernel<scalar_t, acc_t>, blk.count * p.utterances,
+                         threads_for(p.dim), stream, p, blk, static_cast<const acc_t*>(cross),
+                         static_cast<const acc_t*>(z_to_fold), static_cast<scalar_t*>(grad)),
+             "row_gradients");
+    });
+    *failed = status.failed;
+    return status.error;
+  }
+
+  static int fold(const Problem& p, const void* z, void* grad, Stream stream,
+                  const char** failed) {
+    Status status;
+    dispatch_dtype<CudaTypes>(p.dtype, [&](auto scalar_zero, auto acc_zero) {
+      using scalar_t = decltype(scalar_zero);
+      using acc_t = decltype(acc_zero);
+      status(Launch::run(fold_kernel<scalar_t, acc_t>, p.rows(), threads_for(p.dim), stream, p,
+                         static_cast<const acc_t*>(z), static_cast<scalar_t*>(grad)),
+             "fold");
+    });
+    *failed = status.failed;
+    return status.error;
+  }
+
+  static int finish(const Problem& p, void* z, const void* w_part, const void* b_part,
+                    const void* loss_rows, double loss_scale, void* grad_w, void* grad_b,
+                    void* loss_total, Stream stream, const char** failed) {
+    Status status;
+    dispatch_dtype<CudaTypes>(p.dtype, [&](auto, auto acc_zero) {
+      using acc_t = decltype(acc_zero);
+      const int64_t sum_rows = p.sums_given ? p.total_speakers : 0;
+      status(Launch::run(finish_kernel<acc_t>, sum_rows + 1, kMaxThreads, stream, p, sum_rows,
+                         static_cast<acc_t*>(z), static_cast<const acc_t*>(w_part),
+                         static_cast<const acc_t*>(b_part), static_cast<const acc_t*>(loss_rows),
+                         loss_scale, static_cast<acc_t*>(grad_w), static_cast<acc_t*>(grad_b),
+                         static_cast<acc_t*>(loss_total)),
+             "finish");
+    });
+    *failed = status.failed;
+    return status.error;
+  }
+};
 
 }  // namespace
 }  // namespace cuda
 }  // namespace ge2e
+
+#endif  // __CUDACC__ || GE2E_CUDA_EMULATION

@@ -1,10 +1,16 @@
 // A small emulation of CUDA's execution model on the CPU, enough to run
-// csrc/cuda/ge2e_cuda_kernels.cuh unchanged: a block's threads are real threads
+// csrc/cuda/ge2e_cuda_kernels.cuh unchanged (its GE2E_CUDA_EMULATION part): a block's threads are real threads
 // (one block at a time, so __shared__ can be a function-static), __syncthreads
 // is a barrier over the block, and a warp shuffle goes through a per-warp
 // buffer between two warp barriers. It checks the kernels' indexing and
 // reductions; it says nothing of the GPU's memory model or speed.
 #pragma once
+
+// Selects the kernels' part of ge2e_cuda_kernels.cuh.
+#define GE2E_CUDA_EMULATION 1
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 
 #include <barrier>
 #include <cstdint>
@@ -52,6 +58,7 @@ inline thread_local Block* current_block = nullptr;
 
 inline thread_local EmulatedDim3 threadIdx;
 inline thread_local EmulatedDim3 blockIdx;
+inline thread_local EmulatedDim3 blockDim;
 
 inline void __syncthreads() { ge2e_emulation::current_block->barrier.arrive_and_wait(); }
 
@@ -84,6 +91,7 @@ void launch(int64_t grid, int threads, Kernel kernel) {
     workers.emplace_back([&, t] {
       current_block = &block;
       threadIdx.x = static_cast<unsigned int>(t);
+      blockDim.x = static_cast<unsigned int>(threads);
       for (int64_t b = 0; b < grid; ++b) {
         blockIdx.x = static_cast<unsigned int>(b);
         kernel();
@@ -96,15 +104,18 @@ void launch(int64_t grid, int threads, Kernel kernel) {
 
 }  // namespace ge2e_emulation
 
-// Stand-ins for cuda_fp16.h / cuda_bf16.h: the emulated tests use float32 and
-// float64 only; these let the half-precision overloads compile.
+// Stand-ins for cuda_fp16.h / cuda_bf16.h with the same rounding (to
+// nearest even), through c10's conversions: the emulated kernels run float16
+// and bfloat16 inputs too.
 struct __half {
   unsigned short bits;
 };
 struct __nv_bfloat16 {
   unsigned short bits;
 };
-inline float __half2float(__half) { return 0.0f; }
-inline float __bfloat162float(__nv_bfloat16) { return 0.0f; }
-inline __half __float2half_rn(float) { return __half{0}; }
-inline __nv_bfloat16 __float2bfloat16_rn(float) { return __nv_bfloat16{0}; }
+inline float __half2float(__half h) { return c10::detail::fp16_ieee_to_fp32_value(h.bits); }
+inline __half __float2half_rn(float x) { return __half{c10::detail::fp16_ieee_from_fp32_value(x)}; }
+inline float __bfloat162float(__nv_bfloat16 h) { return c10::detail::f32_from_bits(h.bits); }
+inline __nv_bfloat16 __float2bfloat16_rn(float x) {
+  return __nv_bfloat16{c10::detail::round_to_nearest_even(x)};
+}

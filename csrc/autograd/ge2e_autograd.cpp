@@ -1,0 +1,174 @@
+// The autograd of ge2e_loss, in C++ (as torchvision's csrc/ops/autograd/),
+// for every device.
+//
+// A reduced loss ("sum", "mean") has one upstream gradient for every row, so
+// its forward computes the loss and every gradient in one sweep
+// (ge2e_forward_backward) and its backward only scales them by that scalar,
+// as Liger-Kernel's fused linear cross-entropy does. Per-row losses
+// (reduction "none") keep a forward and a backward kernel (the upstream
+// gradient differs per row). Either way the backward is not differentiable
+// again: asked to be (create_graph=True), it returns gradients whose own
+// backward raises, never a silently wrong second derivative.
+#include <torch/autograd.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
+#include <torch/library.h>
+
+#include <string>
+
+#include "../ge2e_ops.h"
+
+namespace ge2e {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// Passes `gradients` through; their backward (a gradient of a gradient) raises.
+class NoDoubleBackward : public torch::autograd::Function<NoDoubleBackward> {
+ public:
+  static variable_list forward(AutogradContext*, at::TensorList gradients,
+                               at::TensorList /*depends_on*/) {
+    return gradients.vec();
+  }
+  static variable_list backward(AutogradContext*, variable_list) {
+    TORCH_CHECK(false,
+                "ge2e_ext: the compiled GE2E op does not support double backward (a gradient "
+                "of its gradient, e.g. backward(create_graph=True) then backward again); use "
+                "backend='torch' for higher-order gradients");
+  }
+};
+
+// `gradients` as the backward's result; when the backward itself is being
+// recorded (create_graph=True), tied to what they depend on through
+// NoDoubleBackward.
+variable_list finish_backward(variable_list gradients, const variable_list& depends_on) {
+  if (!at::GradMode::is_enabled()) return gradients;
+  variable_list defined, inputs;
+  for (const auto& g : gradients) {
+    if (g.defined()) defined.push_back(g);
+  }
+  for (const auto& t : depends_on) {
+    if (t.defined()) inputs.push_back(t);
+  }
+  variable_list tied = NoDoubleBackward::apply(at::TensorList(defined), at::TensorList(inputs));
+  size_t next = 0;
+  for (auto& g : gradients) {
+    if (g.defined()) g = tied[next++];
+  }
+  return gradients;
+}
+
+at::Tensor scaled(const at::Tensor& gradient, const at::Tensor& factor) {
+  return gradient.defined() ? gradient.mul(factor) : gradient;
+}
+
+class ReducedLoss : public torch::autograd::Function<ReducedLoss> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& embeddings,
+                            const c10::optional<at::Tensor>& sums, const at::Tensor& w,
+                            const at::Tensor& b, int64_t speaker_offset,
+                            c10::string_view loss_method, c10::optional<double> min_cosine,
+                            double scale, int64_t block_speakers) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [loss, grad_embeddings, grad_sums, grad_w, grad_b] =
+        ops::forward_backward(embeddings, sums, w, b, speaker_offset, loss_method, min_cosine,
+                              scale, block_speakers);
+    // The inputs are kept only for a create_graph backward to depend on.
+    ctx->save_for_backward({grad_embeddings, sums.has_value() ? grad_sums : at::Tensor(), grad_w,
+                            grad_b, embeddings, sums.value_or(at::Tensor()), w, b});
+    return loss;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor& grad_loss = grad_outputs[0];
+    variable_list gradients(9);
+    if (grad_loss.defined()) {
+      for (size_t i = 0; i < 4; ++i) gradients[i] = scaled(saved[i], grad_loss);
+    }
+    return finish_backward(std::move(gradients),
+                           {grad_loss, saved[4], saved[5], saved[6], saved[7]});
+  }
+};
+
+class RowLosses : public torch::autograd::Function<RowLosses> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& embeddings,
+                            const c10::optional<at::Tensor>& sums, const at::Tensor& w,
+                            const at::Tensor& b, int64_t speaker_offset,
+                            c10::string_view loss_method, c10::optional<double> min_cosine,
+                            int64_t block_speakers) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [loss, hardest] = ops::forward(embeddings, sums, w, b, speaker_offset, loss_method,
+                                        min_cosine, block_speakers);
+    ctx->save_for_backward({embeddings, sums.value_or(at::Tensor()), w, b, loss, hardest});
+    ctx->saved_data["speaker_offset"] = speaker_offset;
+    ctx->saved_data["loss_method"] = std::string(loss_method);
+    ctx->saved_data["min_cosine"] = min_cosine;
+    ctx->saved_data["block_speakers"] = block_speakers;
+    return loss;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor& grad_loss = grad_outputs[0];
+    variable_list gradients(8);
+    if (grad_loss.defined()) {
+      const bool sums_given = saved[1].defined();
+      const c10::optional<at::Tensor> sums =
+          sums_given ? c10::optional<at::Tensor>(saved[1]) : c10::nullopt;
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      auto [grad_embeddings, grad_sums, grad_w, grad_b] = ops::backward(
+          grad_loss, saved[0], sums, saved[2], saved[3], saved[4], saved[5],
+          ctx->saved_data["speaker_offset"].toInt(),
+          ctx->saved_data["loss_method"].toStringRef(),
+          ctx->saved_data["min_cosine"].toOptional<double>(),
+          ctx->saved_data["block_speakers"].toInt());
+      gradients[0] = grad_embeddings;
+      gradients[1] = sums_given ? grad_sums : at::Tensor();
+      gradients[2] = grad_w;
+      gradients[3] = grad_b;
+    }
+    return finish_backward(std::move(gradients), {grad_loss, saved[0], saved[1], saved[2], saved[3]});
+  }
+};
+
+at::Tensor loss_autograd(const at::Tensor& embeddings, const c10::optional<at::Tensor>& sums,
+                         const at::Tensor& w, const at::Tensor& b, int64_t speaker_offset,
+                         c10::string_view loss_method, c10::optional<double> min_cosine,
+                         bool reduce, double scale, int64_t block_speakers) {
+  const bool needs_grad =
+      at::GradMode::is_enabled() &&
+      (embeddings.requires_grad() || w.requires_grad() || b.requires_grad() ||
+       (sums.has_value() && sums->requires_grad()));
+  if (!needs_grad) {
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("ge2e_ext::ge2e_loss", "")
+                               .typed<at::Tensor(const at::Tensor&,
+                                                 const c10::optional<at::Tensor>&,
+                                                 const at::Tensor&, const at::Tensor&, int64_t,
+                                                 c10::string_view, c10::optional<double>, bool,
+                                                 double, int64_t)>();
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return op.call(embeddings, sums, w, b, speaker_offset, loss_method, min_cosine, reduce,
+                   scale, block_speakers);
+  }
+  if (reduce) {
+    return ReducedLoss::apply(embeddings, sums, w, b, speaker_offset, loss_method, min_cosine,
+                              scale, block_speakers);
+  }
+  return RowLosses::apply(embeddings, sums, w, b, speaker_offset, loss_method, min_cosine,
+                          block_speakers);
+}
+
+}  // namespace
+}  // namespace ge2e
+
+TORCH_LIBRARY_IMPL(ge2e_ext, Autograd, m) {
+  m.impl("ge2e_loss", &ge2e::loss_autograd);
+  // The kernel ops are ge2e_loss's building blocks: called with inputs that
+  // require grad, they say that they have no autograd.
+  m.impl("ge2e_forward", torch::autograd::autogradNotImplementedFallback());
+  m.impl("ge2e_backward", torch::autograd::autogradNotImplementedFallback());
+  m.impl("ge2e_forward_backward", torch::autograd::autogradNotImplementedFallback());
+}

@@ -1,0 +1,82 @@
+// One call of the GE2E op as the kernels see it: plain pointers and sizes, no
+// ATen or CUDA types, so that the CPU kernels, the CUDA kernels and their CPU
+// emulation (tests/cuda_emulation) all take the same description. The driver
+// (ge2e_driver.h) allocates the buffers and fills it in.
+#pragma once
+
+#include <cstdint>
+
+#include "ge2e_math.h"
+
+namespace ge2e {
+
+enum class DType : int { kFloat32, kFloat64, kFloat16, kBFloat16 };
+
+// The tensors and sizes of one call. Pointers are on the call's device and
+// contiguous; "acc" is the accumulation type: double for float64 embeddings,
+// float otherwise.
+struct Problem {
+  DType dtype;             // of the embeddings and of their gradient
+  int method;              // index in LossMethods (ge2e_math.h)
+  int64_t speakers;        // N: speakers of these embeddings
+  int64_t utterances;      // M
+  int64_t dim;             // D
+  int64_t total_speakers;  // K: rows of sums (N, or every rank's speakers)
+  int64_t speaker_offset;  // the row of sums that holds local speaker 0
+  bool sums_given;         // false: sums are this call's own, and their
+                           // gradient is folded into the embeddings' gradient
+  bool clamp;              // the cosine clamp is on (min_cosine is not None)
+  double min_cosine;
+
+  const void* embeddings;  // (N, M, D)
+  const void* w;           // 0-dim acc: the raw w (max(w, kMinW) is taken inside)
+  const void* b;           // 0-dim acc
+  void* sums;              // (K, D) acc: given, or written by the speaker statistics
+  void* own_sums_hi;       // (N, D) acc: the compensated sums of the local speakers
+  void* own_sums_lo;       //   (see CompensatedSum); own_sums_hi == sums when not given
+  void* inv_sums;          // (K,) acc: 1/|s_k| (0 for a zero sum)
+  void* own_terms;         // (N*M, kOwnTermsSize) acc: each row's OwnCosine and own_grad
+
+  GE2E_HD int64_t rows() const { return speakers * utterances; }
+};
+
+// Whole speakers [first, first + count) of the local embeddings.
+struct Block {
+  int64_t first;
+  int64_t count;
+};
+
+// What the row kernel does with a block of cosines.
+enum class RowPass : int {
+  kLoss,             // the rows' losses (and hardest impostors)
+  kLossAndGradient,  // the losses, and the gradient for the upstream `grad_scale` on every row
+  kGradient,         // the gradient for upstream grad_loss, given the forward's losses
+};
+
+// The per-row inputs and outputs of the row kernel; acc unless said.
+struct RowBuffers {
+  void* loss;                 // (N*M): written (kLoss*) or read (kGradient)
+  int64_t* hardest;           // (N*M): the hardest impostor (-1 where the method has none)
+  const void* grad_loss;      // kGradient: dLoss/dL_ji at grad_loss[j * stride_speaker + i * stride_utterance]
+  int64_t grad_stride_speaker;
+  int64_t grad_stride_utterance;
+  double grad_scale;          // kLossAndGradient: dLoss/dL_ji of every row
+  void* w_grad_part;          // (N*M): the row's dLoss/dw (before the clamp rule)
+  void* b_grad_part;          // (N*M): the row's dLoss/db
+};
+
+// Calls fn(scalar_t{}, acc_t{}) for the embeddings' dtype. Types names the
+// half-precision types of the caller's world (c10's on the CPU, CUDA's on
+// the GPU): the one dtype switch of the kernels.
+template <class Types, typename Fn>
+auto dispatch_dtype(DType dtype, Fn&& fn) {
+  switch (dtype) {
+    case DType::kFloat32: return fn(float(), float());
+    case DType::kFloat64: return fn(double(), double());
+    case DType::kFloat16: return fn(typename Types::Half(), float());
+    case DType::kBFloat16: return fn(typename Types::BFloat16(), float());
+  }
+  __builtin_unreachable();
+}
+
+}  // namespace ge2e
