@@ -1,11 +1,13 @@
-"""Tests of the benchmark harness (benchmarks/bench_ge2e.py) on tiny sizes.
+"""Tests of the benchmark harness (benchmarks/harness/ and its scripts) on tiny sizes.
 
-They check that it runs, what it writes and that its correctness guard works;
-never how fast anything is. Only one test uses the slow-to-compile "compiled"
-provider.
+They check that it runs, what it prints and writes, that its correctness guard
+works and what the floor row holds; never how fast anything is. Only one test
+uses the slow-to-compile "compiled" provider.
 """
 
 import csv
+import itertools
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,25 +15,34 @@ from pathlib import Path
 import pytest
 import torch
 
+import ge2e_ext
 from ge2e_ext import extension_devices, ge2e_loss
+from ge2e_ext.reference import ge2e_loss_reference
 
 BENCH_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCH_DIR))
 
-import bench_ge2e  # noqa: E402
+import bench_paper  # noqa: E402
+import bench_sweep  # noqa: E402
+import gpu_floors  # noqa: E402
+import gpu_sanitize  # noqa: E402
+from harness import common, guard, providers, report, runner, timing  # noqa: E402
+from harness.common import FWD_BWD, MODES, STATUS_OK, Size  # noqa: E402
+from harness.plot import n_sweep_group  # noqa: E402
 
-TINY = bench_ge2e.Size(4, 3, 8)
-FAST_PROVIDERS = ("reference", "eager", "ge2e_ext")  # no torch.compile: too slow for most tests
+TINY = Size(4, 3, 8)
+FAST_PROVIDERS = ("reference", "eager", "ge2e_ext", "floor")  # no torch.compile: too slow
 REQUIRED_COLUMNS = {"device", "N", "M", "D", "loss_method", "mode", "provider", "status",
                     "median_ms", "p20_ms", "p80_ms", "peak_mem_mb", "speedup_vs", "compile_s"}
 EXTENSION_ON_CPU = "cpu" in extension_devices()
+METHODS = ge2e_ext.LOSS_METHODS
 
 
 def tiny_config(tmp_path, **overrides):
     settings = dict(device="cpu", sizes=[TINY], providers=FAST_PROVIDERS, repeats=3, warmup=1,
                     budget_s=0.2, memory_modes=(), output_dir=tmp_path)
     settings.update(overrides)
-    return bench_ge2e.BenchConfig(**settings)
+    return runner.BenchConfig(**settings)
 
 
 def scaled_loss(x, w, b, loss_method):
@@ -42,7 +53,7 @@ def scaled_loss(x, w, b, loss_method):
 @pytest.fixture(scope="module")
 def tiny_result(tmp_path_factory):
     """One run of every fast provider, both methods, all modes (shared: it is the slow part)."""
-    return bench_ge2e.run_benchmark(tiny_config(tmp_path_factory.mktemp("bench")))
+    return runner.run_benchmark(tiny_config(tmp_path_factory.mktemp("bench")))
 
 
 def rows_of(result, **match):
@@ -51,14 +62,16 @@ def rows_of(result, **match):
 
 def test_every_provider_method_and_mode_gets_a_row(tiny_result):
     cells = {(r.loss_method, r.mode, r.provider) for r in tiny_result.rows}
-    assert cells == {(method, mode, provider) for method in bench_ge2e.LOSS_METHODS
-                     for mode in bench_ge2e.MODES for provider in FAST_PROVIDERS}
+    losses = {(method, mode, provider) for method in METHODS for mode in MODES
+              for provider in FAST_PROVIDERS if provider != "floor"}
+    floors = {(method, FWD_BWD, "floor") for method in METHODS}
+    assert cells == losses | floors  # the floor only where a whole step is timed
     assert len(tiny_result.rows) == len(cells)
     assert not tiny_result.failed
 
 
 def test_timed_rows_have_ordered_statistics(tiny_result):
-    for row in rows_of(tiny_result, status=bench_ge2e.STATUS_OK):
+    for row in rows_of(tiny_result, status=STATUS_OK):
         assert row.repeats >= 3
         assert 0 < row.p20_ms <= row.median_ms <= row.p80_ms
         assert row.compile_s is None  # none of these providers compiles
@@ -67,23 +80,56 @@ def test_timed_rows_have_ordered_statistics(tiny_result):
 def test_extension_row_is_timed_or_skipped_with_a_note(tiny_result):
     for row in rows_of(tiny_result, provider="ge2e_ext"):
         if EXTENSION_ON_CPU:
-            assert row.status == bench_ge2e.STATUS_OK
+            assert row.status == STATUS_OK
             assert row.speedup_vs == pytest.approx(1.0)
         else:
-            assert row.status == bench_ge2e.STATUS_NO_KERNEL and "kernel" in row.note
+            assert row.status == common.STATUS_NO_KERNEL and "kernel" in row.note
 
 
 def test_speedup_is_the_ratio_of_medians(tiny_result):
     if not EXTENSION_ON_CPU:
         pytest.skip("no ge2e_ext CPU kernel in this build")
-    for row in rows_of(tiny_result, provider="eager"):
+    for row in rows_of(tiny_result, provider="eager") + rows_of(tiny_result, provider="floor"):
         base = rows_of(tiny_result, provider="ge2e_ext", loss_method=row.loss_method,
                        mode=row.mode)[0]
         assert row.speedup_vs == pytest.approx(row.median_ms / base.median_ms)
 
 
+def test_floor_row_is_timed_with_the_others_and_summarized(tiny_result):
+    for method in METHODS:
+        (floor,) = rows_of(tiny_result, provider="floor", loss_method=method)
+        assert floor.mode == FWD_BWD and floor.status == STATUS_OK
+        assert floor.repeats >= 3 and floor.median_ms > 0
+        assert floor.peak_mem_mb is None and "matrix products" in floor.note
+    text = report.format_report(tiny_result)
+    assert "\n  floor " in text and "floor: the 3 float32 matrix products" in text
+    if EXTENSION_ON_CPU:
+        summary = text.split("Summary:")[1]
+        for method in METHODS:
+            (floor,) = rows_of(tiny_result, provider="floor", loss_method=method)
+            ratio = common.format_number(1 / floor.speedup_vs)
+            assert (f"4x3x8 {method} forward+backward: ge2e_ext is " in summary
+                    and f"ge2e_ext is {ratio}x the time of its 3 matrix products" in summary)
+
+
+def test_floor_computes_the_three_products_into_its_outputs():
+    size = Size(5, 3, 7)
+    products = providers.matrix_products(size, torch.device("cpu"))
+    products()
+    shapes = {name: (tuple(a.shape), tuple(b.shape), tuple(out.shape))
+              for name, a, b, out in products.operands}
+    assert shapes == {"E S^T": ((15, 7), (7, 5), (15, 5)), "H S": ((15, 5), (5, 7), (15, 7)),
+                      "H^T E": ((5, 15), (15, 7), (5, 7))}
+    for _, a, b, out in products.operands:
+        assert a.dtype == b.dtype == out.dtype == torch.float32
+        assert bool((a != 0).all()) and torch.allclose(out, a @ b, rtol=1e-5, atol=1e-6)
+    (only,) = providers.matrix_products(size, torch.device("cpu"), ("H S",)).operands
+    assert only[0] == "H S"
+
+
 def test_csv_and_png_are_written(tiny_result, tmp_path):
-    csv_path, png_path = bench_ge2e.write_outputs(tiny_result, tmp_path / "new" / "folder")
+    csv_path, png_path = report.write_outputs(tiny_result, tmp_path / "new" / "folder", "t")
+    assert csv_path.name == "t_cpu.csv"
     with open(csv_path, newline="") as handle:
         reader = csv.DictReader(handle)
         assert REQUIRED_COLUMNS <= set(reader.fieldnames)
@@ -95,11 +141,11 @@ def test_csv_and_png_are_written(tiny_result, tmp_path):
 
 
 def test_report_table_lists_every_provider(tiny_result):
-    report = bench_ge2e.format_report(tiny_result)
-    assert "torch " + torch.__version__ in report
-    assert "N=4 M=3 D=8  softmax  forward+backward" in report
+    text = report.format_report(tiny_result)
+    assert "torch " + torch.__version__ in text
+    assert "N=4 M=3 D=8  softmax  forward+backward" in text
     for provider in FAST_PROVIDERS:
-        assert f"\n  {provider} " in report
+        assert f"\n  {provider} " in text
 
 
 def test_a_wrong_provider_is_caught_and_never_timed(tmp_path):
@@ -109,132 +155,178 @@ def test_a_wrong_provider_is_caught_and_never_timed(tmp_path):
         calls.append(1)
         return scaled_loss(*args)
 
-    config = tiny_config(tmp_path, providers=("eager",), modes=("forward", "forward+backward"))
-    result = bench_ge2e.run_benchmark(config, extra_providers={"broken": counting_scaled_loss})
+    config = tiny_config(tmp_path, providers=("eager",), modes=("forward", FWD_BWD))
+    result = runner.run_benchmark(config, extra_providers={"broken": counting_scaled_loss})
     broken = rows_of(result, provider="broken")
-    assert len(broken) == 4  # 2 methods x 2 modes
+    assert len(broken) == 2 * len(METHODS)
     for row in broken:
-        assert row.status == bench_ge2e.STATUS_WRONG
+        assert row.status == common.STATUS_WRONG
         assert "reference" in row.note
         assert row.median_ms is None and row.repeats == 0
-    assert len(calls) == 2  # one guard call per method, nothing timed
-    assert all(r.status == bench_ge2e.STATUS_OK for r in rows_of(result, provider="eager"))
+    assert len(calls) == len(METHODS)  # one guard call per method, nothing timed
+    assert all(r.status == STATUS_OK for r in rows_of(result, provider="eager"))
     assert result.failed
 
 
-def test_float64_eager_is_the_yardstick_where_the_reference_is_too_slow(tmp_path):
+def test_float64_is_the_yardstick_where_the_reference_is_too_slow(tmp_path):
     def shifted_loss(x, w, b, loss_method):
         return ge2e_loss(x, w, b, loss_method, backend="torch") + 1.0
 
-    config = tiny_config(tmp_path, methods=("contrast",), modes=("forward",),
-                         reference_limit_s=0.0)
-    result = bench_ge2e.run_benchmark(config, extra_providers={"shifted": shifted_loss})
+    config = tiny_config(tmp_path, providers=("reference", "eager"), methods=("contrast",),
+                         modes=("forward",), reference_limit_s=0.0)
+    result = runner.run_benchmark(config, extra_providers={"shifted": shifted_loss})
     status = {r.provider: r for r in result.rows}
-    assert status["reference"].status == bench_ge2e.STATUS_TOO_SLOW
-    assert status["eager"].status == bench_ge2e.STATUS_OK
-    assert status["shifted"].status == bench_ge2e.STATUS_WRONG
-    assert "eager float64" in status["shifted"].note
+    assert status["reference"].status == common.STATUS_TOO_SLOW
+    assert status["eager"].status == STATUS_OK
+    assert status["shifted"].status == common.STATUS_WRONG
+    assert "float64" in status["shifted"].note
+
+
+def test_float64_yardstick_is_the_loss_in_blocks():
+    inputs = providers.make_inputs(Size(40, 3, 8), torch.device("cpu"))
+    doubles = [t.detach().double() for t in inputs.tensors]
+    for method in METHODS:
+        whole = float(ge2e_loss(*doubles, method, backend="torch"))
+        loops = float(ge2e_loss_reference(*doubles, method).sum())
+        blocks = guard.float64_loss(inputs, method, block=7)  # 40 = 5 blocks of 7 + 5
+        assert blocks == pytest.approx(whole, rel=1e-12)
+        assert blocks == pytest.approx(loops, rel=1e-12)
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
 def test_cpu_memory_probe_runs_in_a_subprocess(tmp_path):
-    config = tiny_config(tmp_path, sizes=[bench_ge2e.Size(8, 4, 64)], providers=("eager",),
-                         methods=("softmax",), modes=("forward", "forward+backward"),
-                         memory_modes=("forward+backward",))
-    result = bench_ge2e.run_benchmark(config)
-    forward, both = result.rows
+    config = tiny_config(tmp_path, sizes=[Size(8, 4, 64)], providers=("eager",),
+                         methods=("softmax",), modes=("forward", FWD_BWD),
+                         memory_modes=(FWD_BWD,))
+    forward, both = runner.run_benchmark(config).rows
     assert forward.peak_mem_mb is None  # not a memory mode
-    assert both.status == bench_ge2e.STATUS_OK
+    assert both.status == STATUS_OK
     assert both.peak_mem_mb is not None and both.peak_mem_mb >= 0, both.note
 
 
 def test_compiled_provider_reports_compile_time(tmp_path):
     config = tiny_config(tmp_path, providers=("compiled",), methods=("softmax",),
                          modes=("forward",))
-    (row,) = bench_ge2e.run_benchmark(config).rows
-    assert row.status == bench_ge2e.STATUS_OK, row.note
+    (row,) = runner.run_benchmark(config).rows
+    assert row.status == STATUS_OK, row.note
     assert row.compile_s is not None and row.compile_s > 0
     assert row.repeats >= 3
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_run_measures_memory_in_process(tmp_path):
-    config = tiny_config(tmp_path, device="cuda", providers=("eager", "ge2e_ext"),
-                         methods=("softmax",), memory_modes=bench_ge2e.MODES)
-    result = bench_ge2e.run_benchmark(config)
+    config = tiny_config(tmp_path, device="cuda", providers=("eager", "ge2e_ext", "floor"),
+                         methods=("softmax",), memory_modes=MODES)
+    result = runner.run_benchmark(config)
     assert not result.failed
-    for row in rows_of(result, status=bench_ge2e.STATUS_OK):
-        assert row.device == "cuda" and row.peak_mem_mb is not None
+    for row in rows_of(result, status=STATUS_OK):
+        assert row.device == "cuda"
+        assert (row.peak_mem_mb is None) == (row.provider == "floor")
 
 
 def test_main_writes_files_and_exits_nonzero_on_a_wrong_provider(tmp_path, capsys):
-    argv = ["--device", "cpu", "--sizes", "4x3x8", "--providers", "eager", "--methods",
-            "softmax", "--modes", "fwd", "--repeats", "3", "--no-memory", "--output",
+    argv = ["--device", "cpu", "--sizes", "4x3x8", "--providers", "eager,floor", "--methods",
+            "softmax", "--modes", "fwd+bwd", "--repeats", "3", "--no-memory", "--output",
             str(tmp_path)]
-    assert bench_ge2e.main(argv) == 0
+    assert bench_paper.main(argv) == 0
     assert (tmp_path / "ge2e_bench_cpu.csv").exists()
     assert (tmp_path / "ge2e_bench_cpu.png").exists()
-    assert bench_ge2e.main(argv, extra_providers={"broken": scaled_loss}) == 1
+    assert bench_sweep.main(argv, extra_providers={"broken": scaled_loss}) == 1
+    assert (tmp_path / "ge2e_sweep_cpu.csv").exists()
     assert "wrong" in capsys.readouterr().out
 
 
-def test_cli_help_explains_the_options():
-    done = subprocess.run([sys.executable, str(BENCH_DIR / "bench_ge2e.py"), "--help"],
+def test_cli_help_explains_the_options(capsys):
+    done = subprocess.run([sys.executable, str(BENCH_DIR / "bench_paper.py"), "--help"],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     for option in ("--device", "--sizes", "--quick", "--output", "--methods", "--modes",
-                   "--repeats", "--no-memory", "VmHWM", "clear_refs"):
-        assert option in done.stdout
+                   "--providers", "--repeats", "--no-memory", "VmHWM", "clear_refs",
+                   "round", "floor", "H.T @ E", "max_memory_allocated", "(default: paper)"):
+        assert option in done.stdout, option
+    with pytest.raises(SystemExit):
+        bench_sweep.main(["--help"])
+    sweep_help = capsys.readouterr().out
+    assert "(default: n)" in sweep_help and "default: reference,eager,ge2e_ext,floor" in sweep_help
+    with pytest.raises(SystemExit):
+        gpu_floors.main(["--help"])
+    assert "launch floor" in capsys.readouterr().out
+
+
+def test_bad_arguments_exit_with_2(capsys):
+    for argv in (["--sizes", "64x10"], ["--providers", "nope"], ["--modes", "sideways"]):
+        with pytest.raises(SystemExit) as exit_info:
+            bench_paper.main(argv)
+        assert exit_info.value.code == 2
+    capsys.readouterr()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks what happens without a GPU")
+def test_gpu_scripts_exit_with_2_without_a_gpu(tmp_path, capsys):
+    assert gpu_floors.main(["--output", str(tmp_path)]) == 2
+    assert gpu_sanitize.main() == 2
+    assert "CUDA" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not EXTENSION_ON_CPU, reason="no ge2e_ext CPU kernel in this build")
+def test_sanitizer_workload_runs_every_case_on_the_cpu_kernel():
+    for case in itertools.product(gpu_sanitize.SHAPES, METHODS, gpu_sanitize.DTYPES,
+                                  gpu_sanitize.REDUCTIONS):
+        assert gpu_sanitize.one_case(*case, device="cpu") == [], case
+
+
+def test_gpu_check_budgets_fit_in_seven_minutes():
+    script = (BENCH_DIR / "gpu_check.sh").read_text()
+    budgets = re.search(r'BUDGETS=\$\{GPU_CHECK_BUDGETS:-"([^"]+)"\}', script).group(1)
+    seconds = {name: int(value) for name, value in (e.split(":") for e in budgets.split())}
+    assert sum(seconds.values()) < 420
+    assert {"build", "tests", "memcheck", "racecheck", "paper", "sweep"} <= set(seconds)
+    assert subprocess.run(["bash", "-n", str(BENCH_DIR / "gpu_check.sh")]).returncode == 0
 
 
 def test_n_sweep_plot_is_written_from_rows(tmp_path):
     """The log-log plot against N, from hand-made rows (no benchmark run needed)."""
     rows = []
     for n in (8, 16, 32):
-        for provider, ms in (("eager", 0.1 * n), ("ge2e_ext", 0.05 * n)):
-            for method in bench_ge2e.LOSS_METHODS:
-                rows.append(bench_ge2e.Row("cpu", n, 10, 64, method, "forward+backward", provider,
-                                           median_ms=ms, p20_ms=ms * 0.9, p80_ms=ms * 1.1,
-                                           repeats=3, peak_mem_mb=ms))
-    environment = bench_ge2e.describe_environment(torch.device("cpu"))
-    result = bench_ge2e.BenchResult(environment, rows)
-    assert bench_ge2e.n_sweep_group(rows) == (10, 64)
-    _, png_path = bench_ge2e.write_outputs(result, tmp_path)
+        for provider, ms in (("eager", 0.1 * n), ("ge2e_ext", 0.05 * n), ("floor", 0.03 * n)):
+            for method in METHODS:
+                rows.append(runner.Row("cpu", n, 10, 64, method, FWD_BWD, provider,
+                                       median_ms=ms, p20_ms=ms * 0.9, p80_ms=ms * 1.1,
+                                       repeats=3, peak_mem_mb=None if provider == "floor"
+                                       else ms))
+    environment = runner.describe_environment(torch.device("cpu"))
+    result = runner.BenchResult(environment, rows)
+    assert n_sweep_group(rows) == (10, 64)
+    _, png_path = report.write_outputs(result, tmp_path, "sweep")
     assert png_path.stat().st_size > 10_000
 
 
 def test_parse_sizes():
-    assert bench_ge2e.parse_sizes("64x10x256, 4x3x8,64x10x256") == [
-        bench_ge2e.Size(64, 10, 256), bench_ge2e.Size(4, 3, 8)]
-    sweep = bench_ge2e.parse_sizes("sweep")
-    assert bench_ge2e.Size(4096, 10, 256) in sweep and bench_ge2e.Size(64, 2, 256) in sweep
-    assert bench_ge2e.Size(64, 10, 1024) in sweep
+    assert common.parse_sizes("64x10x256, 4x3x8,64x10x256") == [Size(64, 10, 256),
+                                                                 Size(4, 3, 8)]
+    assert common.parse_sizes("paper") == [common.PAPER_SIZE]
+    assert common.parse_sizes("n") == common.N_SWEEP and len(common.N_SWEEP) == 10
+    sweep = common.parse_sizes("sweep")
+    assert Size(4096, 10, 256) in sweep and Size(64, 2, 256) in sweep
+    assert Size(64, 10, 1024) in sweep
     assert len(sweep) == len(set(sweep)) == 17
     for bad in ("64x10", "1x10x256", "axbxc", ""):
         with pytest.raises(ValueError):
-            bench_ge2e.parse_sizes(bad)
+            common.parse_sizes(bad)
 
 
-def test_percentile_and_number_format():
-    assert bench_ge2e.percentile([1, 2, 3, 4, 5], 20) == pytest.approx(1.8)
-    assert bench_ge2e.percentile([7], 80) == 7
-    assert [bench_ge2e.format_number(v) for v in (612.3, 61.23, 6.123, 0.6123, None)] == [
+def test_percentiles_and_number_format():
+    stats = timing.stats([1, 2, 3, 4, 5])
+    assert (stats.median_ms, stats.p20_ms, stats.p80_ms, stats.repeats) == (3, 1.8, 4.2, 5)
+    assert timing.stats([7]).p80_ms == 7 and timing.stats([]) is None
+    assert [common.format_number(v) for v in (612.3, 61.23, 6.123, 0.6123, None)] == [
         "612", "61.2", "6.12", "0.612", "-"]
 
 
-def test_float64_yardstick_blocks_add_up_to_the_whole(monkeypatch):
-    inputs = bench_ge2e.make_inputs(bench_ge2e.Size(40, 3, 8), torch.device("cpu"))
-    doubles = [t.detach().double() for t in inputs.tensors]
-    for method in bench_ge2e.LOSS_METHODS:
-        whole = float(ge2e_loss(*doubles, method, backend="torch"))
-        monkeypatch.setattr(bench_ge2e, "YARDSTICK_BLOCK", 7)  # 40 = 5 blocks of 7 + 5
-        assert bench_ge2e.float64_loss(inputs, method) == pytest.approx(whole, rel=1e-12)
-
-
 def test_report_flags_a_busy_machine():
-    environment = bench_ge2e.describe_environment(torch.device("cpu"))
+    environment = runner.describe_environment(torch.device("cpu"))
     environment.others_cpu_share = 0.02
-    assert "2% of the CPUs" in bench_ge2e.competition_note(environment)
-    assert "BUSY" not in bench_ge2e.competition_note(environment)
+    assert "2% of the CPUs" in report.competition_note(environment)
+    assert "BUSY" not in report.competition_note(environment)
     environment.others_cpu_share = 0.5
-    assert "BUSY" in bench_ge2e.competition_note(environment)
+    assert "BUSY" in report.competition_note(environment)

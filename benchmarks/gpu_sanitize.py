@@ -1,0 +1,66 @@
+#!/usr/bin/env python
+"""A short run of every CUDA kernel path, for compute-sanitizer (memcheck, racecheck).
+
+ge2e_loss forward and backward once per loss method (ge2e_ext.LOSS_METHODS),
+embeddings dtype (float32, float64, float16, bfloat16) and reduction ("sum",
+"none"), on small CUDA inputs with backend="extension": shapes with D not a
+multiple of 32, K beyond one 256-thread sweep, M=2. Exits 1 if a loss or gradient
+is not finite (or a call raises), 2 where torch sees no CUDA device or ge2e_ext
+has no CUDA kernel. Under the sanitizer:
+
+    compute-sanitizer --tool memcheck --error-exitcode 3 python3 benchmarks/gpu_sanitize.py
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+
+import torch
+
+import harness  # noqa: F401  (the checkout on sys.path)
+import ge2e_ext
+
+DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+REDUCTIONS = ("sum", "none")
+SHAPES = ((3, 2, 37), (300, 3, 70))  # (N, M, D)
+
+
+def one_case(shape, method: str, dtype: torch.dtype, reduction: str, device: str = "cuda"
+             ) -> list[str]:
+    """What is not finite after one forward+backward (empty when all is)."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(*shape, generator=generator).to(device, dtype).requires_grad_()
+    w = torch.tensor(10.0, device=device, requires_grad=True)
+    b = torch.tensor(-5.0, device=device, requires_grad=True)
+    loss = ge2e_ext.ge2e_loss(x, w, b, method, reduction=reduction, backend="extension")
+    loss.sum().backward()
+    tensors = {"loss": loss, "x.grad": x.grad, "w.grad": w.grad, "b.grad": b.grad}
+    return [name for name, tensor in tensors.items()
+            if tensor is None or not bool(torch.isfinite(tensor.float()).all())]
+
+
+def main() -> int:
+    if not torch.cuda.is_available() or "cuda" not in ge2e_ext.extension_devices():
+        print("gpu_sanitize.py: needs a CUDA device and ge2e_ext's CUDA kernels "
+              f"(cuda available: {torch.cuda.is_available()}, kernels for: "
+              f"{sorted(ge2e_ext.extension_devices())})", file=sys.stderr)
+        return 2
+    failures = 0
+    for shape, method, dtype, reduction in itertools.product(SHAPES, ge2e_ext.LOSS_METHODS,
+                                                             DTYPES, REDUCTIONS):
+        label = f"{'x'.join(map(str, shape))} {method} {dtype} {reduction}"
+        try:
+            bad = one_case(shape, method, dtype, reduction)
+            torch.cuda.synchronize()
+        except Exception as error:  # noqa: BLE001 (reported, counted)
+            bad = [f"raised {type(error).__name__}: {error}"]
+        failures += bool(bad)
+        print(f"{label}: {'FAILED: ' + ', '.join(bad) if bad else 'ok'}", flush=True)
+    cases = len(SHAPES) * len(ge2e_ext.LOSS_METHODS) * len(DTYPES) * len(REDUCTIONS)
+    print(f"{cases - failures}/{cases} cases finite")  # failures: not finite, or raised
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
