@@ -2,13 +2,16 @@
 # torch, dependencies, the build; safe to rerun).
 PY := .venv/bin/python
 
-.PHONY: bench test env clean
+.PHONY: bench test example env clean
 
-bench: env  ## quick benchmark on the best device present: table, CSV and PNG in bench_results/
-	$(PY) benchmarks/bench_ge2e.py --quick --device auto --output bench_results $(ARGS)
+bench: env  ## quick benchmark at the paper's size on the best device present: table, CSV and PNG in bench_results/
+	$(PY) benchmarks/bench_paper.py --quick --device auto --output bench_results $(ARGS)
 
 test: env  ## the test suite (CUDA tests are skipped without a GPU)
 	$(PY) -m pytest -q tests $(ARGS)
+
+example: env  ## train a speaker encoder on synthetic speech (about 10 min on 2 cores): plots, metrics in example_results/
+	$(PY) examples/train_speaker_encoder.py --output example_results $(ARGS)
 
 env:
 	bash scripts/setup_env.sh
