@@ -25,6 +25,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/record_function.h>
 #include <c10/core/DeviceGuard.h>
 #include <c10/util/Optional.h>
 
@@ -172,7 +173,10 @@ Call make_call(const at::Tensor& embeddings, const c10::optional<at::Tensor>& su
   p.own_sums_lo = c.own_sums_lo.data_ptr();
   p.inv_sums = c.inv_sums.data_ptr();
   p.own_terms = c.own_terms.data_ptr();
-  Device::speaker_stats(p);
+  {
+    RECORD_FUNCTION("ge2e_ext::speaker_stats", {});
+    Device::speaker_stats(p);
+  }
   return c;
 }
 
@@ -238,10 +242,14 @@ void sweep(const Call& c, RowPass pass, const RowBuffers& buffers, Gradients* gr
     const at::Tensor e_rows = block_rows(c, blk);
     at::Tensor cosines = cosine_block.narrow(0, 0, blk_rows);
     at::mm_out(cosines, e_rows, c.sums.t());  // e_r . s_k; the row kernel makes it H
-    Device::template rows<Method>(p, buffers, pass, blk, cosines.data_ptr());
+    {
+      RECORD_FUNCTION("ge2e_ext::rows", {});
+      Device::template rows<Method>(p, buffers, pass, blk, cosines.data_ptr());
+    }
     if (grads == nullptr) continue;
     at::Tensor cross;
     if constexpr (sparse) {
+      RECORD_FUNCTION("ge2e_ext::sparse_sum_grads", {});
       Device::sparse_sum_grads(p, blk, cosines.data_ptr(), buffers.hardest,
                                grads->sums.data_ptr(), first > 0);
     } else {
@@ -258,11 +266,13 @@ void sweep(const Call& c, RowPass pass, const RowBuffers& buffers, Gradients* gr
     // Z is complete after the last block: with one block, the fold of dLoss/ds
     // into the rows happens here; with several, in one pass at the end.
     const bool fold_now = single_block && !p.sums_given;
+    RECORD_FUNCTION("ge2e_ext::row_gradients", {});
     Device::template row_gradients<Method>(
         p, blk, sparse ? nullptr : cross.data_ptr(), cosines.data_ptr(), buffers.hardest,
         fold_now ? grads->sums.data_ptr() : nullptr, grads->embeddings.data_ptr());
   }
   if (grads != nullptr && !single_block && !p.sums_given) {
+    RECORD_FUNCTION("ge2e_ext::fold", {});
     Device::fold(p, grads->sums.data_ptr(), grads->embeddings.data_ptr());
   }
 }
@@ -307,6 +317,7 @@ std::tuple<at::Tensor, at::Tensor> finish(const Call& c, Gradients& g, const at:
                                           double loss_scale, at::Tensor* loss_total) {
   at::Tensor grad_w = at::empty({}, c.acc_options);
   at::Tensor grad_b = at::empty({}, c.acc_options);
+  RECORD_FUNCTION("ge2e_ext::finish", {});
   Device::finish(c.problem, g.sums.data_ptr(), g.w_part.data_ptr(), g.b_part.data_ptr(),
                  loss_rows ? loss_rows->data_ptr() : nullptr, loss_scale, grad_w.data_ptr(),
                  grad_b.data_ptr(), loss_total ? loss_total->data_ptr() : nullptr);

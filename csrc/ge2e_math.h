@@ -273,6 +273,10 @@ GE2E_HD T remove_projection(T value, T along, T dot_with_along, T inv_norm_along
 //   value(c_k, row)          what the row's Statistic is built from
 //   Statistic<T>             add(value, k) / merge(other): the row's reduction
 //                            (default-constructed: the identity)
+//   row_statistic(values, K, own)
+//                            the same reduction over a whole row of values
+//                            held by one thread (values[own] is overwritten),
+//                            written to vectorize
 //   row_loss(stat, row)      L_ji
 //   RowSummary               what a row keeps for a later backward: its loss
 //                            and, for a sparse gradient, the one impostor index
@@ -286,6 +290,13 @@ GE2E_HD T remove_projection(T value, T along, T dot_with_along, T inv_norm_along
 // Per row, dLoss/dw = sum_k g_k (c_k - c_own) + (g_own + G) c_own and
 // dLoss/db = g_own + G (row_w_grad, row_b_grad below): for the softmax loss,
 // g_own = -G exactly, so db is exactly 0 and dw has no cancelling terms.
+
+// Independent accumulators of a reduction that one thread runs over a row:
+// a single running value is a chain of dependent operations that the compiler
+// may not reorder; 16 lanes fill an AVX-512 register of floats. The loops
+// that use them are written out plainly (no lambdas), which is what GCC
+// vectorizes.
+constexpr int kRowLanes = 16;
 
 // The row as a method sees it.
 template <typename T>
@@ -337,6 +348,34 @@ struct SoftmaxLoss {
       max = larger ? other.max : max;
     }
   };
+
+  // Two passes (a max, then independent exponentials) instead of the online
+  // update's serial chain. The own speaker is set to -inf: exp gives it 0.
+  template <typename T>
+  GE2E_HD static Statistic<T> row_statistic(T* __restrict__ values, int64_t n, int64_t skip) {
+    values[skip] = -infinity<T>();
+    const int64_t body = n - n % kRowLanes;
+    T max_lanes[kRowLanes];
+    for (int l = 0; l < kRowLanes; ++l) max_lanes[l] = T(0);
+    // A NaN is skipped here and caught by the sum, as in add().
+    for (int64_t k = 0; k < body; k += kRowLanes) {
+      for (int l = 0; l < kRowLanes; ++l) {
+        max_lanes[l] = values[k + l] > max_lanes[l] ? values[k + l] : max_lanes[l];
+      }
+    }
+    for (int64_t k = body; k < n; ++k) {
+      max_lanes[k - body] = values[k] > max_lanes[k - body] ? values[k] : max_lanes[k - body];
+    }
+    Statistic<T> stat;
+    for (int l = 0; l < kRowLanes; ++l) stat.max = max_lanes[l] > stat.max ? max_lanes[l] : stat.max;
+    T sum_lanes[kRowLanes] = {};
+    for (int64_t k = 0; k < body; k += kRowLanes) {
+      for (int l = 0; l < kRowLanes; ++l) sum_lanes[l] += exp_(values[k + l] - stat.max);
+    }
+    for (int64_t k = body; k < n; ++k) sum_lanes[k - body] += exp_(values[k] - stat.max);
+    for (int l = 0; l < kRowLanes; ++l) stat.sum += sum_lanes[l];
+    return stat;
+  }
 
   // L = max + log(exp(-max) + sum) = max + log1p(expm1(-max) + sum): exact
   // in form when the own speaker is the most similar (max = 0: log1p(sum)).
@@ -394,6 +433,44 @@ struct ContrastLoss {
     }
     GE2E_HD void merge(const Statistic& other) { add(other.max, other.index); }
   };
+
+  // A max pass that vectorizes, then the first index that holds it (or the
+  // first NaN).
+  template <typename T>
+  GE2E_HD static Statistic<T> row_statistic(T* __restrict__ values, int64_t n, int64_t skip) {
+    values[skip] = -infinity<T>();
+    const int64_t body = n - n % kRowLanes;
+    T max_lanes[kRowLanes];
+    bool nan_lanes[kRowLanes];
+    for (int l = 0; l < kRowLanes; ++l) {
+      max_lanes[l] = -infinity<T>();
+      nan_lanes[l] = false;
+    }
+    for (int64_t k = 0; k < body; k += kRowLanes) {
+      for (int l = 0; l < kRowLanes; ++l) {
+        max_lanes[l] = values[k + l] > max_lanes[l] ? values[k + l] : max_lanes[l];
+        nan_lanes[l] = nan_lanes[l] || is_nan(values[k + l]);
+      }
+    }
+    for (int64_t k = body; k < n; ++k) {
+      max_lanes[k - body] = values[k] > max_lanes[k - body] ? values[k] : max_lanes[k - body];
+      nan_lanes[k - body] = nan_lanes[k - body] || is_nan(values[k]);
+    }
+    T max = -infinity<T>();
+    bool any_nan = false;
+    for (int l = 0; l < kRowLanes; ++l) {
+      max = max_lanes[l] > max ? max_lanes[l] : max;
+      any_nan = any_nan || nan_lanes[l];
+    }
+    Statistic<T> stat;
+    for (int64_t k = 0; k < n; ++k) {
+      if (k != skip && (any_nan ? is_nan(values[k]) : values[k] == max)) {
+        stat.add(values[k], k);
+        break;
+      }
+    }
+    return stat;
+  }
 
   template <typename T>
   GE2E_HD static T row_loss(const Statistic<T>& stat, const RowView<T>& row) {

@@ -9,6 +9,8 @@
 // gradient differs per row). Either way the backward is not differentiable
 // again: asked to be (create_graph=True), it returns gradients whose own
 // backward raises, never a silently wrong second derivative.
+#include <ATen/TensorSubclassLikeUtils.h>
+#include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <torch/autograd.h>
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
@@ -58,8 +60,22 @@ variable_list finish_backward(variable_list gradients, const variable_list& depe
   return gradients;
 }
 
+// The saved gradient times the upstream scalar. A CPU upstream gradient of
+// exactly 1 (loss.backward()) returns the saved tensor itself: no pass over an
+// input-sized tensor (autograd copies it before anything writes into it, as it
+// is still referenced here). Reading the value of an accelerator's scalar
+// would synchronise with the device: there the product is one small kernel.
+// (Under tracing, fake tensors and dispatch modes, the value is unknown:
+// there too it is the product.)
 at::Tensor scaled(const at::Tensor& gradient, const at::Tensor& factor) {
-  return gradient.defined() ? gradient.mul(factor) : gradient;
+  if (!gradient.defined()) return gradient;
+  const bool plain_cpu_scalar = factor.device().is_cpu() && factor.numel() == 1 &&
+                                !at::isTensorSubclassLike(factor) &&
+                                !c10::impl::TorchDispatchModeTLS::any_modes_set();
+  if (plain_cpu_scalar && !at::GradMode::is_enabled() && factor.item<double>() == 1.0) {
+    return gradient;
+  }
+  return gradient.mul(factor);
 }
 
 class ReducedLoss : public torch::autograd::Function<ReducedLoss> {

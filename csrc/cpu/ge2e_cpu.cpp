@@ -64,9 +64,11 @@ struct CpuDevice {
     constexpr bool sparse = kSparseProducts && Method::kSparseGradient;
     dispatch(p, [&](auto, auto acc_zero) {
       using acc_t = decltype(acc_zero);
-      parallel_over<acc_t>(blk.count, 0, [&](int64_t lo, int64_t hi, acc_t*) {
-        cpu::rows<Method, sparse, acc_t>(p, rb, pass, blk, static_cast<acc_t*>(cosines), lo, hi);
-      });
+      parallel_over<acc_t>(blk.count, cpu::rows_scratch(p),
+                           [&](int64_t lo, int64_t hi, acc_t* scratch) {
+                             cpu::rows<Method, sparse, acc_t>(
+                                 p, rb, pass, blk, static_cast<acc_t*>(cosines), scratch, lo, hi);
+                           });
     });
   }
 

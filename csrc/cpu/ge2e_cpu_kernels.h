@@ -4,10 +4,13 @@
 // runs in a fixed order inside one range, so results do not depend on the
 // number of threads and repeated calls are bitwise identical.
 //
-// The loops are written to vectorize: kLanes independent accumulators per
-// reduction (a single running sum is a chain of dependent adds, which the
-// compiler may not reorder), scalars by value and arrays __restrict__ where
-// they cannot alias, and ge2e_math.h's inlined exp.
+// The loops are written to vectorize: each hot loop is a small function whose
+// array parameters are __restrict__ (GCC honours restrict on parameters, not
+// on local pointers: without it, it guards the vector loop with a runtime
+// overlap check, which buffers that sit close in memory fail) and whose
+// scalars come by value; kLanes independent accumulators per reduction (a
+// single running sum is a chain of dependent adds, which the compiler may not
+// reorder); and ge2e_math.h's inlined exp.
 #pragma once
 
 #include <cstdint>
@@ -18,9 +21,9 @@
 namespace ge2e {
 namespace cpu {
 
-// 16 lanes: one AVX-512 register of floats (8 lanes ran 7x slower there, the
-// compiler interleaving two iterations with shuffles).
-constexpr int kLanes = 16;
+// The lanes of ge2e_math.h (8 lanes ran 7x slower on AVX-512, the compiler
+// interleaving two iterations with shuffles).
+constexpr int kLanes = kRowLanes;
 
 template <typename T>
 inline T sum_lanes(const T (&part)[kLanes]) {
@@ -31,30 +34,29 @@ inline T sum_lanes(const T (&part)[kLanes]) {
   return (quarter[0] + quarter[2]) + (quarter[1] + quarter[3]);
 }
 
-// body(k, lane) for k in [begin, end), lane = (k - begin) % kLanes: blocks of
-// kLanes iterations whose lanes are independent, then the tail.
-template <typename Body>
-inline void for_lanes(int64_t begin, int64_t end, Body&& body) {
-  int64_t k = begin;
-  for (; k + kLanes <= end; k += kLanes) {
-    for (int l = 0; l < kLanes; ++l) body(k + l, l);
-  }
-  for (int l = 0; k < end; ++k, ++l) body(k, l);
-}
-
 template <typename acc_t, typename A, typename B>
 inline acc_t dot(const A* __restrict__ a, const B* __restrict__ b, int64_t n) {
   acc_t part[kLanes] = {};
-  for_lanes(0, n, [&](int64_t d, int l) {
-    part[l] += static_cast<acc_t>(a[d]) * static_cast<acc_t>(b[d]);
-  });
+  const int64_t body = n - n % kLanes;
+  for (int64_t d = 0; d < body; d += kLanes) {
+    for (int l = 0; l < kLanes; ++l) {
+      part[l] += static_cast<acc_t>(a[d + l]) * static_cast<acc_t>(b[d + l]);
+    }
+  }
+  for (int64_t d = body; d < n; ++d) {
+    part[d - body] += static_cast<acc_t>(a[d]) * static_cast<acc_t>(b[d]);
+  }
   return sum_lanes(part);
 }
 
 template <typename acc_t>
 inline acc_t sum(const acc_t* __restrict__ x, int64_t n) {
   acc_t part[kLanes] = {};
-  for_lanes(0, n, [&](int64_t k, int l) { part[l] += x[k]; });
+  const int64_t body = n - n % kLanes;
+  for (int64_t k = 0; k < body; k += kLanes) {
+    for (int l = 0; l < kLanes; ++l) part[l] += x[k + l];
+  }
+  for (int64_t k = body; k < n; ++k) part[k - body] += x[k];
   return sum_lanes(part);
 }
 
@@ -62,6 +64,38 @@ template <typename acc_t>
 SimilarityParams<acc_t> params_of(const Problem& p) {
   return make_params<acc_t>(*static_cast<const acc_t*>(p.w), *static_cast<const acc_t*>(p.b),
                             p.min_cosine, p.clamp);
+}
+
+// s += e as compensated sums (hi, lo), coordinate by coordinate.
+template <typename scalar_t, typename acc_t>
+void add_utterance(const scalar_t* __restrict__ e, acc_t* __restrict__ s_hi,
+                   acc_t* __restrict__ s_lo, int64_t dim) {
+  for (int64_t d = 0; d < dim; ++d) add_compensated(s_hi[d], s_lo[d], static_cast<acc_t>(e[d]));
+}
+
+// cos(e, u) with u = the speaker's sum (hi, lo) without e: e.e, e.u, u.u.
+template <typename scalar_t, typename acc_t>
+OwnCosine<acc_t> own_cosine_of(const scalar_t* __restrict__ e, const acc_t* __restrict__ s_hi,
+                               const acc_t* __restrict__ s_lo, int64_t dim) {
+  acc_t ee[kLanes] = {}, eu[kLanes] = {}, uu[kLanes] = {};
+  const int64_t body = dim - dim % kLanes;
+  for (int64_t d = 0; d < body; d += kLanes) {
+    for (int l = 0; l < kLanes; ++l) {
+      const acc_t ev = static_cast<acc_t>(e[d + l]);
+      const acc_t uv = sum_without(s_hi[d + l], s_lo[d + l], ev);
+      ee[l] += ev * ev;
+      eu[l] += ev * uv;
+      uu[l] += uv * uv;
+    }
+  }
+  for (int64_t d = body; d < dim; ++d) {
+    const acc_t ev = static_cast<acc_t>(e[d]);
+    const acc_t uv = sum_without(s_hi[d], s_lo[d], ev);
+    ee[d - body] += ev * ev;
+    eu[d - body] += ev * uv;
+    uu[d - body] += uv * uv;
+  }
+  return own_cosine(sum_lanes(ee), sum_lanes(eu), sum_lanes(uu));
 }
 
 // Speakers [lo, hi): the compensated sums of their utterances (hi/lo), the
@@ -76,26 +110,14 @@ void speaker_stats(const Problem& p, int64_t lo, int64_t hi) {
   auto* own_terms = static_cast<acc_t*>(p.own_terms);
   const int64_t M = p.utterances, D = p.dim;
   for (int64_t j = lo; j < hi; ++j) {
-    acc_t* __restrict__ s_hi = sums_hi + j * D;
-    acc_t* __restrict__ s_lo = sums_lo + j * D;
+    acc_t* s_hi = sums_hi + j * D;
+    acc_t* s_lo = sums_lo + j * D;
     for (int64_t d = 0; d < D; ++d) s_hi[d] = s_lo[d] = acc_t(0);
-    for (int64_t i = 0; i < M; ++i) {
-      const scalar_t* __restrict__ e = emb + (j * M + i) * D;
-      for (int64_t d = 0; d < D; ++d) add_compensated(s_hi[d], s_lo[d], static_cast<acc_t>(e[d]));
-    }
+    for (int64_t i = 0; i < M; ++i) add_utterance(emb + (j * M + i) * D, s_hi, s_lo, D);
     if (!p.sums_given) inv_sums[j] = inverse_norm(dot<acc_t>(s_hi, s_hi, D));
     for (int64_t i = 0; i < M; ++i) {
-      const scalar_t* __restrict__ e = emb + (j * M + i) * D;
-      acc_t ee[kLanes] = {}, eu[kLanes] = {}, uu[kLanes] = {};
-      for_lanes(0, D, [&](int64_t d, int l) {
-        const acc_t ev = static_cast<acc_t>(e[d]);
-        const acc_t uv = sum_without(s_hi[d], s_lo[d], ev);
-        ee[l] += ev * ev;
-        eu[l] += ev * uv;
-        uu[l] += uv * uv;
-      });
       store_own_cosine(own_terms + (j * M + i) * kOwnTermsSize,
-                       own_cosine(sum_lanes(ee), sum_lanes(eu), sum_lanes(uu)));
+                       own_cosine_of(emb + (j * M + i) * D, s_hi, s_lo, D));
     }
   }
 }
@@ -110,6 +132,44 @@ void sum_inverse_norms(const Problem& p, int64_t lo, int64_t hi) {
   }
 }
 
+// Scratch of one rows range, in acc_t elements: a row's values, and its
+// similarity gradients and their gaps.
+inline int64_t rows_scratch(const Problem& p) { return 3 * p.total_speakers; }
+
+// row[k] = e_r . s_k becomes cos(e_r, s_k).
+template <typename acc_t>
+void to_cosines(acc_t* __restrict__ row, const acc_t* __restrict__ inv_sums, acc_t inv_e,
+                int64_t n) {
+  for (int64_t k = 0; k < n; ++k) row[k] = cosine(row[k], inv_e, inv_sums[k]);
+}
+
+// What the method's statistic is built from, for every k of a row.
+template <class Method, typename acc_t>
+void row_values(const acc_t* __restrict__ row, RowView<acc_t> view, acc_t* __restrict__ values,
+                int64_t n) {
+  for (int64_t k = 0; k < n; ++k) values[k] = Method::value(clamp_cosine(row[k], view.params), view);
+}
+
+// Every k of one row: the similarity gradient g_k (0 for the own speaker),
+// g_k (c_k - c_own), and the raw cosines turned into H_rk = dLoss/dcos_rk /
+// (|e_r||s_k|). Elementwise, with restrict pointers and scalars by value, so
+// that it vectorizes; the sums come after.
+template <class Method, typename acc_t>
+void impostor_grads(acc_t* __restrict__ row, const acc_t* __restrict__ inv_sums, int64_t n,
+                    int64_t own, RowSummary<acc_t> summary, RowView<acc_t> view, acc_t inv_e,
+                    acc_t grad_row, acc_t* __restrict__ g, acc_t* __restrict__ gap) {
+  const SimilarityParams<acc_t> params = view.params;
+  for (int64_t k = 0; k < n; ++k) {
+    const acc_t raw = row[k];
+    const acc_t c = clamp_cosine(raw, params);
+    const acc_t g_k = Method::impostor_grad(Method::value(c, view), k, summary, view, grad_row);
+    g[k] = k == own ? acc_t(0) : g_k;
+    gap[k] = g[k] * (c - view.own_cos);
+    row[k] = cosine_grad(g[k], raw, params) * inv_e * inv_sums[k];
+  }
+  row[own] = acc_t(0);  // the own speaker's term goes through u, not s_own
+}
+
 // The row kernel, speakers [lo, hi) of the block (block-local indices). Each
 // row of `cosines` arrives as the dot products e_r . s_k and leaves as the
 // raw cosines (kLoss) or as H_rk = dLoss/dcos_rk / (|e_r||s_k|) (the gradient
@@ -118,7 +178,7 @@ void sum_inverse_norms(const Problem& p, int64_t lo, int64_t hi) {
 // and hardest impostors, their own_grad, and their dLoss/dw, dLoss/db parts.
 template <class Method, bool kSparse, typename acc_t>
 void rows(const Problem& p, const RowBuffers& rb, RowPass pass, Block blk, acc_t* cosines,
-          int64_t lo, int64_t hi) {
+          acc_t* scratch, int64_t lo, int64_t hi) {
   const auto params = params_of<acc_t>(p);
   const auto* inv_sums = static_cast<const acc_t*>(p.inv_sums);
   auto* own_terms = static_cast<acc_t*>(p.own_terms);
@@ -126,31 +186,25 @@ void rows(const Problem& p, const RowBuffers& rb, RowPass pass, Block blk, acc_t
   const auto* grad_loss = static_cast<const acc_t*>(rb.grad_loss);
   auto* w_part = static_cast<acc_t*>(rb.w_grad_part);
   auto* b_part = static_cast<acc_t*>(rb.b_grad_part);
+  acc_t* values = scratch;
   const int64_t M = p.utterances, K = p.total_speakers;
-  using Statistic = typename Method::template Statistic<acc_t>;
   for (int64_t jb = lo; jb < hi; ++jb) {
     const int64_t j = blk.first + jb, own = p.speaker_offset + j;
     for (int64_t i = 0; i < M; ++i) {
       const int64_t r = j * M + i;
-      acc_t* __restrict__ row = cosines + (jb * M + i) * K;
+      acc_t* row = cosines + (jb * M + i) * K;
       const OwnCosine<acc_t> oc = load_own_cosine(own_terms + r * kOwnTermsSize);
       const RowView<acc_t> view{clamp_cosine(oc.raw_cos, params), params};
       const acc_t inv_e = oc.inv_norm_e;
-      for (int64_t k = 0; k < K; ++k) row[k] = cosine(row[k], inv_e, inv_sums[k]);
+      to_cosines(row, inv_sums, inv_e, K);
 
       RowSummary<acc_t> summary;
       if (pass == RowPass::kGradient) {
         summary.loss = loss[r];
         summary.hardest = rb.hardest[r];
       } else {
-        Statistic lanes[kLanes];
-        const auto add = [&](int64_t k, int l) {
-          lanes[l].add(Method::value(clamp_cosine(row[k], params), view), k);
-        };
-        for_lanes(0, own, add);
-        for_lanes(own + 1, K, add);
-        Statistic stat = lanes[0];
-        for (int l = 1; l < kLanes; ++l) stat.merge(lanes[l]);
+        row_values<Method>(row, view, values, K);
+        const auto stat = Method::row_statistic(values, K, own);
         summary.loss = Method::row_loss(stat, view);
         summary.hardest = Method::hardest(stat);
         loss[r] = summary.loss;
@@ -178,20 +232,11 @@ void rows(const Problem& p, const RowBuffers& rb, RowPass pass, Block blk, acc_t
           row[k] = cosine_grad(g, row[k], params) * inv_e * inv_sums[k];
         }
       } else {
-        acc_t g_lanes[kLanes] = {}, gap_lanes[kLanes] = {};
-        const auto grad = [&](int64_t k, int l) {
-          const acc_t raw = row[k];
-          const acc_t c = clamp_cosine(raw, params);
-          const acc_t g = Method::impostor_grad(Method::value(c, view), k, summary, view, grad_row);
-          g_lanes[l] += g;
-          gap_lanes[l] += g * (c - view.own_cos);
-          row[k] = cosine_grad(g, raw, params) * inv_e * inv_sums[k];
-        };
-        for_lanes(0, own, grad);
-        for_lanes(own + 1, K, grad);
-        row[own] = acc_t(0);  // the own speaker's term goes through u, not s_own
-        impostor_sum = sum_lanes(g_lanes);
-        gap_sum = sum_lanes(gap_lanes);
+        acc_t* g = scratch + K;
+        acc_t* gap = scratch + 2 * K;
+        impostor_grads<Method>(row, inv_sums, K, own, summary, view, inv_e, grad_row, g, gap);
+        impostor_sum = sum(g, K);
+        gap_sum = sum(gap, K);
       }
       const acc_t own_g = Method::own_grad(impostor_sum, view, grad_row);
       own_terms[r * kOwnTermsSize + kOwnGradSlot] = cosine_grad(own_g, oc.raw_cos, params);
@@ -199,6 +244,13 @@ void rows(const Problem& p, const RowBuffers& rb, RowPass pass, Block blk, acc_t
       b_part[r] = row_b_grad(impostor_sum, own_g);
     }
   }
+}
+
+// out += factor * in.
+template <typename scalar_t, typename acc_t>
+void add_scaled(acc_t factor, const scalar_t* __restrict__ in, acc_t* __restrict__ out,
+                int64_t dim) {
+  for (int64_t d = 0; d < dim; ++d) out[d] += factor * static_cast<acc_t>(in[d]);
 }
 
 // Z_k = sum of H_{r,k} e_r over the block's rows whose hardest impostor is k,
@@ -211,31 +263,75 @@ void sparse_sum_grads(const Problem& p, Block blk, const acc_t* cosines,
   const auto* emb = static_cast<const scalar_t*>(p.embeddings);
   const int64_t M = p.utterances, K = p.total_speakers, D = p.dim;
   for (int64_t k = lo; k < hi; ++k) {
-    acc_t* __restrict__ z_row = z + k * D;
+    acc_t* z_row = z + k * D;
     if (!accumulate) {
       for (int64_t d = 0; d < D; ++d) z_row[d] = acc_t(0);
     }
     for (int64_t n = bucket_start[k]; n < bucket_start[k + 1]; ++n) {
       const int64_t rb = bucket_rows[n];
-      const scalar_t* __restrict__ e = emb + (blk.first * M + rb) * D;
-      const acc_t h = cosines[rb * K + k];
-      for (int64_t d = 0; d < D; ++d) z_row[d] += h * static_cast<acc_t>(e[d]);
+      add_scaled(cosines[rb * K + k], emb + (blk.first * M + rb) * D, z_row, D);
     }
   }
 }
 
-// dLoss/ds_k = Z_k - s_k (s_k . Z_k)/|s_k|^2 into out (which may be z).
+template <typename acc_t>
+void remove_projections(const acc_t* z, const acc_t* __restrict__ s, acc_t s_dot_z, acc_t inv_s,
+                        acc_t* out, int64_t dim) {
+  for (int64_t d = 0; d < dim; ++d) out[d] = remove_projection(z[d], s[d], s_dot_z, inv_s);
+}
+
+// dLoss/ds_k = Z_k - s_k (s_k . Z_k)/|s_k|^2 into out (which may be Z_k).
 template <typename acc_t>
 inline void sum_grad(const Problem& p, int64_t k, const acc_t* z, acc_t* out) {
   const auto* s = static_cast<const acc_t*>(p.sums) + k * p.dim;
   const acc_t* z_row = z + k * p.dim;
-  const acc_t s_dot_z = dot<acc_t>(s, z_row, p.dim);
-  const acc_t inv_s = static_cast<const acc_t*>(p.inv_sums)[k];
-  for (int64_t d = 0; d < p.dim; ++d) out[d] = remove_projection(z_row[d], s[d], s_dot_z, inv_s);
+  remove_projections(z_row, s, dot<acc_t>(s, z_row, p.dim),
+                     static_cast<const acc_t*>(p.inv_sums)[k], out, p.dim);
 }
 
 // Scratch of one row_gradients range, in acc_t elements.
-inline int64_t row_gradients_scratch(const Problem& p) { return (p.utterances + 4) * p.dim; }
+inline int64_t row_gradients_scratch(const Problem& p) { return (p.utterances + 5) * p.dim; }
+
+// A row's q = h dcos(e, u)/du, and q added to the compensated sum (q_hi, q_lo).
+template <typename scalar_t, typename acc_t>
+void own_grads_through_others(const scalar_t* __restrict__ e, const acc_t* __restrict__ s_hi,
+                              const acc_t* __restrict__ s_lo, acc_t h, OwnCosine<acc_t> oc,
+                              acc_t* __restrict__ q, acc_t* __restrict__ q_hi,
+                              acc_t* __restrict__ q_lo, int64_t dim) {
+  for (int64_t d = 0; d < dim; ++d) {
+    const acc_t ev = static_cast<acc_t>(e[d]);
+    q[d] = own_grad_through_others(h, oc, ev, sum_without(s_hi[d], s_lo[d], ev));
+    add_compensated(q_hi[d], q_lo[d], q[d]);
+  }
+}
+
+// A row's gradient into out: its cross part from t = (H S)_r, its own part,
+// the other rows' q (their compensated sum without this row's), and fold.
+template <typename scalar_t, typename acc_t>
+void row_gradient(const scalar_t* __restrict__ e, const acc_t* __restrict__ t,
+                  const acc_t* __restrict__ s_hi, const acc_t* __restrict__ s_lo,
+                  const acc_t* __restrict__ q, const acc_t* __restrict__ q_hi,
+                  const acc_t* __restrict__ q_lo, const acc_t* __restrict__ fold, acc_t h,
+                  OwnCosine<acc_t> oc, acc_t e_dot_t, acc_t* __restrict__ out, int64_t dim) {
+  for (int64_t d = 0; d < dim; ++d) {
+    const acc_t ev = static_cast<acc_t>(e[d]);
+    const acc_t uv = sum_without(s_hi[d], s_lo[d], ev);
+    out[d] = remove_projection(t[d], ev, e_dot_t, oc.inv_norm_e) +
+             own_grad_through_embedding(h, oc, ev, uv) + sum_without(q_hi[d], q_lo[d], q[d]) +
+             fold[d];
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void store_row(const acc_t* __restrict__ in, scalar_t* __restrict__ out, int64_t dim) {
+  for (int64_t d = 0; d < dim; ++d) out[d] = static_cast<scalar_t>(in[d]);
+}
+
+template <typename acc_t>
+void scaled_copy(acc_t factor, const acc_t* __restrict__ in, acc_t* __restrict__ out,
+                 int64_t dim) {
+  for (int64_t d = 0; d < dim; ++d) out[d] = factor * in[d];
+}
 
 // The rows' gradients for speakers [lo, hi) of the block:
 //   cross part   T_r - e_r (e_r . T_r)/|e_r|^2, T = H S (`cross`, or with
@@ -243,8 +339,8 @@ inline int64_t row_gradients_scratch(const Problem& p) { return (p.utterances + 
 //   own part     h (dcos(e, u)/de), and the other rows' q = h dcos(e, u)/du
 //                summed without subtraction (CompensatedSum)
 //   z_to_fold    when given, dLoss/ds_j of every speaker j, added to its rows.
-// `cross` may be the gradient's own memory: each element is read before it
-// is written.
+// `cross` may be the gradient's own memory: each row is computed into scratch
+// first.
 template <bool kSparse, typename scalar_t, typename acc_t>
 void row_gradients(const Problem& p, Block blk, const acc_t* cross, const acc_t* cosines,
                    const int64_t* hardest, const acc_t* z_to_fold, scalar_t* grad, acc_t* scratch,
@@ -255,27 +351,22 @@ void row_gradients(const Problem& p, Block blk, const acc_t* cross, const acc_t*
   const auto* sums_lo = static_cast<const acc_t*>(p.own_sums_lo);
   const auto* own_terms = static_cast<const acc_t*>(p.own_terms);
   const int64_t M = p.utterances, K = p.total_speakers, D = p.dim;
-  acc_t* __restrict__ q = scratch;                  // (M, D): each row's q
-  acc_t* __restrict__ q_hi = scratch + M * D;       // (D,): their compensated sum
-  acc_t* __restrict__ q_lo = q_hi + D;
-  acc_t* __restrict__ fold = q_lo + D;              // (D,): dLoss/ds_j
-  acc_t* __restrict__ sparse_cross = fold + D;      // (D,): H_{r,k*} s_k*
+  acc_t* q = scratch;                  // (M, D): each row's q
+  acc_t* q_hi = scratch + M * D;       // (D,): their compensated sum
+  acc_t* q_lo = q_hi + D;
+  acc_t* fold = q_lo + D;              // (D,): dLoss/ds_j
+  acc_t* sparse_cross = fold + D;      // (D,): H_{r,k*} s_k*
+  acc_t* out = sparse_cross + D;       // (D,): the row's gradient
   for (int64_t jb = lo; jb < hi; ++jb) {
     const int64_t j = blk.first + jb;
-    const acc_t* __restrict__ s_hi = sums_hi + j * D;
-    const acc_t* __restrict__ s_lo = sums_lo + j * D;
+    const acc_t* s_hi = sums_hi + j * D;
+    const acc_t* s_lo = sums_lo + j * D;
     for (int64_t d = 0; d < D; ++d) q_hi[d] = q_lo[d] = acc_t(0);
     for (int64_t i = 0; i < M; ++i) {
       const int64_t r = j * M + i;
-      const scalar_t* __restrict__ e = emb + r * D;
-      const OwnCosine<acc_t> oc = load_own_cosine(own_terms + r * kOwnTermsSize);
-      const acc_t h = own_terms[r * kOwnTermsSize + kOwnGradSlot];
-      acc_t* __restrict__ q_row = q + i * D;
-      for (int64_t d = 0; d < D; ++d) {
-        const acc_t ev = static_cast<acc_t>(e[d]);
-        q_row[d] = own_grad_through_others(h, oc, ev, sum_without(s_hi[d], s_lo[d], ev));
-        add_compensated(q_hi[d], q_lo[d], q_row[d]);
-      }
+      own_grads_through_others(emb + r * D, s_hi, s_lo, own_terms[r * kOwnTermsSize + kOwnGradSlot],
+                               load_own_cosine(own_terms + r * kOwnTermsSize), q + i * D, q_hi,
+                               q_lo, D);
     }
     if (z_to_fold != nullptr) {
       sum_grad(p, p.speaker_offset + j, z_to_fold, fold);
@@ -284,31 +375,26 @@ void row_gradients(const Problem& p, Block blk, const acc_t* cross, const acc_t*
     }
     for (int64_t i = 0; i < M; ++i) {
       const int64_t r = j * M + i, rb = (jb * M + i);
-      const scalar_t* __restrict__ e = emb + r * D;
-      const OwnCosine<acc_t> oc = load_own_cosine(own_terms + r * kOwnTermsSize);
-      const acc_t h = own_terms[r * kOwnTermsSize + kOwnGradSlot];
+      const scalar_t* e = emb + r * D;
       const acc_t* t_row = cross + rb * D;
       if constexpr (kSparse) {
         const int64_t k = hardest[r];
         const bool valid = k >= 0 && k < K && k != p.speaker_offset + j;
-        const acc_t coefficient = valid ? cosines[rb * K + k] : quiet_nan<acc_t>();
-        const acc_t* s_k = sums + (valid ? k : 0) * D;
-        for (int64_t d = 0; d < D; ++d) sparse_cross[d] = coefficient * s_k[d];
+        scaled_copy(valid ? cosines[rb * K + k] : quiet_nan<acc_t>(), sums + (valid ? k : 0) * D,
+                    sparse_cross, D);
         t_row = sparse_cross;
       }
-      const acc_t e_dot_t = dot<acc_t>(e, t_row, D);
-      const acc_t* __restrict__ q_row = q + i * D;
-      scalar_t* g_row = grad + r * D;
-      for (int64_t d = 0; d < D; ++d) {
-        const acc_t ev = static_cast<acc_t>(e[d]);
-        const acc_t uv = sum_without(s_hi[d], s_lo[d], ev);
-        const acc_t g = remove_projection(t_row[d], ev, e_dot_t, oc.inv_norm_e) +
-                        own_grad_through_embedding(h, oc, ev, uv) +
-                        sum_without(q_hi[d], q_lo[d], q_row[d]) + fold[d];
-        g_row[d] = static_cast<scalar_t>(g);
-      }
+      row_gradient(e, t_row, s_hi, s_lo, q + i * D, q_hi, q_lo, fold,
+                   own_terms[r * kOwnTermsSize + kOwnGradSlot],
+                   load_own_cosine(own_terms + r * kOwnTermsSize), dot<acc_t>(e, t_row, D), out, D);
+      store_row(out, grad + r * D, D);
     }
   }
+}
+
+template <typename scalar_t, typename acc_t>
+void add_to_row(const acc_t* __restrict__ in, scalar_t* __restrict__ row, int64_t dim) {
+  for (int64_t d = 0; d < dim; ++d) row[d] = static_cast<scalar_t>(static_cast<acc_t>(row[d]) + in[d]);
 }
 
 // Local speakers [lo, hi): adds dLoss/ds_j (from Z) to each of their rows.
@@ -318,12 +404,7 @@ void fold(const Problem& p, const acc_t* z, scalar_t* grad, acc_t* scratch, int6
   const int64_t M = p.utterances, D = p.dim;
   for (int64_t j = lo; j < hi; ++j) {
     sum_grad(p, p.speaker_offset + j, z, scratch);
-    for (int64_t i = 0; i < M; ++i) {
-      scalar_t* __restrict__ g = grad + (j * M + i) * D;
-      for (int64_t d = 0; d < D; ++d) {
-        g[d] = static_cast<scalar_t>(static_cast<acc_t>(g[d]) + scratch[d]);
-      }
-    }
+    for (int64_t i = 0; i < M; ++i) add_to_row(scratch, grad + (j * M + i) * D, D);
   }
 }
 
