@@ -1,7 +1,8 @@
 // The device-agnostic part of the GE2E op: input checks, buffers, the loop
 // over blocks of whole speakers, and the matrix products, done by ATen (BLAS
 // on the CPU, cuBLAS on the GPU). The only memory beyond the inputs and the
-// gradient is one block of cosines (block rows x K) and O(N*M + K*D).
+// gradient is one block of cosines (block rows x K) and O(B + K*D), B the
+// number of utterances (N*M when every speaker has M).
 //
 // A step with one upstream gradient for every row (reduction "sum" or
 // "mean") is one sweep: per block, P = E S^T; the row kernel turns P into the
@@ -85,11 +86,72 @@ inline void check_scalar(const at::Tensor& t, const char* name, const at::Tensor
 
 // The tensors of one call, and the Problem that points into them.
 struct Call {
-  at::Tensor embeddings;  // contiguous
-  at::Tensor sums, own_sums_hi, own_sums_lo, inv_sums, own_terms, w, b;
+  at::Tensor embeddings;  // contiguous, viewed as (B, D)
+  at::Tensor speaker_offsets, sums, own_sums_hi, own_sums_lo, inv_sums, own_terms, w, b;
   at::TensorOptions acc_options;
+  std::vector<int64_t> row_shape;  // of the per-row outputs: (N, M), or (B,)
   Problem problem;
 };
+
+// The layout of the embeddings: (N, M, D), or (B, D) rows grouped by speaker
+// with speaker_offsets (N + 1,) giving where each speaker's rows start.
+inline void check_layout(const at::Tensor& embeddings, const c10::optional<at::Tensor>& offsets,
+                         Call& c) {
+  Problem& p = c.problem;
+  TORCH_CHECK_VALUE(embeddings.layout() == at::kStrided,
+                    "ge2e_ext: embeddings must be a dense (strided) tensor, got layout ",
+                    embeddings.layout());
+  if (!offsets.has_value()) {
+    TORCH_CHECK_VALUE(embeddings.dim() == 3,
+                      "ge2e_ext: embeddings must have shape (N speakers, M utterances, D), got ",
+                      embeddings.dim(), " dimensions ", embeddings.sizes());
+    p.speakers = embeddings.size(0);
+    p.utterances = embeddings.size(1);
+    p.dim = embeddings.size(2);
+    p.total_rows = p.speakers * p.utterances;
+    p.max_utterances = p.utterances;
+    p.speaker_offsets = nullptr;
+    c.row_shape = {p.speakers, p.utterances};
+    TORCH_CHECK_VALUE(p.utterances >= 2,
+                      "ge2e_ext: GE2E needs M >= 2 utterances per speaker (the exclusive "
+                      "centroid of one utterance is empty), got M = ",
+                      p.utterances);
+    return;
+  }
+  const at::Tensor& o = *offsets;
+  TORCH_CHECK_VALUE(embeddings.dim() == 2,
+                    "ge2e_ext: with speaker_offsets, embeddings must have shape (B rows, D), got ",
+                    embeddings.sizes());
+  TORCH_CHECK_VALUE(o.dim() == 1 && o.size(0) >= 2 && o.scalar_type() == at::kLong,
+                    "ge2e_ext: speaker_offsets must be a 1-D int64 tensor of N + 1 >= 2 row "
+                    "offsets, got shape ", o.sizes(), " and dtype ", o.scalar_type());
+  TORCH_CHECK(o.device() == embeddings.device(), "ge2e_ext: speaker_offsets are on ", o.device(),
+              " but the embeddings are on ", embeddings.device());
+  p.speakers = o.size(0) - 1;
+  p.utterances = 0;
+  p.dim = embeddings.size(1);
+  p.total_rows = embeddings.size(0);
+  c.speaker_offsets = o.contiguous();
+  p.speaker_offsets = c.speaker_offsets.data_ptr<int64_t>();
+  c.row_shape = {p.total_rows};
+  p.max_utterances = 0;
+  // The offsets are checked where reading them is free; on an accelerator the
+  // kernels clamp them to the rows (first_row), and ge2e_ext.ge2e_loss builds
+  // them itself.
+  if (o.device().is_cpu()) {
+    const int64_t* off = p.speaker_offsets;
+    TORCH_CHECK_VALUE(off[0] == 0 && off[p.speakers] == p.total_rows,
+                      "ge2e_ext: speaker_offsets must run from 0 to B = ", p.total_rows,
+                      ", got ", off[0], " .. ", off[p.speakers]);
+    for (int64_t j = 0; j < p.speakers; ++j) {
+      const int64_t count = off[j + 1] - off[j];
+      TORCH_CHECK_VALUE(count >= 2,
+                        "ge2e_ext: GE2E needs at least 2 utterances per speaker (the exclusive "
+                        "centroid of one utterance is empty), but speaker ", j, " has ", count);
+      p.max_utterances = std::max(p.max_utterances, count);
+    }
+  }
+}
 
 // Validates the inputs of any of the ops and computes the speaker statistics.
 // Messages say what was expected and what came; the Python wrapper checks
@@ -97,27 +159,16 @@ struct Call {
 template <class Device>
 Call make_call(const at::Tensor& embeddings, const c10::optional<at::Tensor>& sums,
                const at::Tensor& w, const at::Tensor& b, int64_t speaker_offset,
-               c10::string_view loss_method, c10::optional<double> min_cosine) {
-  TORCH_CHECK_VALUE(embeddings.layout() == at::kStrided,
-                    "ge2e_ext: embeddings must be a dense (strided) tensor, got layout ",
-                    embeddings.layout());
-  TORCH_CHECK_VALUE(embeddings.dim() == 3,
-                    "ge2e_ext: embeddings must have shape (N speakers, M utterances, D), got ",
-                    embeddings.dim(), " dimensions ", embeddings.sizes());
+               c10::string_view loss_method, c10::optional<double> min_cosine,
+               const c10::optional<at::Tensor>& speaker_offsets) {
   Call c;
   Problem& p = c.problem;
+  check_layout(embeddings, speaker_offsets, c);
   p.dtype = dtype_of(embeddings.scalar_type());
-  p.speakers = embeddings.size(0);
-  p.utterances = embeddings.size(1);
-  p.dim = embeddings.size(2);
   // With sums of other processes' speakers given, one local speaker is enough.
   const int64_t min_speakers = sums.has_value() ? 1 : 2;
   TORCH_CHECK_VALUE(p.speakers >= min_speakers, "ge2e_ext: GE2E needs N >= ", min_speakers,
                     " speakers, got N = ", p.speakers);
-  TORCH_CHECK_VALUE(p.utterances >= 2,
-                    "ge2e_ext: GE2E needs M >= 2 utterances per speaker (the exclusive "
-                    "centroid of one utterance is empty), got M = ",
-                    p.utterances);
   TORCH_CHECK_VALUE(p.dim >= 1, "ge2e_ext: embeddings need D >= 1 features, got D = ", p.dim);
   const auto acc = accumulation_type(embeddings.scalar_type());
   check_scalar(w, "w", embeddings, acc);
@@ -164,7 +215,7 @@ Call make_call(const at::Tensor& embeddings, const c10::optional<at::Tensor>& su
     p.speaker_offset = 0;
   }
   c.inv_sums = at::empty({p.total_speakers}, c.acc_options);
-  c.own_terms = at::empty({p.rows(), kOwnTermsSize}, c.acc_options);
+  c.own_terms = at::empty({p.total_rows, kOwnTermsSize}, c.acc_options);
   p.embeddings = c.embeddings.data_ptr();
   p.w = c.w.data_ptr();
   p.b = c.b.data_ptr();
@@ -187,37 +238,60 @@ Call make_call(const at::Tensor& embeddings, const c10::optional<at::Tensor>& su
 template <class Device>
 int64_t speakers_per_block(const Problem& p, int64_t requested) {
   if (requested > 0) return std::min(requested, p.speakers);
-  const int64_t input_numel = p.rows() * p.dim;
+  const int64_t input_numel = p.total_rows * p.dim;
   const int64_t budget =
       std::max<int64_t>(int64_t(1) << 18, input_numel / Device::kBlockInputShare);
-  const int64_t per_speaker = p.utterances * p.total_speakers;
+  const int64_t mean_rows = (p.total_rows + p.speakers - 1) / p.speakers;
+  const int64_t per_speaker = mean_rows * p.total_speakers;
   return std::max<int64_t>(
       std::min<int64_t>(p.speakers, Device::kMinBlockSpeakers),
       std::min<int64_t>(p.speakers, budget / per_speaker));
 }
 
-// The block of embeddings as a (rows, D) matrix in the accumulation dtype, for
+// The blocks of whole speakers, with their rows. With one block nothing is
+// read from the offsets; with several, grouped rows need the offsets on the
+// host (on an accelerator, a copy that waits for the device).
+inline std::vector<Block> blocks_of(const Call& c, int64_t per_block) {
+  const Problem& p = c.problem;
+  std::vector<Block> blocks;
+  if (per_block >= p.speakers) {
+    blocks.push_back(Block{0, p.speakers, 0, p.total_rows});
+    return blocks;
+  }
+  at::Tensor offsets;
+  if (p.speaker_offsets != nullptr) offsets = c.speaker_offsets.cpu();
+  const auto row = [&](int64_t j) {
+    return p.speaker_offsets != nullptr ? offsets.data_ptr<int64_t>()[j] : j * p.utterances;
+  };
+  for (int64_t first = 0; first < p.speakers; first += per_block) {
+    const int64_t count = std::min(per_block, p.speakers - first);
+    blocks.push_back(Block{first, count, row(first), row(first + count) - row(first)});
+  }
+  return blocks;
+}
+
+// The block's embeddings as a (rows, D) matrix in the accumulation dtype, for
 // the matrix products (a float16/bfloat16 input is widened one block at a time).
 inline at::Tensor block_rows(const Call& c, const Block& blk) {
   const Problem& p = c.problem;
-  at::Tensor rows = c.embeddings.view({p.rows(), p.dim})
-                        .narrow(0, blk.first * p.utterances, blk.count * p.utterances);
+  at::Tensor rows =
+      c.embeddings.view({p.total_rows, p.dim}).narrow(0, blk.first_row, blk.rows);
   return rows.scalar_type() == c.sums.scalar_type() ? rows : rows.to(c.sums.scalar_type());
 }
 
 // The gradient buffers of a sweep.
 struct Gradients {
-  at::Tensor embeddings;  // (N, M, D), the embeddings' dtype
+  at::Tensor embeddings;  // like the embeddings, in their dtype
   at::Tensor sums;        // (K, D): Z = H^T E, then dLoss/ds when sums were given
-  at::Tensor w_part;      // (N*M,) per-row dLoss/dw, dLoss/db
+  at::Tensor w_part;      // (B,) per-row dLoss/dw, dLoss/db
   at::Tensor b_part;
 };
 
 inline Gradients allocate_gradients(const Call& c) {
   const Problem& p = c.problem;
   return {at::empty_like(c.embeddings, at::MemoryFormat::Contiguous),
-          at::empty({p.total_speakers, p.dim}, c.acc_options), at::empty({p.rows()}, c.acc_options),
-          at::empty({p.rows()}, c.acc_options)};
+          at::empty({p.total_speakers, p.dim}, c.acc_options),
+          at::empty({p.total_rows}, c.acc_options), at::empty({p.total_rows}, c.acc_options)};
 }
 
 // The loop over blocks for one pass of the row kernel; for the gradient passes
@@ -226,21 +300,21 @@ template <class Device, class Method>
 void sweep(const Call& c, RowPass pass, const RowBuffers& buffers, Gradients* grads,
            int64_t block_speakers) {
   const Problem& p = c.problem;
-  const int64_t per_block = speakers_per_block<Device>(p, block_speakers);
-  const bool single_block = per_block >= p.speakers;
+  const std::vector<Block> blocks = blocks_of(c, speakers_per_block<Device>(p, block_speakers));
+  const bool single_block = blocks.size() == 1;
+  int64_t max_rows = 0;
+  for (const Block& blk : blocks) max_rows = std::max(max_rows, blk.rows);
   constexpr bool sparse = Device::kSparseProducts && Method::kSparseGradient;
-  at::Tensor cosine_block = at::empty({per_block * p.utterances, p.total_speakers}, c.acc_options);
+  at::Tensor cosine_block = at::empty({max_rows, p.total_speakers}, c.acc_options);
   // T = H S is written where the rows' gradient goes when the dtypes agree.
   const bool widened = c.embeddings.scalar_type() != c.sums.scalar_type();
   at::Tensor cross_block;
   if (grads != nullptr && !sparse && widened) {
-    cross_block = at::empty({per_block * p.utterances, p.dim}, c.acc_options);
+    cross_block = at::empty({max_rows, p.dim}, c.acc_options);
   }
-  for (int64_t first = 0; first < p.speakers; first += per_block) {
-    const Block blk{first, std::min(per_block, p.speakers - first)};
-    const int64_t blk_rows = blk.count * p.utterances;
+  for (const Block& blk : blocks) {
     const at::Tensor e_rows = block_rows(c, blk);
-    at::Tensor cosines = cosine_block.narrow(0, 0, blk_rows);
+    at::Tensor cosines = cosine_block.narrow(0, 0, blk.rows);
     at::mm_out(cosines, e_rows, c.sums.t());  // e_r . s_k; the row kernel makes it H
     {
       RECORD_FUNCTION("ge2e_ext::rows", {});
@@ -251,13 +325,13 @@ void sweep(const Call& c, RowPass pass, const RowBuffers& buffers, Gradients* gr
     if constexpr (sparse) {
       RECORD_FUNCTION("ge2e_ext::sparse_sum_grads", {});
       Device::sparse_sum_grads(p, blk, cosines.data_ptr(), buffers.hardest,
-                               grads->sums.data_ptr(), first > 0);
+                               grads->sums.data_ptr(), blk.first > 0);
     } else {
-      cross = widened ? cross_block.narrow(0, 0, blk_rows)
-                      : grads->embeddings.view({p.rows(), p.dim})
-                            .narrow(0, blk.first * p.utterances, blk_rows);
+      cross = widened ? cross_block.narrow(0, 0, blk.rows)
+                      : grads->embeddings.view({p.total_rows, p.dim})
+                            .narrow(0, blk.first_row, blk.rows);
       at::mm_out(cross, cosines, c.sums);             // T = H S
-      if (first == 0) {
+      if (blk.first == 0) {
         at::mm_out(grads->sums, cosines.t(), e_rows);  // Z = H^T E
       } else {
         grads->sums.addmm_(cosines.t(), e_rows);       // Z += H^T E
@@ -288,7 +362,7 @@ inline RowBuffers row_buffers(at::Tensor& loss, at::Tensor& hardest, Gradients* 
   return rb;
 }
 
-// forward(embeddings, sums?, w, b, ...) -> (loss (N, M), hardest (N, M)):
+// forward(embeddings, sums?, w, b, ...) -> (loss, hardest), (N, M) or (B,):
 // the rows' losses and each row's hardest impostor (-1 for the softmax loss).
 template <class Device>
 std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& embeddings,
@@ -296,13 +370,14 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& embeddings,
                                            const at::Tensor& w, const at::Tensor& b,
                                            int64_t speaker_offset, c10::string_view loss_method,
                                            c10::optional<double> min_cosine,
-                                           int64_t block_speakers) {
+                                           int64_t block_speakers,
+                                           const c10::optional<at::Tensor>& speaker_offsets) {
   const c10::OptionalDeviceGuard device_guard(embeddings.device());
-  const Call c =
-      make_call<Device>(embeddings, sums, w, b, speaker_offset, loss_method, min_cosine);
+  const Call c = make_call<Device>(embeddings, sums, w, b, speaker_offset, loss_method,
+                                   min_cosine, speaker_offsets);
   const Problem& p = c.problem;
-  at::Tensor loss = at::empty({p.speakers, p.utterances}, c.acc_options);
-  at::Tensor hardest = at::empty({p.speakers, p.utterances}, c.acc_options.dtype(at::kLong));
+  at::Tensor loss = at::empty(c.row_shape, c.acc_options);
+  at::Tensor hardest = at::empty(c.row_shape, c.acc_options.dtype(at::kLong));
   const RowBuffers rb = row_buffers(loss, hardest, nullptr);
   dispatch_loss_method(p.method, [&](auto method) {
     sweep<Device, decltype(method)>(c, RowPass::kLoss, rb, nullptr, block_speakers);
@@ -324,25 +399,27 @@ std::tuple<at::Tensor, at::Tensor> finish(const Call& c, Gradients& g, const at:
   return {grad_w, grad_b};
 }
 
-// backward(grad_loss (N, M), embeddings, sums?, w, b, loss, hardest, ...) ->
-// (grad_embeddings, grad_sums (K, D), grad_w, grad_b). Recomputes the cosines
-// (one block at a time); grad_sums is folded into grad_embeddings (and
-// returned as zeros' shape-mate, unused) when sums were not given.
+// backward(grad_loss, embeddings, sums?, w, b, loss, hardest, ...) ->
+// (grad_embeddings, grad_sums (K, D), grad_w, grad_b), with grad_loss, loss and
+// hardest shaped like the forward's losses. Recomputes the cosines (one block
+// at a time); grad_sums is folded into grad_embeddings when sums were not
+// given (and is then scratch).
 template <class Device>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
     const at::Tensor& grad_loss, const at::Tensor& embeddings,
     const c10::optional<at::Tensor>& sums, const at::Tensor& w, const at::Tensor& b,
     const at::Tensor& loss, const at::Tensor& hardest, int64_t speaker_offset,
-    c10::string_view loss_method, c10::optional<double> min_cosine, int64_t block_speakers) {
+    c10::string_view loss_method, c10::optional<double> min_cosine, int64_t block_speakers,
+    const c10::optional<at::Tensor>& speaker_offsets) {
   const c10::OptionalDeviceGuard device_guard(embeddings.device());
-  const Call c =
-      make_call<Device>(embeddings, sums, w, b, speaker_offset, loss_method, min_cosine);
+  const Call c = make_call<Device>(embeddings, sums, w, b, speaker_offset, loss_method,
+                                   min_cosine, speaker_offsets);
   const Problem& p = c.problem;
-  const std::vector<int64_t> row_shape{p.speakers, p.utterances};
-  TORCH_CHECK_VALUE(grad_loss.sizes() == row_shape && loss.sizes() == row_shape &&
-                        hardest.sizes() == row_shape,
-                    "ge2e_ext: grad_loss, loss and hardest must have shape (N, M) = ", row_shape,
-                    ", got ", grad_loss.sizes(), ", ", loss.sizes(), ", ", hardest.sizes());
+  TORCH_CHECK_VALUE(grad_loss.sizes() == c.row_shape && loss.sizes() == c.row_shape &&
+                        hardest.sizes() == c.row_shape,
+                    "ge2e_ext: grad_loss, loss and hardest must have the losses' shape ",
+                    c.row_shape, ", got ", grad_loss.sizes(), ", ", loss.sizes(), ", ",
+                    hardest.sizes());
   // The upstream gradient is read through its strides (an expanded scalar is
   // not copied); the saved statistics are small.
   const at::Tensor grad_rows = grad_loss.to(c.acc_options);
@@ -352,7 +429,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
   RowBuffers rb = row_buffers(loss_c, hardest_c, &g);
   rb.grad_loss = grad_rows.data_ptr();
   rb.grad_stride_speaker = grad_rows.stride(0);
-  rb.grad_stride_utterance = grad_rows.stride(1);
+  rb.grad_stride_utterance = grad_rows.stride(grad_rows.dim() - 1);
   dispatch_loss_method(p.method, [&](auto method) {
     sweep<Device, decltype(method)>(c, RowPass::kGradient, rb, &g, block_speakers);
   });
@@ -367,13 +444,14 @@ template <class Device>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_backward(
     const at::Tensor& embeddings, const c10::optional<at::Tensor>& sums, const at::Tensor& w,
     const at::Tensor& b, int64_t speaker_offset, c10::string_view loss_method,
-    c10::optional<double> min_cosine, double scale, int64_t block_speakers) {
+    c10::optional<double> min_cosine, double scale, int64_t block_speakers,
+    const c10::optional<at::Tensor>& speaker_offsets) {
   const c10::OptionalDeviceGuard device_guard(embeddings.device());
-  const Call c =
-      make_call<Device>(embeddings, sums, w, b, speaker_offset, loss_method, min_cosine);
+  const Call c = make_call<Device>(embeddings, sums, w, b, speaker_offset, loss_method,
+                                   min_cosine, speaker_offsets);
   const Problem& p = c.problem;
-  at::Tensor loss = at::empty({p.speakers, p.utterances}, c.acc_options);
-  at::Tensor hardest = at::empty({p.speakers, p.utterances}, c.acc_options.dtype(at::kLong));
+  at::Tensor loss = at::empty(c.row_shape, c.acc_options);
+  at::Tensor hardest = at::empty(c.row_shape, c.acc_options.dtype(at::kLong));
   Gradients g = allocate_gradients(c);
   RowBuffers rb = row_buffers(loss, hardest, &g);
   rb.grad_scale = scale;

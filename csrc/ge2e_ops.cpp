@@ -28,9 +28,10 @@ at::Tensor loss_without_autograd(const at::Tensor& embeddings,
                                  const c10::optional<at::Tensor>& sums, const at::Tensor& w,
                                  const at::Tensor& b, int64_t speaker_offset,
                                  c10::string_view loss_method, c10::optional<double> min_cosine,
-                                 bool reduce, double scale, int64_t block_speakers) {
+                                 bool reduce, double scale, int64_t block_speakers,
+                                 const c10::optional<at::Tensor>& speaker_offsets) {
   at::Tensor loss = std::get<0>(ops::forward(embeddings, sums, w, b, speaker_offset, loss_method,
-                                             min_cosine, block_speakers));
+                                             min_cosine, block_speakers, speaker_offsets));
   if (!reduce) return loss;
   return scale == 1.0 ? loss.sum() : loss.sum().mul_(scale);
 }

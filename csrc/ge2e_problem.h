@@ -19,8 +19,13 @@ struct Problem {
   DType dtype;             // of the embeddings and of their gradient
   int method;              // index in LossMethods (ge2e_math.h)
   int64_t speakers;        // N: speakers of these embeddings
-  int64_t utterances;      // M
+  int64_t utterances;      // M, when every speaker has M utterances (0 otherwise)
   int64_t dim;             // D
+  int64_t total_rows;      // B: the local utterances (N * M when every speaker has M)
+  // Speaker j's utterances are rows [speaker_offsets[j], speaker_offsets[j + 1])
+  // (N + 1 int64 on the call's device), or nullptr: rows [j * M, (j + 1) * M).
+  const int64_t* speaker_offsets;
+  int64_t max_utterances;  // the most utterances of one speaker (host-side buffers only)
   int64_t total_speakers;  // K: rows of sums (N, or every rank's speakers)
   int64_t speaker_offset;  // the row of sums that holds local speaker 0
   bool sums_given;         // false: sums are this call's own, and their
@@ -28,22 +33,47 @@ struct Problem {
   bool clamp;              // the cosine clamp is on (min_cosine is not None)
   double min_cosine;
 
-  const void* embeddings;  // (N, M, D)
+  const void* embeddings;  // (B, D): the rows of speaker 0, then of speaker 1, ...
   const void* w;           // 0-dim acc: the raw w (max(w, kMinW) is taken inside)
   const void* b;           // 0-dim acc
   void* sums;              // (K, D) acc: given, or written by the speaker statistics
   void* own_sums_hi;       // (N, D) acc: the compensated sums of the local speakers
   void* own_sums_lo;       //   (see CompensatedSum); own_sums_hi == sums when not given
   void* inv_sums;          // (K,) acc: 1/|s_k| (0 for a zero sum)
-  void* own_terms;         // (N*M, kOwnTermsSize) acc: each row's OwnCosine and own_grad
-
-  GE2E_HD int64_t rows() const { return speakers * utterances; }
+  void* own_terms;         // (B, kOwnTermsSize) acc: each row's OwnCosine and own_grad
 };
 
-// Whole speakers [first, first + count) of the local embeddings.
+// The first row of local speaker j (j = N: B). Offsets are clamped to the
+// rows, so that offsets from a direct call of an op that nothing checked
+// (on an accelerator) cannot send a kernel out of bounds.
+GE2E_HD int64_t first_row(const Problem& p, int64_t j) {
+  if (p.speaker_offsets == nullptr) return j * p.utterances;
+  const int64_t row = p.speaker_offsets[j];
+  return row < 0 ? 0 : (row > p.total_rows ? p.total_rows : row);
+}
+
+// The local speaker of row r.
+GE2E_HD int64_t speaker_of(const Problem& p, int64_t r) {
+  if (p.speaker_offsets == nullptr) return r / p.utterances;
+  int64_t lo = 0, hi = p.speakers;  // speaker_offsets[lo] <= r < speaker_offsets[hi]
+  while (hi - lo > 1) {
+    const int64_t mid = lo + (hi - lo) / 2;
+    if (p.speaker_offsets[mid] <= r) {
+      lo = mid;
+    } else {
+      hi = mid;
+    }
+  }
+  return lo;
+}
+
+// Whole speakers [first, first + count) of the local embeddings, which are
+// the rows [first_row, first_row + rows).
 struct Block {
   int64_t first;
   int64_t count;
+  int64_t first_row;
+  int64_t rows;
 };
 
 // What the row kernel does with a block of cosines.
@@ -55,15 +85,22 @@ enum class RowPass : int {
 
 // The per-row inputs and outputs of the row kernel; acc unless said.
 struct RowBuffers {
-  void* loss;                 // (N*M): written (kLoss*) or read (kGradient)
-  int64_t* hardest;           // (N*M): the hardest impostor (-1 where the method has none)
-  const void* grad_loss;      // kGradient: dLoss/dL_ji at grad_loss[j * stride_speaker + i * stride_utterance]
-  int64_t grad_stride_speaker;
-  int64_t grad_stride_utterance;
+  void* loss;                 // (B): written (kLoss*) or read (kGradient)
+  int64_t* hardest;           // (B): the hardest impostor (-1 where the method has none)
+  const void* grad_loss;      // kGradient: dLoss/dL of row r = utterance i of speaker j, at
+  int64_t grad_stride_speaker;    // j * stride_speaker + i * stride_utterance (N, M),
+  int64_t grad_stride_utterance;  // or r * stride_utterance (B,) with speaker_offsets
   double grad_scale;          // kLossAndGradient: dLoss/dL_ji of every row
-  void* w_grad_part;          // (N*M): the row's dLoss/dw (before the clamp rule)
-  void* b_grad_part;          // (N*M): the row's dLoss/db
+  void* w_grad_part;          // (B): the row's dLoss/dw (before the clamp rule)
+  void* b_grad_part;          // (B): the row's dLoss/db
 };
+
+// Where the upstream gradient of row r (utterance i of speaker j) is.
+GE2E_HD int64_t upstream_index(const Problem& p, const RowBuffers& rb, int64_t r, int64_t j,
+                               int64_t i) {
+  return p.speaker_offsets != nullptr ? r * rb.grad_stride_utterance
+                                      : j * rb.grad_stride_speaker + i * rb.grad_stride_utterance;
+}
 
 // Calls fn(scalar_t{}, acc_t{}) for the embeddings' dtype. Types names the
 // half-precision types of the caller's world (c10's on the CPU, CUDA's on

@@ -9,29 +9,32 @@
 
 namespace ge2e {
 
-// The GE2E loss of embeddings (N, M, D) scored against the speaker sums
-// (K, D) (sums=None: the embeddings' own, K = N), local speaker j being row
-// speaker_offset + j of the sums: the (N, M) per-utterance losses, or, with
-// reduce, scale times their sum. Differentiable in embeddings, sums, w, b.
+// The GE2E loss of embeddings (N, M, D), or (B, D) grouped by speaker with
+// speaker_offsets (N + 1,) (speaker j's rows are [offsets[j], offsets[j + 1])),
+// scored against the speaker sums (K, D) (sums=None: the embeddings' own,
+// K = N), local speaker j being row speaker_offset + j of the sums: the
+// per-utterance losses ((N, M) or (B,)), or, with reduce, scale times their
+// sum. Differentiable in embeddings, sums, w, b.
 inline constexpr const char* kLossSchema =
     "ge2e_loss(Tensor embeddings, Tensor? sums, Tensor w, Tensor b, int speaker_offset, "
-    "str loss_method, float? min_cosine, bool reduce, float scale, int block_speakers=0) "
-    "-> Tensor";
+    "str loss_method, float? min_cosine, bool reduce, float scale, int block_speakers=0, "
+    "Tensor? speaker_offsets=None) -> Tensor";
 
-// The per-utterance losses (N, M) and each utterance's hardest impostor
-// (N, M) (the arg-max speaker k != own of the contrast loss; -1 for softmax).
+// The per-utterance losses and each utterance's hardest impostor (the
+// arg-max speaker k != own of the contrast loss; -1 for softmax), (N, M) or (B,).
 inline constexpr const char* kForwardSchema =
     "ge2e_forward(Tensor embeddings, Tensor? sums, Tensor w, Tensor b, int speaker_offset, "
-    "str loss_method, float? min_cosine, int block_speakers=0) -> (Tensor, Tensor)";
+    "str loss_method, float? min_cosine, int block_speakers=0, Tensor? speaker_offsets=None) "
+    "-> (Tensor, Tensor)";
 
 // The gradients (embeddings, sums, w, b) for the upstream gradient of the
-// losses (N, M), given the forward's losses and hardest impostors; the
+// losses, given the forward's losses and hardest impostors; the
 // cosines are recomputed. When sums are not given, their gradient is already
 // folded into the embeddings' (the second output is then scratch).
 inline constexpr const char* kBackwardSchema =
     "ge2e_backward(Tensor grad_loss, Tensor embeddings, Tensor? sums, Tensor w, Tensor b, "
     "Tensor loss, Tensor hardest, int speaker_offset, str loss_method, float? min_cosine, "
-    "int block_speakers=0) -> (Tensor, Tensor, Tensor, Tensor)";
+    "int block_speakers=0, Tensor? speaker_offsets=None) -> (Tensor, Tensor, Tensor, Tensor)";
 
 // scale times the sum of the losses (0-dim) and its gradients (embeddings,
 // sums, w, b), in one sweep: what a training step with reduction "sum" or
@@ -39,6 +42,7 @@ inline constexpr const char* kBackwardSchema =
 inline constexpr const char* kForwardBackwardSchema =
     "ge2e_forward_backward(Tensor embeddings, Tensor? sums, Tensor w, Tensor b, "
     "int speaker_offset, str loss_method, float? min_cosine, float scale, "
-    "int block_speakers=0) -> (Tensor, Tensor, Tensor, Tensor, Tensor)";
+    "int block_speakers=0, Tensor? speaker_offsets=None) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor)";
 
 }  // namespace ge2e

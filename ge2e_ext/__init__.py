@@ -10,4 +10,4 @@ from .loss import GE2ELoss
 from .methods import LOSS_METHODS
 
 __all__ = ["GE2ELoss", "ge2e_loss", "extension_devices", "LOSS_METHODS"]
-__version__ = "0.1.0"
+from ._version import __version__  # noqa: E402  (the one version: ge2e_ext/_version.py)

@@ -42,22 +42,28 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def loss(embeddings, sums, w, b, speaker_offset, loss_method, min_cosine, reduce, scale,
-         block_speakers=0):
-    """The compiled, differentiable GE2E loss: (N, M) rows, or scale * their sum."""
+         block_speakers=0, speaker_offsets=None):
+    """The compiled, differentiable GE2E loss: the per-row losses ((N, M), or (B,)
+    for (B, D) rows grouped by speaker_offsets), or scale * their sum."""
     return torch.ops.ge2e_ext.ge2e_loss(embeddings, sums, w, b, speaker_offset, loss_method,
-                                        min_cosine, reduce, scale, block_speakers)
+                                        min_cosine, reduce, scale, block_speakers,
+                                        speaker_offsets)
 
 
 if _C is not None:
 
     def _rows_like(embeddings, dtype=None):
-        n, m, _ = embeddings.shape
-        return embeddings.new_empty(
-            (n, m), dtype=dtype or accumulation_dtype(embeddings.dtype))
+        shape = embeddings.shape[:1] if embeddings.dim() == 2 else embeddings.shape[:2]
+        return embeddings.new_empty(shape, dtype=dtype or accumulation_dtype(embeddings.dtype))
 
-    def _sums_grad_like(embeddings, sums):
-        k = sums.shape[0] if sums is not None else embeddings.shape[0]
-        return embeddings.new_empty((k, embeddings.shape[2]),
+    def _sums_grad_like(embeddings, sums, speaker_offsets):
+        if sums is not None:
+            k = sums.shape[0]
+        elif speaker_offsets is not None:
+            k = speaker_offsets.shape[0] - 1
+        else:
+            k = embeddings.shape[0]
+        return embeddings.new_empty((k, embeddings.shape[-1]),
                                     dtype=accumulation_dtype(embeddings.dtype))
 
     def _scalar_like(embeddings, like):
@@ -65,26 +71,26 @@ if _C is not None:
 
     @torch.library.register_fake("ge2e_ext::ge2e_loss")
     def _loss_fake(embeddings, sums, w, b, speaker_offset, loss_method, min_cosine, reduce,
-                   scale, block_speakers=0):
+                   scale, block_speakers=0, speaker_offsets=None):
         rows = _rows_like(embeddings)
         return rows.new_empty(()) if reduce else rows
 
     @torch.library.register_fake("ge2e_ext::ge2e_forward")
     def _forward_fake(embeddings, sums, w, b, speaker_offset, loss_method, min_cosine,
-                      block_speakers=0):
+                      block_speakers=0, speaker_offsets=None):
         return _rows_like(embeddings), _rows_like(embeddings, torch.long)
 
     @torch.library.register_fake("ge2e_ext::ge2e_backward")
     def _backward_fake(grad_loss, embeddings, sums, w, b, loss, hardest, speaker_offset,
-                       loss_method, min_cosine, block_speakers=0):
+                       loss_method, min_cosine, block_speakers=0, speaker_offsets=None):
         return (torch.empty_like(embeddings, memory_format=torch.contiguous_format),
-                _sums_grad_like(embeddings, sums), _scalar_like(embeddings, w),
+                _sums_grad_like(embeddings, sums, speaker_offsets), _scalar_like(embeddings, w),
                 _scalar_like(embeddings, b))
 
     @torch.library.register_fake("ge2e_ext::ge2e_forward_backward")
     def _forward_backward_fake(embeddings, sums, w, b, speaker_offset, loss_method, min_cosine,
-                               scale, block_speakers=0):
+                               scale, block_speakers=0, speaker_offsets=None):
         return (_rows_like(embeddings).new_empty(()),
                 torch.empty_like(embeddings, memory_format=torch.contiguous_format),
-                _sums_grad_like(embeddings, sums), _scalar_like(embeddings, w),
+                _sums_grad_like(embeddings, sums, speaker_offsets), _scalar_like(embeddings, w),
                 _scalar_like(embeddings, b))

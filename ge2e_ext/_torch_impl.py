@@ -61,3 +61,21 @@ def ge2e_rows(embeddings, sums, w, b, speaker_offset, loss_method, min_cosine):
     # softmax loss, which does not depend on b, would otherwise hide it).
     w = w.clamp(min=MIN_W) + (w + b) * 0
     return METHODS[loss_method].rows(cos, cos.gather(-1, own).squeeze(-1), own, w, b)
+
+
+def ge2e_rows_grouped(rows, grouping, sums, w, b, speaker_offset, loss_method, min_cosine):
+    """Per-utterance GE2E losses (B,) of rows (B, D) grouped by speaker (in the
+    order of ``grouping``): the rows are laid out as (N, M_max, D) with zero
+    padding (a zero row adds nothing to any sum, and its own loss is dropped),
+    then ``ge2e_rows``. Reads the largest group's size (on an accelerator, a
+    wait for the device)."""
+    n, b_rows = grouping.speakers, rows.shape[0]
+    counts = grouping.offsets[1:] - grouping.offsets[:-1]
+    position = torch.arange(b_rows, device=rows.device) - grouping.offsets[grouping.speaker_of_row]
+    m_max = max(int(counts.max()), 2)
+    padded = rows.new_zeros(n, m_max, rows.shape[1]).index_put(
+        (grouping.speaker_of_row, position), rows)
+    if sums is None:
+        sums = padded.sum(1)
+    dense = ge2e_rows(padded, sums, w, b, speaker_offset, loss_method, min_cosine)
+    return dense[grouping.speaker_of_row, position]

@@ -10,6 +10,7 @@ import torch
 import torch.autograd.forward_ad as _forward_ad
 
 from . import _ops, _torch_impl
+from .labels import check_labels, group_by_label
 from .methods import LOSS_METHODS
 
 REDUCTIONS = ("sum", "mean", "none")
@@ -48,10 +49,10 @@ def check_options(loss_method, reduction, min_cosine, backend, distributed=False
         raise ValueError("group is only used with distributed=True; pass distributed=True too")
 
 
-def _check_embeddings(embeddings, min_speakers=2):
+def _check_tensor(embeddings, shape_words):
     if not isinstance(embeddings, torch.Tensor):
         raise TypeError(
-            "embeddings must be a torch.Tensor of shape (N speakers, M utterances, D), "
+            f"embeddings must be a torch.Tensor of shape {shape_words}, "
             f"got {type(embeddings).__name__}"
         )
     if embeddings.layout != torch.strided:
@@ -59,15 +60,33 @@ def _check_embeddings(embeddings, min_speakers=2):
             f"embeddings must be a dense (strided) tensor, got layout {embeddings.layout}; "
             "convert it with .to_dense()"
         )
-    if embeddings.dim() != 3:
-        raise ValueError(
-            "embeddings must have shape (N speakers, M utterances, D features), got "
-            f"{embeddings.dim()} dimensions {tuple(embeddings.shape)}"
-        )
     if embeddings.dtype not in _FLOAT_DTYPES:
         raise TypeError(
             "embeddings must be float32, float64, float16 or bfloat16, got "
             f"{embeddings.dtype}"
+        )
+
+
+def _check_rows(embeddings):
+    """The labels form: (B, D) rows."""
+    _check_tensor(embeddings, "(B rows, D) with labels")
+    if embeddings.dim() != 2:
+        raise ValueError(
+            "with labels, embeddings must have shape (B rows, D features), got "
+            f"{embeddings.dim()} dimensions {tuple(embeddings.shape)}"
+        )
+    if embeddings.shape[1] < 1:
+        raise ValueError(f"embeddings need D >= 1 features, got D = {embeddings.shape[1]}")
+
+
+def _check_embeddings(embeddings, min_speakers=2):
+    _check_tensor(embeddings, "(N speakers, M utterances, D)")
+    if embeddings.dim() != 3:
+        raise ValueError(
+            "embeddings must have shape (N speakers, M utterances, D features), got "
+            f"{embeddings.dim()} dimensions {tuple(embeddings.shape)}"
+            + ("; for (B, D) rows with speaker labels, pass labels=" if embeddings.dim() == 2
+               else "")
         )
     n, m, d = embeddings.shape
     if n < min_speakers:
@@ -158,19 +177,29 @@ def _use_extension(backend, embeddings):
     )
 
 
-def ge2e_loss(embeddings, w, b, loss_method="softmax", *, reduction="sum", min_cosine=1e-6,
-              backend="auto", distributed=False, group=None):
-    """The GE2E loss (Wan et al., 2018) of embeddings (N speakers, M utterances, D).
+def ge2e_loss(embeddings, w, b, loss_method="softmax", *, labels=None, num_speakers=None,
+              reduction="sum", min_cosine=1e-6, backend="auto", distributed=False, group=None):
+    """The GE2E loss (Wan et al., 2018).
 
     Args:
-        embeddings: float32/float64 (float16/bfloat16 are computed in float32) of
-            shape (N, M, D), N >= 2 (>= 1 per rank when distributed), M >= 2.
+        embeddings: (N speakers, M utterances, D), N >= 2 (>= 1 per rank when
+            distributed), M >= 2; or, with ``labels``, (B rows, D) in any order.
+            float32/float64 (float16/bfloat16 are computed in float32).
         w, b: the similarity scale and bias, ``S = max(w, 1e-6) * cos + b``; 0-dim
             (or one-element) tensors or numbers.
         loss_method: one of ``ge2e_ext.LOSS_METHODS``: "softmax" (eq. 6) or
             "contrast" (eq. 7).
+        labels: (B,) integer speaker labels of the rows (any values, any order):
+            the speakers are the distinct labels, each with its own number of
+            utterances (at least 2: fewer is an error naming the label).
+        num_speakers: with labels, the number of distinct labels if known. On
+            an accelerator this spares the one wait for the device that reading
+            it from the labels costs (it sets the shapes); a wrong count or a
+            single-utterance speaker then gives a NaN loss instead of an error
+            (on the CPU they are errors either way).
         reduction: "sum" (the original code's and the paper's total), "mean" (over
-            the N*M utterances) or "none" (per-utterance losses, shape (N, M)).
+            the utterances) or "none" (per-utterance losses: shape (N, M), or (B,)
+            in the rows' order with labels).
         min_cosine: lower clamp on every cosine, below 1; 1e-6 reproduces the
             original code, None gives the paper's unclamped formula.
         backend: "auto" (compiled kernel for this device if built, else PyTorch),
@@ -190,10 +219,20 @@ def ge2e_loss(embeddings, w, b, loss_method="softmax", *, reduction="sum", min_c
     # In distributed mode a rank whose inputs are bad must not leave the others
     # waiting in a collective: its error travels with the metadata exchange and
     # every rank raises.
-    local_error = None
+    local_error, grouping, use_extension = None, None, False
     try:
         check_options(loss_method, reduction, min_cosine, backend, distributed, group)
-        _check_embeddings(embeddings, min_speakers=1 if distributed else 2)
+        if labels is None:
+            if num_speakers is not None:
+                raise ValueError("num_speakers goes with labels=; the dense form's N is its shape")
+            _check_embeddings(embeddings, min_speakers=1 if distributed else 2)
+        else:
+            _check_rows(embeddings)
+            check_labels(labels, embeddings)
+            grouping = group_by_label(labels, num_speakers)
+            if grouping.speakers < (1 if distributed else 2):
+                raise ValueError(f"GE2E needs at least 2 speakers, got {grouping.speakers} "
+                                 "distinct label(s)")
         acc = _ops.accumulation_dtype(embeddings.dtype)
         w = _as_scalar(w, "w", embeddings, acc)
         b = _as_scalar(b, "b", embeddings, acc)
@@ -204,19 +243,39 @@ def ge2e_loss(embeddings, w, b, loss_method="softmax", *, reduction="sum", min_c
         local_error = error
     min_cosine = None if min_cosine is None else float(min_cosine)
 
+    offsets = None
+    if grouping is not None:
+        embeddings = embeddings.index_select(0, grouping.order)  # rows in speaker order
+        offsets = grouping.offsets
     sums, offset = None, 0
-    total_utterances = embeddings.shape[0] * embeddings.shape[1] if local_error is None else 0
+    total_utterances = (embeddings.shape[0] if grouping is not None
+                        else embeddings.shape[0] * embeddings.shape[1]) if local_error is None else 0
     if distributed:
         from . import distributed as dist_impl
 
         sums, offset, total_utterances = dist_impl.gather_speaker_sums(
-            embeddings, group, local_error=local_error)
+            embeddings, group, local_error=local_error, grouping=grouping)
 
+    reduce = reduction != "none"
+    scale = 1.0 / total_utterances if reduction == "mean" else 1.0
     if use_extension:
-        reduce = reduction != "none"
-        scale = 1.0 / total_utterances if reduction == "mean" else 1.0
-        return _ops.loss(embeddings, sums, w, b, offset, loss_method, min_cosine, reduce, scale)
+        loss = _ops.loss(embeddings, sums, w, b, offset, loss_method, min_cosine, reduce, scale,
+                         0, offsets)
+    else:
+        loss = _torch_loss(embeddings, sums, w, b, offset, loss_method, min_cosine, grouping)
+        if reduce:
+            loss = loss.sum() if scale == 1.0 else loss.sum() * scale
+    if grouping is not None:
+        if not reduce:
+            loss = grouping.restore(loss)
+        if grouping.valid is not None:
+            loss = torch.where(grouping.valid, loss, torch.full_like(loss, float("nan")))
+    return loss
 
+
+def _torch_loss(embeddings, sums, w, b, offset, loss_method, min_cosine, grouping):
+    """The per-row losses by the pure-PyTorch path, in the accumulation dtype."""
+    acc = _ops.accumulation_dtype(embeddings.dtype)
     # Under autocast the matrix product would run in float16/bfloat16; the
     # loss is computed in the accumulation dtype, as the kernels do.
     device_type = embeddings.device.type
@@ -225,10 +284,8 @@ def ge2e_loss(embeddings, w, b, loss_method="softmax", *, reduction="sum", min_c
     precision = (torch.autocast(device_type=device_type, enabled=False)
                  if autocast_on else contextlib.nullcontext())
     with precision:
-        rows = _torch_impl.ge2e_rows(embeddings.to(acc), sums, w, b, offset, loss_method,
-                                     min_cosine)
-    if reduction == "none":
-        return rows
-    if reduction == "sum":
-        return rows.sum()
-    return rows.sum() / total_utterances
+        if grouping is None:
+            return _torch_impl.ge2e_rows(embeddings.to(acc), sums, w, b, offset, loss_method,
+                                         min_cosine)
+        return _torch_impl.ge2e_rows_grouped(embeddings.to(acc), grouping, sums, w, b, offset,
+                                             loss_method, min_cosine)

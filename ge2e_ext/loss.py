@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 
@@ -13,7 +15,8 @@ class GE2ELoss(nn.Module):
 
     A drop-in replacement for the original pure-PyTorch ``GE2ELoss``: the same
     first three arguments and the same output (the sum over utterances), computed
-    by fused kernels. ``forward(embeddings)`` takes (N speakers, M utterances, D).
+    by fused kernels. ``forward(embeddings)`` takes (N speakers, M utterances, D),
+    or ``forward(embeddings, labels)`` (B, D) rows with their (B,) speaker labels.
     See ``ge2e_ext.ge2e_loss`` for the keyword arguments.
     """
 
@@ -30,8 +33,12 @@ class GE2ELoss(nn.Module):
         self.distributed = distributed
         self.group = group
 
-    def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
-        return ge2e_loss(embeddings, self.w, self.b, self.loss_method, reduction=self.reduction,
+    def forward(self, embeddings: torch.Tensor, labels: Optional[torch.Tensor] = None,
+                num_speakers: Optional[int] = None) -> torch.Tensor:
+        """embeddings (N speakers, M utterances, D), or (B, D) rows with labels (B,);
+        see ``ge2e_ext.ge2e_loss``."""
+        return ge2e_loss(embeddings, self.w, self.b, self.loss_method, labels=labels,
+                         num_speakers=num_speakers, reduction=self.reduction,
                          min_cosine=self.min_cosine, backend=self.backend,
                          distributed=self.distributed, group=self.group)
 

@@ -42,15 +42,18 @@ def _scalars(x, w, b):
 
 
 def _all_ops(ops, x, method, min_cosine, sums=None, offset=0, block=0, w=3.0, b=-1.0,
-             scale=0.5):
+             scale=0.5, speaker_offsets=None):
     """Every op of a library on one input: forward, backward, forward_backward."""
     w, b = _scalars(x, w, b)
     acc = w.dtype
-    grad = torch.randn(x.shape[:2], dtype=acc, generator=torch.Generator().manual_seed(1))
-    loss, hardest = ops.ge2e_forward(x, sums, w, b, offset, method, min_cosine, block)
+    rows = x.shape[:1] if speaker_offsets is not None else x.shape[:2]
+    grad = torch.randn(rows, dtype=acc, generator=torch.Generator().manual_seed(1))
+    loss, hardest = ops.ge2e_forward(x, sums, w, b, offset, method, min_cosine, block,
+                                     speaker_offsets)
     backward = ops.ge2e_backward(grad, x, sums, w, b, loss, hardest, offset, method, min_cosine,
-                                 block)
-    fused = ops.ge2e_forward_backward(x, sums, w, b, offset, method, min_cosine, scale, block)
+                                 block, speaker_offsets)
+    fused = ops.ge2e_forward_backward(x, sums, w, b, offset, method, min_cosine, scale, block,
+                                      speaker_offsets)
     return loss, hardest, backward, fused
 
 
@@ -98,6 +101,16 @@ def test_half_precision_inputs(emulated, method, dtype):
     dtype, everything else in float32: as the CPU kernel, up to one rounding."""
     x = make_embeddings(6, 3, 40, seed=12, dtype=dtype, requires_grad=False)
     _assert_same(emulated, x, method, 1e-6, rtol=2 * torch.finfo(dtype).eps)
+
+
+@pytest.mark.parametrize("method", LOSS_METHODS)
+@pytest.mark.parametrize("block", [0, 2])
+def test_speakers_with_different_numbers_of_utterances(emulated, method, block):
+    """The labels form's segments: speaker j's rows [offsets[j], offsets[j + 1])."""
+    sizes = [2, 7, 3, 2, 5]
+    offsets = torch.tensor([0] + torch.tensor(sizes).cumsum(0).tolist())
+    x = make_embeddings(sum(sizes), 70, 1, seed=11, requires_grad=False).reshape(sum(sizes), 70)
+    _assert_same(emulated, x, method, 1e-6, block=block, speaker_offsets=offsets)
 
 
 @pytest.mark.parametrize("method", LOSS_METHODS)

@@ -130,6 +130,45 @@ def _mismatches(rank, world):
     return messages
 
 
+def _labelled_rows(world):
+    """Each rank's (rows, labels): speakers with 2 to 5 utterances, shuffled; labels
+    unique to their rank."""
+    g = torch.Generator().manual_seed(21)
+    shares = []
+    for rank in range(world):
+        sizes = [2 + (rank + k) % 4 for k in range(2 + rank)]
+        labels = torch.cat([torch.full((size,), 100 * rank + 3 * k, dtype=torch.int64)
+                            for k, size in enumerate(sizes)])
+        order = torch.randperm(len(labels), generator=g)
+        rows = torch.randn(len(labels), D, generator=g, dtype=torch.float64) + 0.3
+        shares.append((rows[order], labels[order]))
+    return shares
+
+
+def _labels_loss_and_grads(rows, labels, method, distributed):
+    rows = rows.detach().clone().requires_grad_(True)
+    w = torch.tensor(W0, dtype=torch.float64, requires_grad=True)
+    b = torch.tensor(B0, dtype=torch.float64, requires_grad=True)
+    loss = ge2e_loss(rows, w, b, method, labels=labels, reduction="mean", distributed=distributed)
+    loss.backward()
+    return dict(loss=loss.detach(), grad_x=rows.grad, grad_w=w.grad, grad_b=b.grad)
+
+
+def _labels_share(rank, world):
+    rows, labels = _labelled_rows(world)[rank]
+    results = {method: _labels_loss_and_grads(rows, labels, method, True)
+               for method in LOSS_METHODS}
+    # A label on two ranks: the same error everywhere.
+    clash = torch.where(labels == labels.min(), 7, labels)  # every rank has a speaker 7
+    try:
+        ge2e_loss(rows, W0, B0, labels=clash, distributed=True)
+    except ValueError as error:
+        results["clash"] = str(error)
+    else:
+        results["clash"] = None
+    return results
+
+
 class _SpeakerModel(torch.nn.Module):
     """A linear encoder and the criterion in one module, as in docs/distributed.md."""
 
@@ -180,6 +219,7 @@ def _worker(rank, world, init_file, out_dir):
                 results[case["name"]] = _rank_share(case, case["group_ranks"].index(rank),
                                                     subgroup)
         results["ddp"] = _ddp_share(rank, world)
+        results["labels"] = _labels_share(rank, world)
         results["mismatch"] = _mismatches(rank, world)
         # The errors left no collective pending: the group still works.
         first = _cases(world)[0]
@@ -358,3 +398,29 @@ def test_communication_device(monkeypatch):
     assert device(_FakeDist("cpu:gloo,cuda:nccl"), None, cpu) == cpu
     assert device(_FakeDist("cpu:gloo,cuda:nccl"), None, cuda1) == cuda1
     assert device(_FakeDist("cuda:nccl"), None, cpu) == cuda1
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("method", LOSS_METHODS)
+def test_labels_form_matches_single_process(runs, world, method):
+    """Ranks with different label sets and group sizes: the shares add up to the
+    single-process loss of all rows, each rank's row gradients are its rows'."""
+    results = runs(world)
+    shares = _labelled_rows(world)
+    rows = torch.cat([r for r, _ in shares])
+    labels = torch.cat([l for _, l in shares])
+    expected = _labels_loss_and_grads(rows, labels, method, False)
+    got = [results[r]["labels"][method] for r in range(world)]
+    assert_close_rel(sum(g["loss"] for g in got), expected["loss"], 1e-10, "sum of losses")
+    for r, expected_rows in enumerate(torch.split(expected["grad_x"],
+                                                  [len(l) for _, l in shares])):
+        assert_close_rel(got[r]["grad_x"], expected_rows, 1e-10, f"rank {r} row grads")
+    for name in ("grad_w", "grad_b"):
+        assert_close_rel(sum(g[name] for g in got), expected[name], 1e-10, f"sum of {name}")
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_a_label_on_two_ranks_is_the_same_error_everywhere(runs, world):
+    messages = [runs(world)[r]["labels"]["clash"] for r in range(world)]
+    assert all(m is not None for m in messages) and len(set(messages)) == 1, messages
+    assert "label 7 on ranks" in messages[0] and "one rank" in messages[0]

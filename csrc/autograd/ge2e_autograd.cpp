@@ -84,11 +84,12 @@ class ReducedLoss : public torch::autograd::Function<ReducedLoss> {
                             const c10::optional<at::Tensor>& sums, const at::Tensor& w,
                             const at::Tensor& b, int64_t speaker_offset,
                             c10::string_view loss_method, c10::optional<double> min_cosine,
-                            double scale, int64_t block_speakers) {
+                            double scale, int64_t block_speakers,
+                            const c10::optional<at::Tensor>& speaker_offsets) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [loss, grad_embeddings, grad_sums, grad_w, grad_b] =
         ops::forward_backward(embeddings, sums, w, b, speaker_offset, loss_method, min_cosine,
-                              scale, block_speakers);
+                              scale, block_speakers, speaker_offsets);
     // The inputs are kept only for a create_graph backward to depend on.
     ctx->save_for_backward({grad_embeddings, sums.has_value() ? grad_sums : at::Tensor(), grad_w,
                             grad_b, embeddings, sums.value_or(at::Tensor()), w, b});
@@ -98,7 +99,7 @@ class ReducedLoss : public torch::autograd::Function<ReducedLoss> {
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     const auto saved = ctx->get_saved_variables();
     const at::Tensor& grad_loss = grad_outputs[0];
-    variable_list gradients(9);
+    variable_list gradients(10);
     if (grad_loss.defined()) {
       for (size_t i = 0; i < 4; ++i) gradients[i] = scaled(saved[i], grad_loss);
     }
@@ -113,11 +114,13 @@ class RowLosses : public torch::autograd::Function<RowLosses> {
                             const c10::optional<at::Tensor>& sums, const at::Tensor& w,
                             const at::Tensor& b, int64_t speaker_offset,
                             c10::string_view loss_method, c10::optional<double> min_cosine,
-                            int64_t block_speakers) {
+                            int64_t block_speakers,
+                            const c10::optional<at::Tensor>& speaker_offsets) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [loss, hardest] = ops::forward(embeddings, sums, w, b, speaker_offset, loss_method,
-                                        min_cosine, block_speakers);
-    ctx->save_for_backward({embeddings, sums.value_or(at::Tensor()), w, b, loss, hardest});
+                                        min_cosine, block_speakers, speaker_offsets);
+    ctx->save_for_backward({embeddings, sums.value_or(at::Tensor()), w, b, loss, hardest,
+                            speaker_offsets.value_or(at::Tensor())});
     ctx->saved_data["speaker_offset"] = speaker_offset;
     ctx->saved_data["loss_method"] = std::string(loss_method);
     ctx->saved_data["min_cosine"] = min_cosine;
@@ -128,18 +131,20 @@ class RowLosses : public torch::autograd::Function<RowLosses> {
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     const auto saved = ctx->get_saved_variables();
     const at::Tensor& grad_loss = grad_outputs[0];
-    variable_list gradients(8);
+    variable_list gradients(9);
     if (grad_loss.defined()) {
       const bool sums_given = saved[1].defined();
       const c10::optional<at::Tensor> sums =
           sums_given ? c10::optional<at::Tensor>(saved[1]) : c10::nullopt;
+      const c10::optional<at::Tensor> speaker_offsets =
+          saved[6].defined() ? c10::optional<at::Tensor>(saved[6]) : c10::nullopt;
       at::AutoDispatchBelowADInplaceOrView below_autograd;
       auto [grad_embeddings, grad_sums, grad_w, grad_b] = ops::backward(
           grad_loss, saved[0], sums, saved[2], saved[3], saved[4], saved[5],
           ctx->saved_data["speaker_offset"].toInt(),
           ctx->saved_data["loss_method"].toStringRef(),
           ctx->saved_data["min_cosine"].toOptional<double>(),
-          ctx->saved_data["block_speakers"].toInt());
+          ctx->saved_data["block_speakers"].toInt(), speaker_offsets);
       gradients[0] = grad_embeddings;
       gradients[1] = sums_given ? grad_sums : at::Tensor();
       gradients[2] = grad_w;
@@ -152,7 +157,8 @@ class RowLosses : public torch::autograd::Function<RowLosses> {
 at::Tensor loss_autograd(const at::Tensor& embeddings, const c10::optional<at::Tensor>& sums,
                          const at::Tensor& w, const at::Tensor& b, int64_t speaker_offset,
                          c10::string_view loss_method, c10::optional<double> min_cosine,
-                         bool reduce, double scale, int64_t block_speakers) {
+                         bool reduce, double scale, int64_t block_speakers,
+                         const c10::optional<at::Tensor>& speaker_offsets) {
   const bool needs_grad =
       at::GradMode::is_enabled() &&
       (embeddings.requires_grad() || w.requires_grad() || b.requires_grad() ||
@@ -164,17 +170,18 @@ at::Tensor loss_autograd(const at::Tensor& embeddings, const c10::optional<at::T
                                                  const c10::optional<at::Tensor>&,
                                                  const at::Tensor&, const at::Tensor&, int64_t,
                                                  c10::string_view, c10::optional<double>, bool,
-                                                 double, int64_t)>();
+                                                 double, int64_t,
+                                                 const c10::optional<at::Tensor>&)>();
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     return op.call(embeddings, sums, w, b, speaker_offset, loss_method, min_cosine, reduce,
-                   scale, block_speakers);
+                   scale, block_speakers, speaker_offsets);
   }
   if (reduce) {
     return ReducedLoss::apply(embeddings, sums, w, b, speaker_offset, loss_method, min_cosine,
-                              scale, block_speakers);
+                              scale, block_speakers, speaker_offsets);
   }
   return RowLosses::apply(embeddings, sums, w, b, speaker_offset, loss_method, min_cosine,
-                          block_speakers);
+                          block_speakers, speaker_offsets);
 }
 
 }  // namespace

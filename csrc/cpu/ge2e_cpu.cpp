@@ -76,12 +76,12 @@ struct CpuDevice {
                                const int64_t* hardest, void* z, bool accumulate) {
     // The block's rows by hardest impostor (a counting sort), so that each Z_k
     // sums its rows in increasing order whatever the thread count.
-    const int64_t K = p.total_speakers, rows = blk.count * p.utterances;
-    const int64_t* block_hardest = hardest + blk.first * p.utterances;
+    const int64_t K = p.total_speakers, rows = blk.rows;
+    const int64_t* block_hardest = hardest + blk.first_row;
     std::vector<int64_t> bucket_start(static_cast<size_t>(K + 1), 0);
     const auto valid = [&](int64_t rb) {
       const int64_t k = block_hardest[rb];
-      return k >= 0 && k < K && k != p.speaker_offset + blk.first + rb / p.utterances;
+      return k >= 0 && k < K && k != p.speaker_offset + speaker_of(p, blk.first_row + rb);
     };
     for (int64_t rb = 0; rb < rows; ++rb) {
       if (valid(rb)) ++bucket_start[block_hardest[rb] + 1];

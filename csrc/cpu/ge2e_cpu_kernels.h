@@ -108,16 +108,16 @@ void speaker_stats(const Problem& p, int64_t lo, int64_t hi) {
   auto* sums_lo = static_cast<acc_t*>(p.own_sums_lo);
   auto* inv_sums = static_cast<acc_t*>(p.inv_sums);
   auto* own_terms = static_cast<acc_t*>(p.own_terms);
-  const int64_t M = p.utterances, D = p.dim;
+  const int64_t D = p.dim;
   for (int64_t j = lo; j < hi; ++j) {
     acc_t* s_hi = sums_hi + j * D;
     acc_t* s_lo = sums_lo + j * D;
+    const int64_t begin = first_row(p, j), end = first_row(p, j + 1);
     for (int64_t d = 0; d < D; ++d) s_hi[d] = s_lo[d] = acc_t(0);
-    for (int64_t i = 0; i < M; ++i) add_utterance(emb + (j * M + i) * D, s_hi, s_lo, D);
+    for (int64_t r = begin; r < end; ++r) add_utterance(emb + r * D, s_hi, s_lo, D);
     if (!p.sums_given) inv_sums[j] = inverse_norm(dot<acc_t>(s_hi, s_hi, D));
-    for (int64_t i = 0; i < M; ++i) {
-      store_own_cosine(own_terms + (j * M + i) * kOwnTermsSize,
-                       own_cosine_of(emb + (j * M + i) * D, s_hi, s_lo, D));
+    for (int64_t r = begin; r < end; ++r) {
+      store_own_cosine(own_terms + r * kOwnTermsSize, own_cosine_of(emb + r * D, s_hi, s_lo, D));
     }
   }
 }
@@ -187,12 +187,12 @@ void rows(const Problem& p, const RowBuffers& rb, RowPass pass, Block blk, acc_t
   auto* w_part = static_cast<acc_t*>(rb.w_grad_part);
   auto* b_part = static_cast<acc_t*>(rb.b_grad_part);
   acc_t* values = scratch;
-  const int64_t M = p.utterances, K = p.total_speakers;
+  const int64_t K = p.total_speakers;
   for (int64_t jb = lo; jb < hi; ++jb) {
     const int64_t j = blk.first + jb, own = p.speaker_offset + j;
-    for (int64_t i = 0; i < M; ++i) {
-      const int64_t r = j * M + i;
-      acc_t* row = cosines + (jb * M + i) * K;
+    const int64_t begin = first_row(p, j), end = first_row(p, j + 1);
+    for (int64_t r = begin; r < end; ++r) {
+      acc_t* row = cosines + (r - blk.first_row) * K;
       const OwnCosine<acc_t> oc = load_own_cosine(own_terms + r * kOwnTermsSize);
       const RowView<acc_t> view{clamp_cosine(oc.raw_cos, params), params};
       const acc_t inv_e = oc.inv_norm_e;
@@ -213,7 +213,7 @@ void rows(const Problem& p, const RowBuffers& rb, RowPass pass, Block blk, acc_t
       }
 
       acc_t grad_row = pass == RowPass::kGradient
-                           ? grad_loss[j * rb.grad_stride_speaker + i * rb.grad_stride_utterance]
+                           ? grad_loss[upstream_index(p, rb, r, j, r - begin)]
                            : static_cast<acc_t>(rb.grad_scale);
       acc_t impostor_sum = 0, gap_sum = 0;  // G = sum g_k and sum g_k (c_k - c_own)
       if constexpr (Method::kSparseGradient) {
@@ -261,7 +261,7 @@ void sparse_sum_grads(const Problem& p, Block blk, const acc_t* cosines,
                       const int64_t* bucket_start, const int64_t* bucket_rows, acc_t* z,
                       bool accumulate, int64_t lo, int64_t hi) {
   const auto* emb = static_cast<const scalar_t*>(p.embeddings);
-  const int64_t M = p.utterances, K = p.total_speakers, D = p.dim;
+  const int64_t K = p.total_speakers, D = p.dim;
   for (int64_t k = lo; k < hi; ++k) {
     acc_t* z_row = z + k * D;
     if (!accumulate) {
@@ -269,7 +269,7 @@ void sparse_sum_grads(const Problem& p, Block blk, const acc_t* cosines,
     }
     for (int64_t n = bucket_start[k]; n < bucket_start[k + 1]; ++n) {
       const int64_t rb = bucket_rows[n];
-      add_scaled(cosines[rb * K + k], emb + (blk.first * M + rb) * D, z_row, D);
+      add_scaled(cosines[rb * K + k], emb + (blk.first_row + rb) * D, z_row, D);
     }
   }
 }
@@ -290,7 +290,7 @@ inline void sum_grad(const Problem& p, int64_t k, const acc_t* z, acc_t* out) {
 }
 
 // Scratch of one row_gradients range, in acc_t elements.
-inline int64_t row_gradients_scratch(const Problem& p) { return (p.utterances + 5) * p.dim; }
+inline int64_t row_gradients_scratch(const Problem& p) { return (p.max_utterances + 5) * p.dim; }
 
 // A row's q = h dcos(e, u)/du, and q added to the compensated sum (q_hi, q_lo).
 template <typename scalar_t, typename acc_t>
@@ -350,9 +350,9 @@ void row_gradients(const Problem& p, Block blk, const acc_t* cross, const acc_t*
   const auto* sums_hi = static_cast<const acc_t*>(p.own_sums_hi);
   const auto* sums_lo = static_cast<const acc_t*>(p.own_sums_lo);
   const auto* own_terms = static_cast<const acc_t*>(p.own_terms);
-  const int64_t M = p.utterances, K = p.total_speakers, D = p.dim;
-  acc_t* q = scratch;                  // (M, D): each row's q
-  acc_t* q_hi = scratch + M * D;       // (D,): their compensated sum
+  const int64_t K = p.total_speakers, D = p.dim;
+  acc_t* q = scratch;                              // (M_j, D): each row's q
+  acc_t* q_hi = scratch + p.max_utterances * D;    // (D,): their compensated sum
   acc_t* q_lo = q_hi + D;
   acc_t* fold = q_lo + D;              // (D,): dLoss/ds_j
   acc_t* sparse_cross = fold + D;      // (D,): H_{r,k*} s_k*
@@ -361,20 +361,20 @@ void row_gradients(const Problem& p, Block blk, const acc_t* cross, const acc_t*
     const int64_t j = blk.first + jb;
     const acc_t* s_hi = sums_hi + j * D;
     const acc_t* s_lo = sums_lo + j * D;
+    const int64_t begin = first_row(p, j), end = first_row(p, j + 1);
     for (int64_t d = 0; d < D; ++d) q_hi[d] = q_lo[d] = acc_t(0);
-    for (int64_t i = 0; i < M; ++i) {
-      const int64_t r = j * M + i;
+    for (int64_t r = begin; r < end; ++r) {
       own_grads_through_others(emb + r * D, s_hi, s_lo, own_terms[r * kOwnTermsSize + kOwnGradSlot],
-                               load_own_cosine(own_terms + r * kOwnTermsSize), q + i * D, q_hi,
-                               q_lo, D);
+                               load_own_cosine(own_terms + r * kOwnTermsSize),
+                               q + (r - begin) * D, q_hi, q_lo, D);
     }
     if (z_to_fold != nullptr) {
       sum_grad(p, p.speaker_offset + j, z_to_fold, fold);
     } else {
       for (int64_t d = 0; d < D; ++d) fold[d] = acc_t(0);
     }
-    for (int64_t i = 0; i < M; ++i) {
-      const int64_t r = j * M + i, rb = (jb * M + i);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t rb = r - blk.first_row;
       const scalar_t* e = emb + r * D;
       const acc_t* t_row = cross + rb * D;
       if constexpr (kSparse) {
@@ -384,7 +384,7 @@ void row_gradients(const Problem& p, Block blk, const acc_t* cross, const acc_t*
                     sparse_cross, D);
         t_row = sparse_cross;
       }
-      row_gradient(e, t_row, s_hi, s_lo, q + i * D, q_hi, q_lo, fold,
+      row_gradient(e, t_row, s_hi, s_lo, q + (r - begin) * D, q_hi, q_lo, fold,
                    own_terms[r * kOwnTermsSize + kOwnGradSlot],
                    load_own_cosine(own_terms + r * kOwnTermsSize), dot<acc_t>(e, t_row, D), out, D);
       store_row(out, grad + r * D, D);
@@ -401,10 +401,12 @@ void add_to_row(const acc_t* __restrict__ in, scalar_t* __restrict__ row, int64_
 template <typename scalar_t, typename acc_t>
 void fold(const Problem& p, const acc_t* z, scalar_t* grad, acc_t* scratch, int64_t lo,
           int64_t hi) {
-  const int64_t M = p.utterances, D = p.dim;
+  const int64_t D = p.dim;
   for (int64_t j = lo; j < hi; ++j) {
     sum_grad(p, p.speaker_offset + j, z, scratch);
-    for (int64_t i = 0; i < M; ++i) add_to_row(scratch, grad + (j * M + i) * D, D);
+    for (int64_t r = first_row(p, j); r < first_row(p, j + 1); ++r) {
+      add_to_row(scratch, grad + r * D, D);
+    }
   }
 }
 
@@ -420,9 +422,11 @@ template <typename acc_t>
 void scalars(const Problem& p, const acc_t* w_part, const acc_t* b_part, const acc_t* loss_rows,
              double loss_scale, acc_t* grad_w, acc_t* grad_b, acc_t* loss_total) {
   const auto params = params_of<acc_t>(p);
-  *grad_w = w_grad(sum(w_part, p.rows()), params);
-  *grad_b = b_grad(sum(b_part, p.rows()), params);
-  if (loss_total != nullptr) *loss_total = static_cast<acc_t>(loss_scale) * sum(loss_rows, p.rows());
+  *grad_w = w_grad(sum(w_part, p.total_rows), params);
+  *grad_b = b_grad(sum(b_part, p.total_rows), params);
+  if (loss_total != nullptr) {
+    *loss_total = static_cast<acc_t>(loss_scale) * sum(loss_rows, p.total_rows);
+  }
 }
 
 }  // namespace cpu

@@ -157,30 +157,30 @@ __device__ SimilarityParams<acc_t> params_of(const Problem& p) {
                             p.min_cosine, p.clamp);
 }
 
-// One block per utterance r = (j, i), threads over D: the compensated sum of
-// speaker j's utterances (every block of the speaker sums them again: M loads
-// a column, from cache), the row's OwnCosine with u = that sum without e_ji,
-// and, in the speaker's first block, the sums (hi, lo) and 1/|s_j|.
+// One block per utterance r of speaker j, threads over D: the compensated sum
+// of speaker j's utterances (every block of the speaker sums them again: M_j
+// loads a column, from cache), the row's OwnCosine with u = that sum without
+// e_r, and, in the speaker's first block, the sums (hi, lo) and 1/|s_j|.
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kMaxThreads) speaker_stats_kernel(Problem p) {
   GE2E_SCRATCH;
-  const int64_t r = blockIdx.x, M = p.utterances, D = p.dim;
-  const int64_t j = r / M, i = r % M;
+  const int64_t r = blockIdx.x, D = p.dim;
+  const int64_t j = speaker_of(p, r), begin = first_row(p, j), end = first_row(p, j + 1);
+  const bool first = r == begin;
   const auto* emb = static_cast<const scalar_t*>(p.embeddings);
-  const scalar_t* speaker = emb + j * M * D;
   auto* sums_hi = static_cast<acc_t*>(p.own_sums_hi) + j * D;
   auto* sums_lo = static_cast<acc_t*>(p.own_sums_lo) + j * D;
   Sums<acc_t, 4> part;  // e.e, e.u, u.u, s.s
   for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
     acc_t hi = 0, lo = 0;
-    for (int64_t l = 0; l < M; ++l) add_compensated(hi, lo, to_acc(speaker[l * D + d]));
-    const acc_t ev = to_acc(speaker[i * D + d]);
+    for (int64_t l = begin; l < end; ++l) add_compensated(hi, lo, to_acc(emb[l * D + d]));
+    const acc_t ev = to_acc(emb[r * D + d]);
     const acc_t uv = sum_without(hi, lo, ev);
     part.v[0] += ev * ev;
     part.v[1] += ev * uv;
     part.v[2] += uv * uv;
     part.v[3] += hi * hi;
-    if (i == 0) {
+    if (first) {
       sums_hi[d] = hi;
       sums_lo[d] = lo;
     }
@@ -189,7 +189,7 @@ __global__ void __launch_bounds__(kMaxThreads) speaker_stats_kernel(Problem p) {
   if (threadIdx.x == 0) {
     store_own_cosine(static_cast<acc_t*>(p.own_terms) + r * kOwnTermsSize,
                      own_cosine(total.v[0], total.v[1], total.v[2]));
-    if (i == 0 && !p.sums_given) static_cast<acc_t*>(p.inv_sums)[j] = inverse_norm(total.v[3]);
+    if (first && !p.sums_given) static_cast<acc_t*>(p.inv_sums)[j] = inverse_norm(total.v[3]);
   }
 }
 
@@ -210,10 +210,10 @@ template <class Method, typename acc_t>
 __global__ void __launch_bounds__(kMaxThreads)
     rows_kernel(Problem p, RowBuffers rb, RowPass pass, Block blk, acc_t* cosines) {
   GE2E_SCRATCH;
-  const int64_t M = p.utterances, K = p.total_speakers;
+  const int64_t K = p.total_speakers;
   const int64_t row_in_block = blockIdx.x;
-  const int64_t r = blk.first * M + row_in_block;
-  const int64_t j = r / M, i = r % M, own = p.speaker_offset + j;
+  const int64_t r = blk.first_row + row_in_block;
+  const int64_t j = speaker_of(p, r), own = p.speaker_offset + j;
   const auto params = params_of<acc_t>(p);
   const auto* inv_sums = static_cast<const acc_t*>(p.inv_sums);
   auto* own_terms = static_cast<acc_t*>(p.own_terms);
@@ -244,10 +244,10 @@ __global__ void __launch_bounds__(kMaxThreads)
     if (pass == RowPass::kLoss) return;
   }
 
-  acc_t grad_row = pass == RowPass::kGradient
-                       ? static_cast<const acc_t*>(rb.grad_loss)[j * rb.grad_stride_speaker +
-                                                                 i * rb.grad_stride_utterance]
-                       : static_cast<acc_t>(rb.grad_scale);
+  acc_t grad_row =
+      pass == RowPass::kGradient
+          ? static_cast<const acc_t*>(rb.grad_loss)[upstream_index(p, rb, r, j, r - first_row(p, j))]
+          : static_cast<acc_t>(rb.grad_scale);
   if (Method::kSparseGradient) {
     const int64_t k = summary.hardest;
     if (k < 0 || k >= K || k == own) grad_row = quiet_nan<acc_t>();  // see the CPU kernel
@@ -288,17 +288,18 @@ __device__ __forceinline__ acc_t sum_grad(const Problem& p, int64_t k, int64_t d
 // cross part from T = H S (`cross`, which may be the gradient's own memory:
 // each thread reads its elements before it writes them, after the barriers of
 // the reduction), the own part, the other rows' q summed directly over the
-// speaker's M - 1 other utterances (no subtraction), and with z_to_fold the
+// speaker's other utterances (no subtraction), and with z_to_fold the
 // speaker's dLoss/ds.
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kMaxThreads)
     row_gradients_kernel(Problem p, Block blk, const acc_t* cross, const acc_t* z_to_fold,
                          scalar_t* grad) {
   GE2E_SCRATCH;
-  const int64_t M = p.utterances, D = p.dim;
+  const int64_t D = p.dim;
   const int64_t row_in_block = blockIdx.x;
-  const int64_t r = blk.first * M + row_in_block;
-  const int64_t j = r / M, i = r % M, own = p.speaker_offset + j;
+  const int64_t r = blk.first_row + row_in_block;
+  const int64_t j = speaker_of(p, r), own = p.speaker_offset + j;
+  const int64_t begin = first_row(p, j), end = first_row(p, j + 1);
   const auto* emb = static_cast<const scalar_t*>(p.embeddings);
   const auto* own_terms = static_cast<const acc_t*>(p.own_terms);
   const acc_t* s_hi = static_cast<const acc_t*>(p.own_sums_hi) + j * D;
@@ -316,10 +317,9 @@ __global__ void __launch_bounds__(kMaxThreads)
   const acc_t h = own_terms[r * kOwnTermsSize + kOwnGradSlot];
   for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
     const acc_t ev = to_acc(e[d]);
-    acc_t others = 0;  // sum over the other rows i' of q_ji'
-    for (int64_t other = 0; other < M; ++other) {
-      if (other == i) continue;
-      const int64_t r2 = j * M + other;
+    acc_t others = 0;  // sum over the speaker's other rows r2 of their q
+    for (int64_t r2 = begin; r2 < end; ++r2) {
+      if (r2 == r) continue;
       const acc_t e2 = to_acc(emb[r2 * D + d]);
       others += own_grad_through_others(own_terms[r2 * kOwnTermsSize + kOwnGradSlot],
                                         load_own_cosine(own_terms + r2 * kOwnTermsSize), e2,
@@ -338,7 +338,7 @@ __global__ void __launch_bounds__(kMaxThreads)
     fold_kernel(Problem p, const acc_t* z, scalar_t* grad) {
   GE2E_SCRATCH;
   const int64_t r = blockIdx.x, D = p.dim;
-  const int64_t own = p.speaker_offset + r / p.utterances;
+  const int64_t own = p.speaker_offset + speaker_of(p, r);
   const acc_t* s = static_cast<const acc_t*>(p.sums) + own * D;
   Sums<acc_t, 1> part;
   for (int64_t d = threadIdx.x; d < D; d += blockDim.x) part.v[0] += s[d] * z[own * D + d];
@@ -367,7 +367,7 @@ __global__ void __launch_bounds__(kMaxThreads)
     return;
   }
   Sums<acc_t, 3> part;
-  for (int64_t r = threadIdx.x; r < p.rows(); r += blockDim.x) {
+  for (int64_t r = threadIdx.x; r < p.total_rows; r += blockDim.x) {
     part.v[0] += w_part[r];
     part.v[1] += b_part[r];
     if (loss_rows != nullptr) part.v[2] += loss_rows[r];
@@ -412,7 +412,7 @@ struct Launchers {
     dispatch_dtype<CudaTypes>(p.dtype, [&](auto scalar_zero, auto acc_zero) {
       using scalar_t = decltype(scalar_zero);
       using acc_t = decltype(acc_zero);
-      status(Launch::run(speaker_stats_kernel<scalar_t, acc_t>, p.rows(), threads_for(p.dim),
+      status(Launch::run(speaker_stats_kernel<scalar_t, acc_t>, p.total_rows, threads_for(p.dim),
                          stream, p),
              "speaker_stats");
       if (p.sums_given) {
@@ -431,7 +431,7 @@ struct Launchers {
     dispatch_dtype<CudaTypes>(p.dtype, [&](auto, auto acc_zero) {
       using acc_t = decltype(acc_zero);
       dispatch_loss_method(p.method, [&](auto method) {
-        status(Launch::run(rows_kernel<decltype(method), acc_t>, blk.count * p.utterances,
+        status(Launch::run(rows_kernel<decltype(method), acc_t>, blk.rows,
                            threads_for(p.total_speakers), stream, p, rb, pass, blk,
                            static_cast<acc_t*>(cosines)),
                "rows");
@@ -447,7 +447,7 @@ struct Launchers {
     dispatch_dtype<CudaTypes>(p.dtype, [&](auto scalar_zero, auto acc_zero) {
       using scalar_t = decltype(scalar_zero);
       using acc_t = decltype(acc_zero);
-      status(Launch::run(row_gradients_kernel<scalar_t, acc_t>, blk.count * p.utterances,
+      status(Launch::run(row_gradients_kernel<scalar_t, acc_t>, blk.rows,
                          threads_for(p.dim), stream, p, blk, static_cast<const acc_t*>(cross),
                          static_cast<const acc_t*>(z_to_fold), static_cast<scalar_t*>(grad)),
              "row_gradients");
@@ -462,7 +462,7 @@ struct Launchers {
     dispatch_dtype<CudaTypes>(p.dtype, [&](auto scalar_zero, auto acc_zero) {
       using scalar_t = decltype(scalar_zero);
       using acc_t = decltype(acc_zero);
-      status(Launch::run(fold_kernel<scalar_t, acc_t>, p.rows(), threads_for(p.dim), stream, p,
+      status(Launch::run(fold_kernel<scalar_t, acc_t>, p.total_rows, threads_for(p.dim), stream, p,
                          static_cast<const acc_t*>(z), static_cast<scalar_t*>(grad)),
              "fold");
     });
