@@ -17,7 +17,7 @@
 //                                (ContrastLoss) skips T = H S and Z = H^T E
 //   speaker_stats(p)             sums, their inverse norms, the rows' own cosines
 //   rows<Method>(p, buffers, pass, block, cosines)
-//   row_gradients<Method>(p, block, cross, cosines, hardest, z_to_fold, grad)
+//   row_gradients<Method>(p, block, t_rows, cosines, hardest, z_to_fold, grad)
 //   sparse_sum_grads(p, block, cosines, hardest, z, accumulate)   (kSparseProducts)
 //   fold(p, z, grad)             adds dLoss/ds_j to every utterance of speaker j
 //   finish(p, z, w_part, b_part, loss_rows, loss_scale, grad_w, grad_b, loss_total)
@@ -52,8 +52,8 @@ inline DType dtype_of(at::ScalarType t) {
     case at::kBFloat16: return DType::kBFloat16;
     default: break;
   }
-  TORCH_CHECK_TYPE(false, "ge2e_ext: embeddings must be float32, float64, float16 or bfloat16, got ",
-                   t);
+  TORCH_CHECK_TYPE(false,
+                   "ge2e_ext: embeddings must be float32, float64, float16 or bfloat16, got ", t);
 }
 
 template <int I = 0>
@@ -308,9 +308,9 @@ void sweep(const Call& c, RowPass pass, const RowBuffers& buffers, Gradients* gr
   at::Tensor cosine_block = at::empty({max_rows, p.total_speakers}, c.acc_options);
   // T = H S is written where the rows' gradient goes when the dtypes agree.
   const bool widened = c.embeddings.scalar_type() != c.sums.scalar_type();
-  at::Tensor cross_block;
+  at::Tensor t_block;
   if (grads != nullptr && !sparse && widened) {
-    cross_block = at::empty({max_rows, p.dim}, c.acc_options);
+    t_block = at::empty({max_rows, p.dim}, c.acc_options);
   }
   for (const Block& blk : blocks) {
     const at::Tensor e_rows = block_rows(c, blk);
@@ -321,16 +321,16 @@ void sweep(const Call& c, RowPass pass, const RowBuffers& buffers, Gradients* gr
       Device::template rows<Method>(p, buffers, pass, blk, cosines.data_ptr());
     }
     if (grads == nullptr) continue;
-    at::Tensor cross;
+    at::Tensor t_rows;
     if constexpr (sparse) {
       RECORD_FUNCTION("ge2e_ext::sparse_sum_grads", {});
       Device::sparse_sum_grads(p, blk, cosines.data_ptr(), buffers.hardest,
                                grads->sums.data_ptr(), blk.first > 0);
     } else {
-      cross = widened ? cross_block.narrow(0, 0, blk.rows)
+      t_rows = widened ? t_block.narrow(0, 0, blk.rows)
                       : grads->embeddings.view({p.total_rows, p.dim})
                             .narrow(0, blk.first_row, blk.rows);
-      at::mm_out(cross, cosines, c.sums);             // T = H S
+      at::mm_out(t_rows, cosines, c.sums);             // T = H S
       if (blk.first == 0) {
         at::mm_out(grads->sums, cosines.t(), e_rows);  // Z = H^T E
       } else {
@@ -342,13 +342,19 @@ void sweep(const Call& c, RowPass pass, const RowBuffers& buffers, Gradients* gr
     const bool fold_now = single_block && !p.sums_given;
     RECORD_FUNCTION("ge2e_ext::row_gradients", {});
     Device::template row_gradients<Method>(
-        p, blk, sparse ? nullptr : cross.data_ptr(), cosines.data_ptr(), buffers.hardest,
+        p, blk, sparse ? nullptr : t_rows.data_ptr(), cosines.data_ptr(), buffers.hardest,
         fold_now ? grads->sums.data_ptr() : nullptr, grads->embeddings.data_ptr());
   }
   if (grads != nullptr && !single_block && !p.sums_given) {
     RECORD_FUNCTION("ge2e_ext::fold", {});
     Device::fold(p, grads->sums.data_ptr(), grads->embeddings.data_ptr());
   }
+}
+
+// The per-row outputs of a forward: the losses and the hardest impostors.
+inline std::tuple<at::Tensor, at::Tensor> row_outputs(const Call& c) {
+  return {at::empty(c.row_shape, c.acc_options),
+          at::empty(c.row_shape, c.acc_options.dtype(at::kLong))};
 }
 
 inline RowBuffers row_buffers(at::Tensor& loss, at::Tensor& hardest, Gradients* grads) {
@@ -375,10 +381,9 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& embeddings,
   const c10::OptionalDeviceGuard device_guard(embeddings.device());
   const Call c = make_call<Device>(embeddings, sums, w, b, speaker_offset, loss_method,
                                    min_cosine, speaker_offsets);
-  const Problem& p = c.problem;
-  at::Tensor loss = at::empty(c.row_shape, c.acc_options);
-  at::Tensor hardest = at::empty(c.row_shape, c.acc_options.dtype(at::kLong));
+  auto [loss, hardest] = row_outputs(c);
   const RowBuffers rb = row_buffers(loss, hardest, nullptr);
+  const Problem& p = c.problem;
   dispatch_loss_method(p.method, [&](auto method) {
     sweep<Device, decltype(method)>(c, RowPass::kLoss, rb, nullptr, block_speakers);
   });
@@ -449,11 +454,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_b
   const c10::OptionalDeviceGuard device_guard(embeddings.device());
   const Call c = make_call<Device>(embeddings, sums, w, b, speaker_offset, loss_method,
                                    min_cosine, speaker_offsets);
-  const Problem& p = c.problem;
-  at::Tensor loss = at::empty(c.row_shape, c.acc_options);
-  at::Tensor hardest = at::empty(c.row_shape, c.acc_options.dtype(at::kLong));
+  auto [loss, hardest] = row_outputs(c);
   Gradients g = allocate_gradients(c);
   RowBuffers rb = row_buffers(loss, hardest, &g);
+  const Problem& p = c.problem;
   rb.grad_scale = scale;
   dispatch_loss_method(p.method, [&](auto method) {
     sweep<Device, decltype(method)>(c, RowPass::kLossAndGradient, rb, &g, block_speakers);

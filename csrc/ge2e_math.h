@@ -242,24 +242,26 @@ GE2E_HD OwnCosine<T> load_own_cosine(const T* in) {
 
 constexpr int kOwnGradSlot = 3;
 
-// One coordinate of the own term's gradient, with h = dLoss/d(raw cos(e, u)):
-//   through e:  h (u/(|e||u|) - cos e/|e|^2)
-//   through u:  q = h (e/(|e||u|) - cos u/|u|^2), which every other utterance
-//               of the speaker receives (u is their sum).
+// One coordinate of the own term's gradient, with own_grad = dLoss/d(raw cos(e, u)):
+//   through e:  own_grad (u/(|e||u|) - cos e/|e|^2)
+//   through u:  q = own_grad (e/(|e||u|) - cos u/|u|^2), which every other
+//               utterance of the speaker receives (u is their sum).
 template <typename T>
-GE2E_HD T own_grad_through_embedding(T h, const OwnCosine<T>& c, T e, T u) {
-  return h * (c.inv_norm_e * c.inv_norm_u * u - c.raw_cos * c.inv_norm_e * c.inv_norm_e * e);
+GE2E_HD T own_grad_through_embedding(T own_grad, const OwnCosine<T>& c, T e, T u) {
+  return own_grad *
+         (c.inv_norm_e * c.inv_norm_u * u - c.raw_cos * c.inv_norm_e * c.inv_norm_e * e);
 }
 
 template <typename T>
-GE2E_HD T own_grad_through_others(T h, const OwnCosine<T>& c, T e, T u) {
-  return h * (c.inv_norm_e * c.inv_norm_u * e - c.raw_cos * c.inv_norm_u * c.inv_norm_u * u);
+GE2E_HD T own_grad_through_others(T own_grad, const OwnCosine<T>& c, T e, T u) {
+  return own_grad *
+         (c.inv_norm_e * c.inv_norm_u * e - c.raw_cos * c.inv_norm_u * c.inv_norm_u * u);
 }
 
 // The cross-speaker gradients come from two matrix products with
 // H_rk = h_rk / (|e_r| |s_k|): T = H S and Z = H^T E. The cos * a / |a|^2
 // part of dcos/da is a projection, so
-//   dLoss/de_r (cross) = T_r - e_r (e_r . T_r) / |e_r|^2
+//   dLoss/de_r (t_rows) = T_r - e_r (e_r . T_r) / |e_r|^2
 //   dLoss/ds_k         = Z_k - s_k (s_k . Z_k) / |s_k|^2
 template <typename T>
 GE2E_HD T remove_projection(T value, T along, T dot_with_along, T inv_norm_along) {
@@ -367,7 +369,9 @@ struct SoftmaxLoss {
       max_lanes[k - body] = values[k] > max_lanes[k - body] ? values[k] : max_lanes[k - body];
     }
     Statistic<T> stat;
-    for (int l = 0; l < kRowLanes; ++l) stat.max = max_lanes[l] > stat.max ? max_lanes[l] : stat.max;
+    for (int l = 0; l < kRowLanes; ++l) {
+      stat.max = max_lanes[l] > stat.max ? max_lanes[l] : stat.max;
+    }
     T sum_lanes[kRowLanes] = {};
     for (int64_t k = 0; k < body; k += kRowLanes) {
       for (int l = 0; l < kRowLanes; ++l) sum_lanes[l] += exp_(values[k + l] - stat.max);

@@ -248,8 +248,10 @@ def ge2e_loss(embeddings, w, b, loss_method="softmax", *, labels=None, num_speak
         embeddings = embeddings.index_select(0, grouping.order)  # rows in speaker order
         offsets = grouping.offsets
     sums, offset = None, 0
-    total_utterances = (embeddings.shape[0] if grouping is not None
-                        else embeddings.shape[0] * embeddings.shape[1]) if local_error is None else 0
+    total_utterances = 0
+    if local_error is None:
+        total_utterances = embeddings.shape[0] * (1 if grouping is not None
+                                                  else embeddings.shape[1])
     if distributed:
         from . import distributed as dist_impl
 

@@ -77,8 +77,8 @@ def group_by_label(labels: torch.Tensor, num_speakers: Optional[int] = None) -> 
     starts = torch.ones(b, dtype=torch.bool, device=labels.device)
     starts[1:] = sorted_labels[1:] != sorted_labels[:-1]
     speaker_of_row = starts.cumsum(0) - 1
-    if num_speakers is not None and (
-            isinstance(num_speakers, bool) or not isinstance(num_speakers, int) or num_speakers < 1):
+    if num_speakers is not None and (isinstance(num_speakers, bool)
+                                     or not isinstance(num_speakers, int) or num_speakers < 1):
         raise ValueError(f"num_speakers must be a positive int, got {num_speakers!r}")
     # On the CPU reading the labels back costs nothing: check them, and raise.
     if num_speakers is None or labels.device.type == "cpu":

@@ -6,8 +6,9 @@ with ``distributed=True`` and backpropagates; the parent checks that the shares
 add up to the single-process loss of the whole batch, that each rank's embedding
 gradient is its rows of the single-process gradient, and that the ranks' w/b
 gradients add up to the single-process ones. A DDP-wrapped model checks that DDP's
-averaged gradients are the global gradient divided by the world size. Spawns are bounded (process group
-timeout, join deadline, kill), and a child's traceback is shown on failure.
+averaged gradients are the global gradient divided by the world size; the labels
+form runs over ranks with different label sets. Spawns are bounded (process
+group timeout, join deadline, kill), and a child's traceback is shown on failure.
 """
 
 import datetime

@@ -112,7 +112,8 @@ class TestOpChecks:
     op = staticmethod(lambda *a: torch.ops.ge2e_ext.ge2e_forward(*a))
 
     def test_wrong_scalar_dtype(self):
-        with pytest.raises(TypeError, match="w must have dtype Float for Float embeddings, got Double"):
+        with pytest.raises(TypeError,
+                           match="w must have dtype Float for Float embeddings, got Double"):
             self.op(GOOD, None, torch.tensor(1.0, dtype=torch.float64), torch.tensor(0.0),
                     0, "softmax", 1e-6)
 

@@ -148,8 +148,8 @@ def test_module_forward_takes_labels(device, backend):
     criterion = ge2e_ext.GE2ELoss(backend=backend, reduction="none").double().to(device)
     loss = criterion(rows.to(device), labels.to(device))
     assert loss.shape == (9,)
-    expected = ge2e_ext.ge2e_loss(rows.to(device), criterion.w, criterion.b, labels=labels.to(device),
-                                  reduction="none", backend="torch")
+    expected = ge2e_ext.ge2e_loss(rows.to(device), criterion.w, criterion.b,
+                                  labels=labels.to(device), reduction="none", backend="torch")
     assert_close_rel(loss, expected, 1e-12, "loss")
 
 

@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 import ge2e_ext
 from ge2e_ext.reference import ge2e_loss_reference
 
-from helpers import (DEVICE_BACKENDS, EXTENSION_DEVICES, LOSS_METHODS, assert_close_rel, assert_no_worse_than_torch,
+from helpers import (DEVICE_BACKENDS, EXTENSION_DEVICES, LOSS_METHODS, assert_close_rel,
+                     assert_no_worse_than_torch,
                      ge2e, leaf, loss_and_grads, make_scalars, norm_error, relative_error)
 
 

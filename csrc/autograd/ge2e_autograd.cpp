@@ -150,7 +150,8 @@ class RowLosses : public torch::autograd::Function<RowLosses> {
       gradients[2] = grad_w;
       gradients[3] = grad_b;
     }
-    return finish_backward(std::move(gradients), {grad_loss, saved[0], saved[1], saved[2], saved[3]});
+    return finish_backward(std::move(gradients),
+                           {grad_loss, saved[0], saved[1], saved[2], saved[3]});
   }
 };
 

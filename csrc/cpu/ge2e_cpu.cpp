@@ -104,7 +104,7 @@ struct CpuDevice {
   }
 
   template <class Method>
-  static void row_gradients(const Problem& p, Block blk, const void* cross, const void* cosines,
+  static void row_gradients(const Problem& p, Block blk, const void* t_rows, const void* cosines,
                             const int64_t* hardest, const void* z_to_fold, void* grad) {
     constexpr bool sparse = kSparseProducts && Method::kSparseGradient;
     dispatch(p, [&](auto scalar_zero, auto acc_zero) {
@@ -113,7 +113,7 @@ struct CpuDevice {
       parallel_over<acc_t>(
           blk.count, cpu::row_gradients_scratch(p), [&](int64_t lo, int64_t hi, acc_t* scratch) {
             cpu::row_gradients<sparse, scalar_t, acc_t>(
-                p, blk, static_cast<const acc_t*>(cross), static_cast<const acc_t*>(cosines),
+                p, blk, static_cast<const acc_t*>(t_rows), static_cast<const acc_t*>(cosines),
                 hardest, static_cast<const acc_t*>(z_to_fold), static_cast<scalar_t*>(grad),
                 scratch, lo, hi);
           });

@@ -147,7 +147,9 @@ void to_cosines(acc_t* __restrict__ row, const acc_t* __restrict__ inv_sums, acc
 template <class Method, typename acc_t>
 void row_values(const acc_t* __restrict__ row, RowView<acc_t> view, acc_t* __restrict__ values,
                 int64_t n) {
-  for (int64_t k = 0; k < n; ++k) values[k] = Method::value(clamp_cosine(row[k], view.params), view);
+  for (int64_t k = 0; k < n; ++k) {
+    values[k] = Method::value(clamp_cosine(row[k], view.params), view);
+  }
 }
 
 // Every k of one row: the similarity gradient g_k (0 for the own speaker),
@@ -193,9 +195,9 @@ void rows(const Problem& p, const RowBuffers& rb, RowPass pass, Block blk, acc_t
     const int64_t begin = first_row(p, j), end = first_row(p, j + 1);
     for (int64_t r = begin; r < end; ++r) {
       acc_t* row = cosines + (r - blk.first_row) * K;
-      const OwnCosine<acc_t> oc = load_own_cosine(own_terms + r * kOwnTermsSize);
-      const RowView<acc_t> view{clamp_cosine(oc.raw_cos, params), params};
-      const acc_t inv_e = oc.inv_norm_e;
+      const OwnCosine<acc_t> exclusive = load_own_cosine(own_terms + r * kOwnTermsSize);
+      const RowView<acc_t> view{clamp_cosine(exclusive.raw_cos, params), params};
+      const acc_t inv_e = exclusive.inv_norm_e;
       to_cosines(row, inv_sums, inv_e, K);
 
       RowSummary<acc_t> summary;
@@ -239,7 +241,7 @@ void rows(const Problem& p, const RowBuffers& rb, RowPass pass, Block blk, acc_t
         gap_sum = sum(gap, K);
       }
       const acc_t own_g = Method::own_grad(impostor_sum, view, grad_row);
-      own_terms[r * kOwnTermsSize + kOwnGradSlot] = cosine_grad(own_g, oc.raw_cos, params);
+      own_terms[r * kOwnTermsSize + kOwnGradSlot] = cosine_grad(own_g, exclusive.raw_cos, params);
       w_part[r] = row_w_grad(impostor_sum, gap_sum, own_g, view.own_cos);
       b_part[r] = row_b_grad(impostor_sum, own_g);
     }
@@ -295,30 +297,31 @@ inline int64_t row_gradients_scratch(const Problem& p) { return (p.max_utterance
 // A row's q = h dcos(e, u)/du, and q added to the compensated sum (q_hi, q_lo).
 template <typename scalar_t, typename acc_t>
 void own_grads_through_others(const scalar_t* __restrict__ e, const acc_t* __restrict__ s_hi,
-                              const acc_t* __restrict__ s_lo, acc_t h, OwnCosine<acc_t> oc,
+                              const acc_t* __restrict__ s_lo, acc_t own_grad,
+                              OwnCosine<acc_t> exclusive,
                               acc_t* __restrict__ q, acc_t* __restrict__ q_hi,
                               acc_t* __restrict__ q_lo, int64_t dim) {
   for (int64_t d = 0; d < dim; ++d) {
     const acc_t ev = static_cast<acc_t>(e[d]);
-    q[d] = own_grad_through_others(h, oc, ev, sum_without(s_hi[d], s_lo[d], ev));
+    q[d] = own_grad_through_others(own_grad, exclusive, ev, sum_without(s_hi[d], s_lo[d], ev));
     add_compensated(q_hi[d], q_lo[d], q[d]);
   }
 }
 
-// A row's gradient into out: its cross part from t = (H S)_r, its own part,
+// A row's gradient into out: its cross-speaker part from t = (H S)_r, its own part,
 // the other rows' q (their compensated sum without this row's), and fold.
 template <typename scalar_t, typename acc_t>
 void row_gradient(const scalar_t* __restrict__ e, const acc_t* __restrict__ t,
                   const acc_t* __restrict__ s_hi, const acc_t* __restrict__ s_lo,
                   const acc_t* __restrict__ q, const acc_t* __restrict__ q_hi,
-                  const acc_t* __restrict__ q_lo, const acc_t* __restrict__ fold, acc_t h,
-                  OwnCosine<acc_t> oc, acc_t e_dot_t, acc_t* __restrict__ out, int64_t dim) {
+                  const acc_t* __restrict__ q_lo, const acc_t* __restrict__ fold, acc_t own_grad,
+                  OwnCosine<acc_t> exclusive, acc_t e_dot_t, acc_t* __restrict__ out, int64_t dim) {
   for (int64_t d = 0; d < dim; ++d) {
     const acc_t ev = static_cast<acc_t>(e[d]);
     const acc_t uv = sum_without(s_hi[d], s_lo[d], ev);
-    out[d] = remove_projection(t[d], ev, e_dot_t, oc.inv_norm_e) +
-             own_grad_through_embedding(h, oc, ev, uv) + sum_without(q_hi[d], q_lo[d], q[d]) +
-             fold[d];
+    out[d] = remove_projection(t[d], ev, e_dot_t, exclusive.inv_norm_e) +
+             own_grad_through_embedding(own_grad, exclusive, ev, uv) +
+             sum_without(q_hi[d], q_lo[d], q[d]) + fold[d];
   }
 }
 
@@ -334,15 +337,15 @@ void scaled_copy(acc_t factor, const acc_t* __restrict__ in, acc_t* __restrict__
 }
 
 // The rows' gradients for speakers [lo, hi) of the block:
-//   cross part   T_r - e_r (e_r . T_r)/|e_r|^2, T = H S (`cross`, or with
+//   cross part   T_r - e_r (e_r . T_r)/|e_r|^2, T = H S (`t_rows`, or with
 //                kSparse H_{r,k*} s_k* from the hardest entry of `cosines`)
 //   own part     h (dcos(e, u)/de), and the other rows' q = h dcos(e, u)/du
 //                summed without subtraction (CompensatedSum)
 //   z_to_fold    when given, dLoss/ds_j of every speaker j, added to its rows.
-// `cross` may be the gradient's own memory: each row is computed into scratch
+// `t_rows` may be the gradient's own memory: each row is computed into scratch
 // first.
 template <bool kSparse, typename scalar_t, typename acc_t>
-void row_gradients(const Problem& p, Block blk, const acc_t* cross, const acc_t* cosines,
+void row_gradients(const Problem& p, Block blk, const acc_t* t_rows, const acc_t* cosines,
                    const int64_t* hardest, const acc_t* z_to_fold, scalar_t* grad, acc_t* scratch,
                    int64_t lo, int64_t hi) {
   const auto* emb = static_cast<const scalar_t*>(p.embeddings);
@@ -376,7 +379,7 @@ void row_gradients(const Problem& p, Block blk, const acc_t* cross, const acc_t*
     for (int64_t r = begin; r < end; ++r) {
       const int64_t rb = r - blk.first_row;
       const scalar_t* e = emb + r * D;
-      const acc_t* t_row = cross + rb * D;
+      const acc_t* t_row = t_rows + rb * D;
       if constexpr (kSparse) {
         const int64_t k = hardest[r];
         const bool valid = k >= 0 && k < K && k != p.speaker_offset + j;
@@ -394,7 +397,9 @@ void row_gradients(const Problem& p, Block blk, const acc_t* cross, const acc_t*
 
 template <typename scalar_t, typename acc_t>
 void add_to_row(const acc_t* __restrict__ in, scalar_t* __restrict__ row, int64_t dim) {
-  for (int64_t d = 0; d < dim; ++d) row[d] = static_cast<scalar_t>(static_cast<acc_t>(row[d]) + in[d]);
+  for (int64_t d = 0; d < dim; ++d) {
+    row[d] = static_cast<scalar_t>(static_cast<acc_t>(row[d]) + in[d]);
+  }
 }
 
 // Local speakers [lo, hi): adds dLoss/ds_j (from Z) to each of their rows.

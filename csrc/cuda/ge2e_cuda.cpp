@@ -34,10 +34,10 @@ struct CudaDevice : cuda::BlockPolicy {
   }
 
   template <class Method>
-  static void row_gradients(const Problem& p, Block blk, const void* cross, const void*,
+  static void row_gradients(const Problem& p, Block blk, const void* t_rows, const void*,
                             const int64_t*, const void* z_to_fold, void* grad) {
     const char* failed = nullptr;
-    check(cuda::launch_row_gradients(p, blk, cross, z_to_fold, grad, current_stream(), &failed),
+    check(cuda::launch_row_gradients(p, blk, t_rows, z_to_fold, grad, current_stream(), &failed),
           failed);
   }
 

@@ -36,9 +36,9 @@ int launch_rows(const Problem& p, const RowBuffers& rb, RowPass pass, Block blk,
   return Gpu::rows(p, rb, pass, blk, cosines, stream, failed);
 }
 
-int launch_row_gradients(const Problem& p, Block blk, const void* cross, const void* z_to_fold,
+int launch_row_gradients(const Problem& p, Block blk, const void* t_rows, const void* z_to_fold,
                          void* grad, Stream stream, const char** failed) {
-  return Gpu::row_gradients(p, blk, cross, z_to_fold, grad, stream, failed);
+  return Gpu::row_gradients(p, blk, t_rows, z_to_fold, grad, stream, failed);
 }
 
 int launch_fold(const Problem& p, const void* z, void* grad, Stream stream, const char** failed) {

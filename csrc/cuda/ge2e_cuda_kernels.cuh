@@ -44,7 +44,7 @@ using Stream = void*;  // a cudaStream_t
 int launch_speaker_stats(const Problem& p, Stream stream, const char** failed);
 int launch_rows(const Problem& p, const RowBuffers& rb, RowPass pass, Block blk, void* cosines,
                 Stream stream, const char** failed);
-int launch_row_gradients(const Problem& p, Block blk, const void* cross, const void* z_to_fold,
+int launch_row_gradients(const Problem& p, Block blk, const void* t_rows, const void* z_to_fold,
                          void* grad, Stream stream, const char** failed);
 int launch_fold(const Problem& p, const void* z, void* grad, Stream stream, const char** failed);
 int launch_finish(const Problem& p, void* z, const void* w_part, const void* b_part,
@@ -149,7 +149,8 @@ __device__ R block_reduce(R v, unsigned char* scratch) {
   return result;
 }
 
-#define GE2E_SCRATCH __shared__ __align__(16) unsigned char scratch[(kMaxWarps + 1) * kSlotBytes]
+// The shared memory of a block_reduce, declared in each kernel that reduces.
+constexpr int kScratchBytes = (kMaxWarps + 1) * kSlotBytes;
 
 template <typename acc_t>
 __device__ SimilarityParams<acc_t> params_of(const Problem& p) {
@@ -163,7 +164,7 @@ __device__ SimilarityParams<acc_t> params_of(const Problem& p) {
 // e_r, and, in the speaker's first block, the sums (hi, lo) and 1/|s_j|.
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kMaxThreads) speaker_stats_kernel(Problem p) {
-  GE2E_SCRATCH;
+  __shared__ __align__(16) unsigned char scratch[kScratchBytes];
   const int64_t r = blockIdx.x, D = p.dim;
   const int64_t j = speaker_of(p, r), begin = first_row(p, j), end = first_row(p, j + 1);
   const bool first = r == begin;
@@ -196,7 +197,7 @@ __global__ void __launch_bounds__(kMaxThreads) speaker_stats_kernel(Problem p) {
 // One block per row of given sums: 1/|s_k|.
 template <typename acc_t>
 __global__ void __launch_bounds__(kMaxThreads) sum_inverse_norms_kernel(Problem p) {
-  GE2E_SCRATCH;
+  __shared__ __align__(16) unsigned char scratch[kScratchBytes];
   const acc_t* row = static_cast<const acc_t*>(p.sums) + static_cast<int64_t>(blockIdx.x) * p.dim;
   Sums<acc_t, 1> part;
   for (int64_t d = threadIdx.x; d < p.dim; d += blockDim.x) part.v[0] += row[d] * row[d];
@@ -209,7 +210,7 @@ __global__ void __launch_bounds__(kMaxThreads) sum_inverse_norms_kernel(Problem 
 template <class Method, typename acc_t>
 __global__ void __launch_bounds__(kMaxThreads)
     rows_kernel(Problem p, RowBuffers rb, RowPass pass, Block blk, acc_t* cosines) {
-  GE2E_SCRATCH;
+  __shared__ __align__(16) unsigned char scratch[kScratchBytes];
   const int64_t K = p.total_speakers;
   const int64_t row_in_block = blockIdx.x;
   const int64_t r = blk.first_row + row_in_block;
@@ -217,13 +218,13 @@ __global__ void __launch_bounds__(kMaxThreads)
   const auto params = params_of<acc_t>(p);
   const auto* inv_sums = static_cast<const acc_t*>(p.inv_sums);
   auto* own_terms = static_cast<acc_t*>(p.own_terms);
-  const OwnCosine<acc_t> oc = load_own_cosine(own_terms + r * kOwnTermsSize);
-  const RowView<acc_t> view{clamp_cosine(oc.raw_cos, params), params};
+  const OwnCosine<acc_t> exclusive = load_own_cosine(own_terms + r * kOwnTermsSize);
+  const RowView<acc_t> view{clamp_cosine(exclusive.raw_cos, params), params};
   acc_t* row = cosines + row_in_block * K;
 
   typename Method::template Statistic<acc_t> stat;
   for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {
-    const acc_t raw = cosine(row[k], oc.inv_norm_e, inv_sums[k]);
+    const acc_t raw = cosine(row[k], exclusive.inv_norm_e, inv_sums[k]);
     row[k] = raw;  // read back below by this thread only
     if (pass != RowPass::kGradient && k != own) {
       stat.add(Method::value(clamp_cosine(raw, params), view), k);
@@ -244,10 +245,10 @@ __global__ void __launch_bounds__(kMaxThreads)
     if (pass == RowPass::kLoss) return;
   }
 
-  acc_t grad_row =
-      pass == RowPass::kGradient
-          ? static_cast<const acc_t*>(rb.grad_loss)[upstream_index(p, rb, r, j, r - first_row(p, j))]
-          : static_cast<acc_t>(rb.grad_scale);
+  const int64_t i = r - first_row(p, j);
+  acc_t grad_row = pass == RowPass::kGradient
+                       ? static_cast<const acc_t*>(rb.grad_loss)[upstream_index(p, rb, r, j, i)]
+                       : static_cast<acc_t>(rb.grad_scale);
   if (Method::kSparseGradient) {
     const int64_t k = summary.hardest;
     if (k < 0 || k >= K || k == own) grad_row = quiet_nan<acc_t>();  // see the CPU kernel
@@ -263,12 +264,12 @@ __global__ void __launch_bounds__(kMaxThreads)
     const acc_t g = Method::impostor_grad(Method::value(c, view), k, summary, view, grad_row);
     part.v[0] += g;
     part.v[1] += g * (c - view.own_cos);
-    row[k] = cosine_grad(g, raw, params) * oc.inv_norm_e * inv_sums[k];
+    row[k] = cosine_grad(g, raw, params) * exclusive.inv_norm_e * inv_sums[k];
   }
   const auto total = block_reduce(part, scratch);
   if (threadIdx.x == 0) {
     const acc_t own_g = Method::own_grad(total.v[0], view, grad_row);
-    own_terms[r * kOwnTermsSize + kOwnGradSlot] = cosine_grad(own_g, oc.raw_cos, params);
+    own_terms[r * kOwnTermsSize + kOwnGradSlot] = cosine_grad(own_g, exclusive.raw_cos, params);
     static_cast<acc_t*>(rb.w_grad_part)[r] =
         row_w_grad(total.v[0], total.v[1], own_g, view.own_cos);
     static_cast<acc_t*>(rb.b_grad_part)[r] = row_b_grad(total.v[0], own_g);
@@ -285,16 +286,16 @@ __device__ __forceinline__ acc_t sum_grad(const Problem& p, int64_t k, int64_t d
 }
 
 // One block per row of the block (several per speaker), threads over D: the
-// cross part from T = H S (`cross`, which may be the gradient's own memory:
+// cross-speaker part from T = H S (`t_rows`, which may be the gradient's own memory:
 // each thread reads its elements before it writes them, after the barriers of
 // the reduction), the own part, the other rows' q summed directly over the
 // speaker's other utterances (no subtraction), and with z_to_fold the
 // speaker's dLoss/ds.
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kMaxThreads)
-    row_gradients_kernel(Problem p, Block blk, const acc_t* cross, const acc_t* z_to_fold,
+    row_gradients_kernel(Problem p, Block blk, const acc_t* t_rows, const acc_t* z_to_fold,
                          scalar_t* grad) {
-  GE2E_SCRATCH;
+  __shared__ __align__(16) unsigned char scratch[kScratchBytes];
   const int64_t D = p.dim;
   const int64_t row_in_block = blockIdx.x;
   const int64_t r = blk.first_row + row_in_block;
@@ -306,15 +307,15 @@ __global__ void __launch_bounds__(kMaxThreads)
   const acc_t* s_lo = static_cast<const acc_t*>(p.own_sums_lo) + j * D;
   const acc_t* sums = static_cast<const acc_t*>(p.sums) + own * D;
   const scalar_t* e = emb + r * D;
-  const acc_t* t_row = cross + row_in_block * D;
+  const acc_t* t_row = t_rows + row_in_block * D;
   Sums<acc_t, 2> part;  // e . T, s_j . Z_j
   for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
     part.v[0] += to_acc(e[d]) * t_row[d];
     if (z_to_fold != nullptr) part.v[1] += sums[d] * z_to_fold[own * D + d];
   }
   const auto dots = block_reduce(part, scratch);
-  const OwnCosine<acc_t> oc = load_own_cosine(own_terms + r * kOwnTermsSize);
-  const acc_t h = own_terms[r * kOwnTermsSize + kOwnGradSlot];
+  const OwnCosine<acc_t> exclusive = load_own_cosine(own_terms + r * kOwnTermsSize);
+  const acc_t own_grad = own_terms[r * kOwnTermsSize + kOwnGradSlot];
   for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
     const acc_t ev = to_acc(e[d]);
     acc_t others = 0;  // sum over the speaker's other rows r2 of their q
@@ -325,8 +326,9 @@ __global__ void __launch_bounds__(kMaxThreads)
                                         load_own_cosine(own_terms + r2 * kOwnTermsSize), e2,
                                         sum_without(s_hi[d], s_lo[d], e2));
     }
-    acc_t g = remove_projection(t_row[d], ev, dots.v[0], oc.inv_norm_e) +
-              own_grad_through_embedding(h, oc, ev, sum_without(s_hi[d], s_lo[d], ev)) + others;
+    const acc_t uv = sum_without(s_hi[d], s_lo[d], ev);
+    acc_t g = remove_projection(t_row[d], ev, dots.v[0], exclusive.inv_norm_e) +
+              own_grad_through_embedding(own_grad, exclusive, ev, uv) + others;
     if (z_to_fold != nullptr) g += sum_grad(p, own, d, z_to_fold, dots.v[1]);
     store(grad + r * D + d, g);
   }
@@ -336,7 +338,7 @@ __global__ void __launch_bounds__(kMaxThreads)
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kMaxThreads)
     fold_kernel(Problem p, const acc_t* z, scalar_t* grad) {
-  GE2E_SCRATCH;
+  __shared__ __align__(16) unsigned char scratch[kScratchBytes];
   const int64_t r = blockIdx.x, D = p.dim;
   const int64_t own = p.speaker_offset + speaker_of(p, r);
   const acc_t* s = static_cast<const acc_t*>(p.sums) + own * D;
@@ -356,14 +358,16 @@ __global__ void __launch_bounds__(kMaxThreads)
     finish_kernel(Problem p, int64_t sum_rows, acc_t* z, const acc_t* w_part,
                   const acc_t* b_part, const acc_t* loss_rows, double loss_scale, acc_t* grad_w,
                   acc_t* grad_b, acc_t* loss_total) {
-  GE2E_SCRATCH;
+  __shared__ __align__(16) unsigned char scratch[kScratchBytes];
   if (blockIdx.x < sum_rows) {
     const int64_t k = blockIdx.x, D = p.dim;
     const acc_t* s = static_cast<const acc_t*>(p.sums) + k * D;
     Sums<acc_t, 1> part;
     for (int64_t d = threadIdx.x; d < D; d += blockDim.x) part.v[0] += s[d] * z[k * D + d];
     const acc_t s_dot_z = block_reduce(part, scratch).v[0];
-    for (int64_t d = threadIdx.x; d < D; d += blockDim.x) z[k * D + d] = sum_grad(p, k, d, z, s_dot_z);
+    for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
+      z[k * D + d] = sum_grad(p, k, d, z, s_dot_z);
+    }
     return;
   }
   Sums<acc_t, 3> part;
@@ -380,8 +384,6 @@ __global__ void __launch_bounds__(kMaxThreads)
     if (loss_total != nullptr) *loss_total = static_cast<acc_t>(loss_scale) * total.v[2];
   }
 }
-
-#undef GE2E_SCRATCH
 
 // Threads for a loop over n elements: whole warps, at most kMaxThreads.
 inline int threads_for(int64_t n) {
@@ -441,14 +443,14 @@ struct Launchers {
     return status.error;
   }
 
-  static int row_gradients(const Problem& p, Block blk, const void* cross, const void* z_to_fold,
+  static int row_gradients(const Problem& p, Block blk, const void* t_rows, const void* z_to_fold,
                            void* grad, Stream stream, const char** failed) {
     Status status;
     dispatch_dtype<CudaTypes>(p.dtype, [&](auto scalar_zero, auto acc_zero) {
       using scalar_t = decltype(scalar_zero);
       using acc_t = decltype(acc_zero);
       status(Launch::run(row_gradients_kernel<scalar_t, acc_t>, blk.rows,
-                         threads_for(p.dim), stream, p, blk, static_cast<const acc_t*>(cross),
+                         threads_for(p.dim), stream, p, blk, static_cast<const acc_t*>(t_rows),
                          static_cast<const acc_t*>(z_to_fold), static_cast<scalar_t*>(grad)),
              "row_gradients");
     });

@@ -1,8 +1,8 @@
 // A small emulation of CUDA's execution model on the CPU, enough to run
-// csrc/cuda/ge2e_cuda_kernels.cuh unchanged (its GE2E_CUDA_EMULATION part): a block's threads are real threads
-// (one block at a time, so __shared__ can be a function-static), __syncthreads
-// is a barrier over the block, and a warp shuffle goes through a per-warp
-// buffer between two warp barriers. It checks the kernels' indexing and
+// csrc/cuda/ge2e_cuda_kernels.cuh unchanged (its GE2E_CUDA_EMULATION part): a
+// block's threads are real threads (one block at a time, so __shared__ can be
+// a function-static), __syncthreads is a barrier over the block, and a warp
+// shuffle goes through a per-warp buffer between two warp barriers. It checks the kernels' indexing and
 // reductions; it says nothing of the GPU's memory model or speed.
 #pragma once
 

@@ -49,10 +49,10 @@ struct EmulatedDevice : ge2e::cuda::BlockPolicy {
     Emulated::rows(p, rb, pass, blk, cosines, nullptr, &failed);
   }
   template <class Method>
-  static void row_gradients(const Problem& p, Block blk, const void* cross, const void*,
+  static void row_gradients(const Problem& p, Block blk, const void* t_rows, const void*,
                             const int64_t*, const void* z_to_fold, void* grad) {
     const char* failed;
-    Emulated::row_gradients(p, blk, cross, z_to_fold, grad, nullptr, &failed);
+    Emulated::row_gradients(p, blk, t_rows, z_to_fold, grad, nullptr, &failed);
   }
   static void fold(const Problem& p, const void* z, void* grad) {
     const char* failed;
