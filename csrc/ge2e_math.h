@@ -497,35 +497,6 @@ struct ContrastLoss {
   }
 };
 
-// A third method, to show what adding one takes: softplus(S_hardest - S_own),
-// a smooth margin between the own speaker and the hardest impostor.
-struct SoftplusMarginLoss {
-  static constexpr const char* kName = "softplus_margin";
-  static constexpr bool kSparseGradient = true;
-  template <typename T>
-  using Statistic = ContrastLoss::Statistic<T>;
-  template <typename T>
-  GE2E_HD static T value(T cos_k, const RowView<T>&) { return cos_k; }
-  template <typename T>
-  GE2E_HD static Statistic<T> row_statistic(T* values, int64_t n, int64_t skip) {
-    return ContrastLoss::row_statistic(values, n, skip);
-  }
-  template <typename T>
-  GE2E_HD static T row_loss(const Statistic<T>& stat, const RowView<T>& row) {
-    const T x = row.params.w * (stat.max - row.own_cos);
-    return x > T(0) ? x + log1p_(exp_(-x)) : log1p_(exp_(x));
-  }
-  template <typename T>
-  GE2E_HD static int64_t hardest(const Statistic<T>& stat) { return stat.index; }
-  template <typename T>
-  GE2E_HD static T impostor_grad(T cos_k, int64_t k, const RowSummary<T>& summary,
-                                 const RowView<T>& row, T grad_row) {
-    return k == summary.hardest ? grad_row * sigmoid(row.params.w * (cos_k - row.own_cos)) : T(0);
-  }
-  template <typename T>
-  GE2E_HD static T own_grad(T impostor_grad_sum, const RowView<T>&, T) { return -impostor_grad_sum; }
-};
-
 // The per-row dLoss/dw and dLoss/db (see the policy comment above), from
 // G = sum_k g_k, the sum over impostors of g_k (c_k - c_own), and g_own.
 template <typename T>
@@ -537,7 +508,7 @@ GE2E_HD T row_b_grad(T impostor_grad_sum, T own_grad) { return own_grad + impost
 
 // Every loss method, in the order of their indices. Adding a method is a
 // policy above and its name here, plus its entry in ge2e_ext/methods.py.
-using LossMethods = std::tuple<SoftmaxLoss, ContrastLoss, SoftplusMarginLoss>;
+using LossMethods = std::tuple<SoftmaxLoss, ContrastLoss>;
 constexpr int kNumLossMethods = static_cast<int>(std::tuple_size<LossMethods>::value);
 
 // Calls fn(Policy{}) for the method with this index (one of LossMethods'):

@@ -58,16 +58,6 @@ def _contrast_reference_row(similarities, own):
     return 1.0 - sig[own] + torch.max(impostors)
 
 
-def _softplus_margin_rows(cos, own_cos, own, w, b):
-    hardest_cos = cos.scatter(-1, own, float("-inf")).max(-1).values
-    return torch.nn.functional.softplus(w * (hardest_cos - own_cos))
-
-
-def _softplus_margin_reference_row(similarities, own):
-    impostors = torch.cat((similarities[:own], similarities[own + 1:]))
-    return torch.nn.functional.softplus(torch.max(impostors) - similarities[own])
-
-
 METHODS = {
     method.name: method
     for method in (
@@ -75,8 +65,6 @@ METHODS = {
                    _softmax_reference_row),
         LossMethod("contrast", "eq. 7: 1 - sig(S_jij) + max_{k != j} sig(S_jik)",
                    _contrast_rows, _contrast_reference_row),
-        LossMethod("softplus_margin", "softplus(max_{k != j} S_jik - S_jij)",
-                   _softplus_margin_rows, _softplus_margin_reference_row),
     )
 }
 LOSS_METHODS = tuple(METHODS)
