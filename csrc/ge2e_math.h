@@ -25,7 +25,21 @@
 #define GE2E_HD inline __attribute__((always_inline))
 #endif
 
+// The CPU kernels are compiled once per instruction set (cpu/isa/, with
+// GE2E_CPU_ISA defined, e.g. avx2) and picked at run time. Every inline
+// function and template they use lives in a namespace of that instruction
+// set's own, so that the linker can never hand the portable code a copy
+// compiled with AVX2 or AVX-512 instructions.
+#ifndef GE2E_CPU_ISA
+#define GE2E_CPU_ISA portable
+#endif
+#define GE2E_ISA_NAMESPACE_(isa) isa_##isa
+#define GE2E_ISA_NAMESPACE(isa) GE2E_ISA_NAMESPACE_(isa)
+#define GE2E_ISA_BEGIN inline namespace GE2E_ISA_NAMESPACE(GE2E_CPU_ISA) {
+#define GE2E_ISA_END }
+
 namespace ge2e {
+GE2E_ISA_BEGIN
 
 // ---------------------------------------------------------------- scalars
 
@@ -530,4 +544,5 @@ int loss_method_index(const String& name) {
   return -1;
 }
 
+GE2E_ISA_END
 }  // namespace ge2e

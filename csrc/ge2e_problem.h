@@ -43,6 +43,8 @@ struct Problem {
   void* own_terms;         // (B, kOwnTermsSize) acc: each row's OwnCosine and own_grad
 };
 
+GE2E_ISA_BEGIN
+
 // The first row of local speaker j (j = N: B). Offsets are clamped to the
 // rows, so that offsets from a direct call of an op that nothing checked
 // (on an accelerator) cannot send a kernel out of bounds.
@@ -66,6 +68,8 @@ GE2E_HD int64_t speaker_of(const Problem& p, int64_t r) {
   }
   return lo;
 }
+
+GE2E_ISA_END
 
 // Whole speakers [first, first + count) of the local embeddings, which are
 // the rows [first_row, first_row + rows).
@@ -95,6 +99,8 @@ struct RowBuffers {
   void* b_grad_part;          // (B): the row's dLoss/db
 };
 
+GE2E_ISA_BEGIN
+
 // Where the upstream gradient of row r (utterance i of speaker j) is.
 GE2E_HD int64_t upstream_index(const Problem& p, const RowBuffers& rb, int64_t r, int64_t j,
                                int64_t i) {
@@ -116,4 +122,5 @@ auto dispatch_dtype(DType dtype, Fn&& fn) {
   __builtin_unreachable();
 }
 
+GE2E_ISA_END
 }  // namespace ge2e

@@ -23,6 +23,15 @@ def extension_devices() -> frozenset:
     return _ops.EXTENSION_DEVICES
 
 
+def cpu_capability():
+    """The CPU kernels float32 and float64 run here: "avx512", "avx2" or "portable"
+    (the best this build has and this CPU supports; GE2E_EXT_CPU_CAPABILITY, read
+    once per process, asks for another). None without the compiled CPU op."""
+    if "cpu" not in _ops.EXTENSION_DEVICES:
+        return None
+    return torch.ops.ge2e_ext.cpu_capability()
+
+
 def check_options(loss_method, reduction, min_cosine, backend, distributed=False, group=None):
     """Validates the non-tensor arguments; shared by ge2e_loss and GE2ELoss."""
     if loss_method not in LOSS_METHODS:

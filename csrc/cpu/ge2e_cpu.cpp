@@ -1,15 +1,26 @@
 // The CPU device of the GE2E op: the Device policy of ge2e_driver.h over the
 // kernels of ge2e_cpu_kernels.h, run in parallel over speakers with
 // at::parallel_for, and the op registrations for the CPU dispatch key.
+//
+// The kernels come as tables (ge2e_cpu_table.h): the portable one, compiled
+// here for any CPU of the architecture, and those of cpu/isa/ (AVX2, AVX-512)
+// where the build compiled them. The best one the running CPU supports is
+// picked once, for float32 and float64 (float16/bfloat16 always run the
+// portable kernels); GE2E_EXT_CPU_CAPABILITY=portable|avx2|avx512 asks for one
+// (as ATEN_CPU_CAPABILITY does for PyTorch), and ge2e_ext.cpu_capability()
+// says which runs.
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
+#include <c10/util/Logging.h>
 #include <torch/library.h>
 
+#include <cstdlib>
+#include <string>
 #include <vector>
 
 #include "../ge2e_driver.h"
-#include "ge2e_cpu_kernels.h"
+#include "ge2e_cpu_table.h"
 
 namespace ge2e {
 namespace {
@@ -19,18 +30,79 @@ struct CpuTypes {
   using BFloat16 = c10::BFloat16;
 };
 
-// fn(scalar_t{}, acc_t{}) for the call's dtype.
-template <typename Fn>
-void dispatch(const Problem& p, Fn&& fn) {
-  dispatch_dtype<CpuTypes>(p.dtype, fn);
+const cpu::KernelTable kPortableKernels = cpu::make_kernel_table<CpuTypes>("portable");
+
+bool cpu_has(const char* isa) {
+#if defined(__x86_64__) || defined(__i386__)
+  if (std::string(isa) == "avx2") {
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  }
+  if (std::string(isa) == "avx512") {
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
+           __builtin_cpu_supports("fma");
+  }
+#endif
+  return false;
 }
 
-// fn(lo, hi, scratch) over [0, n) in parallel; scratch: per task, `scratch_size` elements.
-template <typename acc_t, typename Fn>
-void parallel_over(int64_t n, int64_t scratch_size, Fn&& fn) {
+// The instruction-set tables this build has, best first.
+std::vector<const cpu::KernelTable*> built_tables() {
+  std::vector<const cpu::KernelTable*> tables;
+#ifdef GE2E_ISA_AVX512
+  tables.push_back(&cpu::kAvx512Kernels);
+#endif
+#ifdef GE2E_ISA_AVX2
+  tables.push_back(&cpu::kAvx2Kernels);
+#endif
+  tables.push_back(&kPortableKernels);
+  return tables;
+}
+
+// The best table the CPU runs, or the one GE2E_EXT_CPU_CAPABILITY names if the
+// CPU runs it (else the best below it, with a warning).
+const cpu::KernelTable& select_table() {
+  const char* requested = std::getenv("GE2E_EXT_CPU_CAPABILITY");
+  const std::string wanted = requested != nullptr ? requested : "";
+  bool below_wanted = wanted.empty() || wanted == "default";
+  for (const cpu::KernelTable* table : built_tables()) {
+    const std::string name = table->name;
+    if (name == wanted) below_wanted = true;
+    if (!below_wanted) continue;
+    if (name == "portable" || cpu_has(table->name)) {
+      if (!wanted.empty() && wanted != "default" && name != wanted) {
+        TORCH_WARN("ge2e_ext: GE2E_EXT_CPU_CAPABILITY=", wanted,
+                   " is not available (not built, or not supported by this CPU); using ", name);
+      }
+      return *table;
+    }
+  }
+  TORCH_WARN("ge2e_ext: GE2E_EXT_CPU_CAPABILITY=", wanted,
+             " is not one of the built kernels; using the portable ones");
+  return kPortableKernels;
+}
+
+const cpu::KernelTable& best_table() {
+  static const cpu::KernelTable& table = select_table();
+  return table;
+}
+
+const cpu::KernelTable& kernels(const Problem& p) {
+  return p.dtype == DType::kFloat32 || p.dtype == DType::kFloat64 ? best_table()
+                                                                  : kPortableKernels;
+}
+
+size_t accumulation_bytes(const Problem& p) {
+  return p.dtype == DType::kFloat64 ? sizeof(double) : sizeof(float);
+}
+
+// fn(lo, hi, scratch) over [0, n) in parallel; scratch: per task, `scratch_size`
+// elements of the accumulation type.
+template <typename Fn>
+void parallel_over(const Problem& p, int64_t n, int64_t scratch_size, Fn&& fn) {
   at::parallel_for(0, n, 1, [&](int64_t lo, int64_t hi) {
-    std::vector<acc_t> scratch(static_cast<size_t>(scratch_size));
-    fn(lo, hi, scratch.data());
+    std::vector<unsigned char> scratch(static_cast<size_t>(scratch_size) * accumulation_bytes(p));
+    fn(lo, hi, static_cast<void*>(scratch.data()));
   });
 }
 
@@ -40,35 +112,27 @@ struct CpuDevice {
   static constexpr int64_t kBlockInputShare = 8;
   static constexpr int64_t kMinBlockSpeakers = 1;
   // The contrast loss's gradient has two non-zero entries per row, so its
-  // products are a gather and a bucketed sum: O(N M D) instead of O(N M K D).
+  // products are a gather and a bucketed sum: O(B D) instead of O(B K D).
   static constexpr bool kSparseProducts = true;
 
   static void speaker_stats(const Problem& p) {
-    dispatch(p, [&](auto scalar_zero, auto acc_zero) {
-      using scalar_t = decltype(scalar_zero);
-      using acc_t = decltype(acc_zero);
-      parallel_over<acc_t>(p.speakers, 0, [&](int64_t lo, int64_t hi, acc_t*) {
-        cpu::speaker_stats<scalar_t, acc_t>(p, lo, hi);
-      });
-      if (p.sums_given) {
-        parallel_over<acc_t>(p.total_speakers, 0, [&](int64_t lo, int64_t hi, acc_t*) {
-          cpu::sum_inverse_norms<acc_t>(p, lo, hi);
-        });
-      }
+    const auto& k = kernels(p);
+    parallel_over(p, p.speakers, 0, [&](int64_t lo, int64_t hi, void*) {
+      k.speaker_stats(p, lo, hi);
     });
+    if (p.sums_given) {
+      parallel_over(p, p.total_speakers, 0, [&](int64_t lo, int64_t hi, void*) {
+        k.sum_inverse_norms(p, lo, hi);
+      });
+    }
   }
 
   template <class Method>
   static void rows(const Problem& p, const RowBuffers& rb, RowPass pass, Block blk,
                    void* cosines) {
-    constexpr bool sparse = kSparseProducts && Method::kSparseGradient;
-    dispatch(p, [&](auto, auto acc_zero) {
-      using acc_t = decltype(acc_zero);
-      parallel_over<acc_t>(blk.count, cpu::rows_scratch(p),
-                           [&](int64_t lo, int64_t hi, acc_t* scratch) {
-                             cpu::rows<Method, sparse, acc_t>(
-                                 p, rb, pass, blk, static_cast<acc_t*>(cosines), scratch, lo, hi);
-                           });
+    const auto& k = kernels(p);
+    parallel_over(p, blk.count, cpu::rows_scratch(p), [&](int64_t lo, int64_t hi, void* scratch) {
+      k.rows(p, rb, pass, blk, cosines, scratch, lo, hi);
     });
   }
 
@@ -92,65 +156,61 @@ struct CpuDevice {
     for (int64_t rb = 0; rb < rows; ++rb) {
       if (valid(rb)) bucket_rows[fill[block_hardest[rb]]++] = rb;
     }
-    dispatch(p, [&](auto scalar_zero, auto acc_zero) {
-      using scalar_t = decltype(scalar_zero);
-      using acc_t = decltype(acc_zero);
-      parallel_over<acc_t>(K, 0, [&](int64_t lo, int64_t hi, acc_t*) {
-        cpu::sparse_sum_grads<scalar_t, acc_t>(p, blk, static_cast<const acc_t*>(cosines),
-                                               bucket_start.data(), bucket_rows.data(),
-                                               static_cast<acc_t*>(z), accumulate, lo, hi);
-      });
+    const auto& k = kernels(p);
+    parallel_over(p, K, 0, [&](int64_t lo, int64_t hi, void*) {
+      k.sparse_sum_grads(p, blk, cosines, bucket_start.data(), bucket_rows.data(), z, accumulate,
+                         lo, hi);
     });
   }
 
   template <class Method>
   static void row_gradients(const Problem& p, Block blk, const void* t_rows, const void* cosines,
                             const int64_t* hardest, const void* z_to_fold, void* grad) {
-    constexpr bool sparse = kSparseProducts && Method::kSparseGradient;
-    dispatch(p, [&](auto scalar_zero, auto acc_zero) {
-      using scalar_t = decltype(scalar_zero);
-      using acc_t = decltype(acc_zero);
-      parallel_over<acc_t>(
-          blk.count, cpu::row_gradients_scratch(p), [&](int64_t lo, int64_t hi, acc_t* scratch) {
-            cpu::row_gradients<sparse, scalar_t, acc_t>(
-                p, blk, static_cast<const acc_t*>(t_rows), static_cast<const acc_t*>(cosines),
-                hardest, static_cast<const acc_t*>(z_to_fold), static_cast<scalar_t*>(grad),
-                scratch, lo, hi);
-          });
-    });
+    const auto& k = kernels(p);
+    parallel_over(p, blk.count, cpu::row_gradients_scratch(p),
+                  [&](int64_t lo, int64_t hi, void* scratch) {
+                    k.row_gradients(p, blk, t_rows, cosines, hardest, z_to_fold, grad, scratch,
+                                    lo, hi);
+                  });
   }
 
   static void fold(const Problem& p, const void* z, void* grad) {
-    dispatch(p, [&](auto scalar_zero, auto acc_zero) {
-      using scalar_t = decltype(scalar_zero);
-      using acc_t = decltype(acc_zero);
-      parallel_over<acc_t>(p.speakers, p.dim, [&](int64_t lo, int64_t hi, acc_t* scratch) {
-        cpu::fold<scalar_t, acc_t>(p, static_cast<const acc_t*>(z), static_cast<scalar_t*>(grad),
-                                   scratch, lo, hi);
-      });
+    const auto& k = kernels(p);
+    parallel_over(p, p.speakers, p.dim, [&](int64_t lo, int64_t hi, void* scratch) {
+      k.fold(p, z, grad, scratch, lo, hi);
     });
   }
 
   static void finish(const Problem& p, void* z, const void* w_part, const void* b_part,
                      const void* loss_rows, double loss_scale, void* grad_w, void* grad_b,
                      void* loss_total) {
-    dispatch(p, [&](auto, auto acc_zero) {
-      using acc_t = decltype(acc_zero);
-      if (p.sums_given) {
-        parallel_over<acc_t>(p.total_speakers, 0, [&](int64_t lo, int64_t hi, acc_t*) {
-          cpu::sum_grads<acc_t>(p, static_cast<acc_t*>(z), lo, hi);
-        });
-      }
-      cpu::scalars<acc_t>(p, static_cast<const acc_t*>(w_part), static_cast<const acc_t*>(b_part),
-                          static_cast<const acc_t*>(loss_rows), loss_scale,
-                          static_cast<acc_t*>(grad_w), static_cast<acc_t*>(grad_b),
-                          static_cast<acc_t*>(loss_total));
-    });
+    const auto& k = kernels(p);
+    if (p.sums_given) {
+      parallel_over(p, p.total_speakers, 0, [&](int64_t lo, int64_t hi, void*) {
+        k.sum_grads(p, z, lo, hi);
+      });
+    }
+    k.scalars(p, w_part, b_part, loss_rows, loss_scale, grad_w, grad_b, loss_total);
   }
 };
 
+// The kernels float32 and float64 run on this CPU: "avx512", "avx2" or "portable".
+std::string cpu_capability() { return best_table().name; }
+
+// The instruction-set kernels this build has, best first.
+std::vector<std::string> cpu_capabilities_built() {
+  std::vector<std::string> names;
+  for (const cpu::KernelTable* table : built_tables()) names.emplace_back(table->name);
+  return names;
+}
+
 }  // namespace
 }  // namespace ge2e
+
+TORCH_LIBRARY_FRAGMENT(ge2e_ext, m) {
+  m.def("cpu_capability() -> str", &ge2e::cpu_capability);
+  m.def("cpu_capabilities_built() -> str[]", &ge2e::cpu_capabilities_built);
+}
 
 TORCH_LIBRARY_IMPL(ge2e_ext, CPU, m) {
   m.impl("ge2e_forward", &ge2e::forward<ge2e::CpuDevice>);

@@ -20,6 +20,7 @@
 
 namespace ge2e {
 namespace cpu {
+GE2E_ISA_BEGIN
 
 // The lanes of ge2e_math.h (8 lanes ran 7x slower on AVX-512, the compiler
 // interleaving two iterations with shuffles).
@@ -434,5 +435,6 @@ void scalars(const Problem& p, const acc_t* w_part, const acc_t* b_part, const a
   }
 }
 
+GE2E_ISA_END
 }  // namespace cpu
 }  // namespace ge2e
