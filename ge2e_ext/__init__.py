@@ -5,9 +5,9 @@
     loss = criterion(embeddings)  # embeddings: (N speakers, M utterances, D)
 """
 
-from .functional import ge2e_loss, extension_devices
+from .functional import cpu_capability, ge2e_loss, extension_devices
 from .loss import GE2ELoss
 from .methods import LOSS_METHODS
 
-__all__ = ["GE2ELoss", "ge2e_loss", "extension_devices", "LOSS_METHODS"]
+__all__ = ["GE2ELoss", "ge2e_loss", "extension_devices", "cpu_capability", "LOSS_METHODS"]
 from ._version import __version__  # noqa: E402  (the one version: ge2e_ext/_version.py)

@@ -1,0 +1,238 @@
+"""Packaging, checked cheaply (no network, no compiler): the source archive holds
+everything a build and the tests need, the version has one source, and the build's
+defaults are portable. setup.py's helpers are imported without running setup().
+
+The real thing (sdist, a wheel built from it in an empty folder, installed into a
+fresh environment and run) is scripts/check_wheel.sh, which CI runs after the tests.
+"""
+
+import importlib.util
+import os
+import re
+import shutil
+import stat
+import subprocess
+import sys
+import tarfile
+
+import pytest
+
+import ge2e_ext
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Never part of the archive: build products and caches.
+BUILD_PRODUCTS = re.compile(r"(\.so|\.o|\.pyc|\.pyo)$")
+
+
+def _load_setup():
+    spec = importlib.util.spec_from_file_location("ge2e_setup", os.path.join(ROOT, "setup.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # defines the helpers; setup() runs only as __main__
+    return module
+
+
+setup_py = _load_setup()
+
+
+def _files_under(root, folder):
+    """Files under root/folder, as archive-relative paths, build products left out."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(os.path.join(root, folder)):
+        dirnames[:] = [d for d in dirnames if d != "__pycache__"]
+        found += [os.path.relpath(os.path.join(dirpath, f), root).replace(os.sep, "/")
+                  for f in filenames if not BUILD_PRODUCTS.search(f)]
+    return found
+
+
+@pytest.fixture(scope="module")
+def sdist(tmp_path_factory):
+    """The source archive of a copy of the checkout (build outputs and all), made with
+    torch made unimportable: (the copy, {archive-relative path: member})."""
+    tmp = tmp_path_factory.mktemp("sdist")
+    copy = tmp / "src"
+    top_level_skip = {".git", ".venv", "build", "dist", ".hypothesis", ".pytest_cache",
+                      "bench_results", "example_results"}
+
+    def ignore(folder, names):
+        skip = {n for n in names if n == "__pycache__" or n.endswith(".egg-info")}
+        if os.path.abspath(folder) == ROOT:
+            skip |= top_level_skip & set(names)
+        return skip
+
+    shutil.copytree(ROOT, copy, ignore=ignore, symlinks=True)
+    code = ("import sys; sys.modules['torch'] = None; "  # making the archive needs no torch
+            f"sys.argv = ['setup.py', '-q', 'sdist', '--dist-dir', {str(tmp / 'dist')!r}]; "
+            "exec(compile(open('setup.py').read(), 'setup.py', 'exec'), "
+            f"{{'__name__': '__main__', '__file__': {str(copy / 'setup.py')!r}}})")
+    result = subprocess.run([sys.executable, "-c", code], cwd=copy, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    (archive,) = (tmp / "dist").iterdir()
+    assert archive.name == f"ge2e_ext-{setup_py.read_version()}.tar.gz"
+    prefix = archive.name[:-len(".tar.gz")] + "/"
+    with tarfile.open(archive) as tar:
+        members = {m.name[len(prefix):]: m for m in tar.getmembers() if m.isfile()}
+        metadata = {name: tar.extractfile(prefix + name).read().decode()
+                    for name in ("PKG-INFO", "ge2e_ext.egg-info/requires.txt")}
+    return str(copy), members, metadata
+
+
+def test_sdist_has_every_source_header_and_test_file(sdist):
+    copy, members, _ = sdist
+    wanted = ["README.md", "pyproject.toml", "setup.py", "MANIFEST.in", "Makefile"]
+    for folder in ("csrc", "ge2e_ext", "tests", "docs", "scripts", "benchmarks", "examples"):
+        wanted += _files_under(copy, folder)
+    assert any(f.endswith(".h") for f in wanted) and any(f.endswith(".cuh") for f in wanted)
+    assert "tests/cuda_emulation/emulate.h" in wanted
+    missing = sorted(set(wanted) - set(members))
+    assert not missing, f"missing from the source archive: {missing}"
+
+
+def test_sdist_has_no_build_products(sdist):
+    copy, members, _ = sdist
+    built = sorted(f for f in members if BUILD_PRODUCTS.search(f) or "__pycache__" in f)
+    assert not built, f"build products in the source archive: {built}"
+    assert not any(f.startswith(("build/", ".venv/", ".git/")) for f in members)
+
+
+def test_sdist_keeps_the_scripts_executable(sdist):
+    _, members, _ = sdist
+    for name in ("scripts/check_wheel.sh", "scripts/setup_env.sh"):
+        if name in members:
+            assert members[name].mode & stat.S_IXUSR, f"{name} lost its executable bit"
+
+
+def test_sdist_has_what_the_readme_links(sdist):
+    _, members, _ = sdist
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        targets = re.findall(r"\]\(([^)\s]+)\)", f.read())
+    local = {t.split("#")[0] for t in targets
+             if not re.match(r"[a-z]+:", t) and not t.startswith("#")}
+    assert local, "expected the README to link some of the project's files"
+    missing = sorted(t for t in local
+                     if t not in members and not any(m.startswith(t.rstrip("/") + "/")
+                                                     for m in members))
+    assert not missing, f"the README links files the source archive lacks: {missing}"
+
+
+def test_sdist_metadata(sdist):
+    _, _, metadata = sdist
+    assert f"\nVersion: {setup_py.read_version()}\n" in metadata["PKG-INFO"]
+    assert f"torch>={setup_py.MIN_TORCH}" in metadata["ge2e_ext.egg-info/requires.txt"].split()
+
+
+def test_one_version_source():
+    assert ge2e_ext.__version__ == setup_py.read_version()
+    with open(os.path.join(ROOT, "ge2e_ext", "__init__.py"), encoding="utf-8") as f:
+        init = f.read()
+    assert not re.search(r"__version__\s*=", init), "the version belongs in ge2e_ext/_version.py"
+    tomllib = pytest.importorskip("tomllib")
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        project = tomllib.load(f)["project"]
+    assert "version" not in project and "version" in project["dynamic"]
+
+
+def test_torch_range_is_stated_alike():
+    """setup.py's MIN_TORCH is pyproject.toml's dependency and the README's."""
+    tomllib = pytest.importorskip("tomllib")
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        dependencies = tomllib.load(f)["project"]["dependencies"]
+    assert f"torch>={setup_py.MIN_TORCH}" in dependencies
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        readme = " ".join(f.read().split())
+    assert f"PyTorch {setup_py.MIN_TORCH} to {setup_py.NEWEST_TESTED_TORCH}" in readme
+
+
+def test_torch_version_check():
+    with pytest.raises(RuntimeError, match=rf"needs torch >= {re.escape(setup_py.MIN_TORCH)}"):
+        setup_py.check_torch_version("2.3.1")
+    assert setup_py.check_torch_version(setup_py.MIN_TORCH + ".0") is None
+    assert setup_py.check_torch_version(setup_py.NEWEST_TESTED_TORCH + "+cu130") is None
+    assert "newer than the newest tested" in setup_py.check_torch_version("99.1.0")
+
+
+def test_default_flags_are_portable():
+    assert setup_py.cpu_arch_flags({}) == []
+    assert setup_py.cpu_arch_flags({"GE2E_EXT_MARCH": ""}) == []
+    assert not any(f.startswith("-march") for f in setup_py.cxx_flags({}))
+    assert setup_py.cpu_arch_flags({"GE2E_EXT_MARCH": "native"}) == ["-march=native"]
+    assert "-march=native" in setup_py.cxx_flags({"GE2E_EXT_MARCH": "native"})
+    assert setup_py.cpu_arch_flags({"GE2E_EXT_MARCH": "x86-64-v3"}) == ["-march=x86-64-v3"]
+
+
+def test_instruction_set_files(tmp_path):
+    assert setup_py.isa_sources(str(tmp_path), {}, "x86_64") == ([], {})  # no isa folder
+    isa = tmp_path / "csrc" / "cpu" / "isa"
+    isa.mkdir(parents=True)
+    for name in ("rows_avx2.cpp", "rows_avx512.cpp", "dispatch.cpp", "rows.h"):
+        (isa / name).write_text("")
+    (tmp_path / "csrc" / "cpu" / "kernel.cpp").write_text("")
+    path = os.path.join("csrc", "cpu", "isa", "{}").format
+    assert setup_py.isa_sources(str(tmp_path), {}, "x86_64") == (
+        [path("dispatch.cpp")], {"avx2": [path("rows_avx2.cpp")],
+                                 "avx512": [path("rows_avx512.cpp")]})
+    assert setup_py.isa_sources(str(tmp_path), {}, "aarch64") == ([path("dispatch.cpp")], {})
+    assert setup_py.isa_sources(str(tmp_path), {"GE2E_EXT_ISA": "none"}, "x86_64")[1] == {}
+    assert setup_py.isa_sources(str(tmp_path), {"GE2E_EXT_ISA": "avx2"}, "x86_64")[1] == {
+        "avx2": [path("rows_avx2.cpp")]}
+    with pytest.raises(RuntimeError, match="unknown instruction sets"):
+        setup_py.isa_sources(str(tmp_path), {"GE2E_EXT_ISA": "sse9"}, "x86_64")
+    # The other sources never include the instruction-set files.
+    assert setup_py.cpu_sources(str(tmp_path)) == [os.path.join("csrc", "cpu", "kernel.cpp")]
+    for flags in setup_py.ISA_FLAGS.values():
+        assert not any(f.startswith("-march") for f in flags)
+
+
+def test_only_compiling_commands_need_torch():
+    """Any argument that names a compiling command counts (an option's value too: a
+    needless torch import is harmless, a wheel built without the extension is not)."""
+    for argv in (["sdist", "--dist-dir", "/tmp/d"], ["egg_info"], ["dist_info", "--output-dir",
+                                                                    "/tmp/m"], ["--version"]):
+        assert not setup_py.needs_extension(["setup.py"] + argv), argv
+    for argv in (["bdist_wheel", "--dist-dir", "x"], ["editable_wheel"], ["build_ext", "-i"],
+                 ["develop"], ["install"]):
+        assert setup_py.needs_extension(["setup.py"] + argv), argv
+
+
+def test_importing_setup_py_runs_nothing():
+    path = os.path.join(ROOT, "setup.py")
+    code = ("import importlib.util, sys; "
+            f"spec = importlib.util.spec_from_file_location('s', {path!r}); "
+            "spec.loader.exec_module(importlib.util.module_from_spec(spec)); "
+            "assert 'torch' not in sys.modules, 'importing setup.py imported torch'")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0 and not result.stdout, result.stdout + result.stderr
+
+
+def _fake_toolkit(root, release):
+    (root / "bin").mkdir(parents=True)
+    (root / "include").mkdir()
+    (root / "include" / "cuda_runtime.h").write_text("")
+    nvcc = root / "bin" / "nvcc"
+    nvcc.write_text(f"#!/bin/sh\necho 'Cuda compilation tools, release {release}, V{release}.1'\n")
+    nvcc.chmod(0o755)
+    return str(root)
+
+
+def test_cuda_problems_are_named(tmp_path):
+    problem = setup_py.cuda_problem
+    assert problem("2.14.1", "13.0", "/x", {"GE2E_EXT_CUDA": "0"}) == "GE2E_EXT_CUDA=0"
+    assert "without CUDA" in problem("2.13.0+cpu", None, "/usr/local/cuda", {})
+    assert "no CUDA toolkit found" in problem("2.14.1", "13.0", None, {})
+    nowhere = problem("2.14.1", "13.0", "/nonexistent", {}, origin="CUDA_HOME in the environment")
+    assert "CUDA_HOME=/nonexistent (CUDA_HOME in the environment) has no bin/nvcc" in nowhere
+    cuda12 = _fake_toolkit(tmp_path / "cuda12", "12.1")
+    assert problem("2.4.0", "12.4", cuda12, {}) is None
+    assert "CUDA 12.1 but torch 2.14.1 was built with CUDA 13.0" in problem(
+        "2.14.1", "13.0", cuda12, {})
+    no_headers = tmp_path / "no_headers"
+    shutil.copytree(cuda12, no_headers)
+    os.remove(no_headers / "include" / "cuda_runtime.h")
+    assert "has no include/cuda_runtime.h" in problem("2.4.0", "12.4", str(no_headers), {})
+
+
+def test_cuda_home_is_kept_when_set():
+    env = {"CUDA_HOME": "/nonexistent"}
+    assert setup_py.guess_cuda_home(env) == "CUDA_HOME in the environment"
+    assert env == {"CUDA_HOME": "/nonexistent"}
