@@ -10,7 +10,7 @@ bench: env  ## quick benchmark at the paper's size on the best device present: t
 test: env  ## the test suite (CUDA tests are skipped without a GPU)
 	$(PY) -m pytest -q tests $(ARGS)
 
-example: env  ## train a speaker encoder on synthetic speech (about 10 min on 2 cores): plots, metrics in example_results/
+example: env  ## train a speaker encoder on synthetic speech (a few minutes on 2 cores): plots, metrics in example_results/
 	$(PY) examples/train_speaker_encoder.py --output example_results $(ARGS)
 
 env:

@@ -25,7 +25,7 @@ fi
 
 echo "== installing $TORCH_SPEC and the test/benchmark dependencies (first run: a few minutes)"
 "$VENV_PY" -m pip install --quiet --disable-pip-version-check \
-  "$TORCH_SPEC" numpy pytest hypothesis matplotlib ninja "setuptools>=64" wheel
+  "$TORCH_SPEC" numpy pytest hypothesis matplotlib ninja "setuptools>=64" wheel espeakng-loader tqdm
 
 # torch guesses CUDA_HOME from the nvcc on PATH, which can be a symlink outside
 # the toolkit; prefer the standard location when it exists.
