@@ -319,7 +319,11 @@ def _extension(torch, cuda_home_origin):
     # Paths relative to the project folder, which pip and build run this file in.
     portable_isa, isa_groups = isa_sources()
     sources = cpu_sources() + portable_isa
-    flags = cxx_flags()
+    # at::parallel_for is inline: it runs in parallel only where the file that
+    # calls it is compiled with OpenMP. Linking with -fopenmp adds a need for
+    # libgomp.so.1, which the process already has from torch (its copy).
+    openmp = ["-fopenmp"] if torch.backends.openmp.is_available() else []
+    flags = cxx_flags() + openmp
     if not is_x86_64():
         print(f"ge2e_ext: {platform.machine()}: no instruction-set files (x86-64 only)")
     macros = [(f"GE2E_ISA_{isa.upper()}", "1") for isa in isa_groups]
@@ -333,7 +337,7 @@ def _extension(torch, cuda_home_origin):
             raise SystemExit(f"error: FORCE_CUDA=1 but the CUDA kernels cannot be built: {problem}")
         print(f"ge2e_ext: building the CPU op only: {problem}")
         ext = CppExtension("ge2e_ext._C", sources, define_macros=macros,
-                           extra_compile_args={"cxx": flags})
+                           extra_compile_args={"cxx": flags}, extra_link_args=openmp)
     else:
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
             os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
@@ -344,7 +348,8 @@ def _extension(torch, cuda_home_origin):
         nvcc_flags = ["-O3", "-lineinfo", "-Xcompiler", "-Werror=switch"]
         ext = CUDAExtension("ge2e_ext._C", sources,
                             define_macros=[("GE2E_WITH_CUDA", None)] + macros,
-                            extra_compile_args={"cxx": flags, "nvcc": nvcc_flags})
+                            extra_compile_args={"cxx": flags, "nvcc": nvcc_flags},
+                            extra_link_args=openmp)
     ext.ge2e_isa_groups = isa_groups
     return ext
 
