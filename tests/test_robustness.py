@@ -162,7 +162,7 @@ def test_expanded_embeddings(device, backend, reduction):
 
 
 @needs_cuda
-def test_cpu_parameters_are_moved_and_device_mismatch_is_an_error():
+def test_cuda_embeddings_with_a_cpu_module_and_mismatched_devices():
     x = make_embeddings(4, 3, 8, seed=10, dtype=torch.float32, device="cuda")
     loss = ge2e_ext.GE2ELoss()(x)  # module left on the CPU: its 0-dim parameters follow
     assert loss.device.type == "cuda"
@@ -213,7 +213,7 @@ def test_a_training_step_replays_in_a_cuda_graph(method, reduction):
 
 
 @needs_cuda
-def test_large_n_peak_memory_is_within_one_and_a_half_times_input_and_gradient():
+def test_cuda_peak_memory_at_large_n_is_within_1_5x_input_and_gradient():
     n, m, d = 1024, 10, 512
     x = torch.randn(n, m, d, device="cuda", requires_grad=True)
     input_bytes = x.numel() * x.element_size()
