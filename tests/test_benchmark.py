@@ -86,9 +86,8 @@ def test_extension_row_is_timed_or_skipped_with_a_note(tiny_result):
             assert row.status == common.STATUS_NO_KERNEL and "kernel" in row.note
 
 
+@pytest.mark.skipif(not EXTENSION_ON_CPU, reason="no ge2e_ext CPU kernel in this build")
 def test_speedup_is_the_ratio_of_medians(tiny_result):
-    if not EXTENSION_ON_CPU:
-        pytest.skip("no ge2e_ext CPU kernel in this build")
     for row in rows_of(tiny_result, provider="eager") + rows_of(tiny_result, provider="floor"):
         base = rows_of(tiny_result, provider="ge2e_ext", loss_method=row.loss_method,
                        mode=row.mode)[0]

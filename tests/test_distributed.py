@@ -349,9 +349,13 @@ def test_mismatch_is_the_same_error_on_every_rank(runs, world):
         assert torch.equal(results[r]["after_mismatch"]["loss"], results[r][first]["loss"])
 
 
+no_process_group_here = pytest.mark.skipif(
+    dist.is_available() and dist.is_initialized(),
+    reason="a process group is already initialised in this process")
+
+
+@no_process_group_here
 def test_without_process_group_raises():
-    if dist.is_available() and dist.is_initialized():
-        pytest.skip("a process group is already initialised in this process")
     x = make_embeddings(3, M, D)
     with pytest.raises(RuntimeError, match="init_process_group"):
         ge2e_loss(x, W0, B0, distributed=True)
@@ -359,10 +363,9 @@ def test_without_process_group_raises():
         GE2ELoss(distributed=True)(x)
 
 
+@no_process_group_here
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_world_size_one_equals_local_loss(tmp_path, backend):
-    if dist.is_initialized():
-        pytest.skip("a process group is already initialised in this process")
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
                             world_size=1, timeout=GROUP_TIMEOUT)
     try:
