@@ -4,7 +4,8 @@
 ge2e_loss forward and backward once per loss method (ge2e_ext.LOSS_METHODS),
 embeddings dtype (float32, float64, float16, bfloat16) and reduction ("sum",
 "none"), on small CUDA inputs with backend="extension": shapes with D not a
-multiple of 32, K beyond one 256-thread sweep, M=2. Exits 1 if a loss or gradient
+multiple of 32, K beyond one 256-thread sweep, M=2, and the labels form's
+speaker segments of unequal sizes. Exits 1 if a loss or gradient
 is not finite (or a call raises), 2 where torch sees no CUDA device or ge2e_ext
 has no CUDA kernel. Under the sanitizer:
 
@@ -23,17 +24,25 @@ import ge2e_ext
 
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 REDUCTIONS = ("sum", "none")
-SHAPES = ((3, 2, 37), (300, 3, 70))  # (N, M, D)
+# (N, M, D) dense; (sizes of the groups, D) for the labels form (speaker segments).
+SHAPES = ((3, 2, 37), (300, 3, 70), ((2, 5, 3, 9), 37))
 
 
 def one_case(shape, method: str, dtype: torch.dtype, reduction: str, device: str = "cuda"
              ) -> list[str]:
     """What is not finite after one forward+backward (empty when all is)."""
     generator = torch.Generator().manual_seed(0)
+    labels = None
+    if isinstance(shape[0], tuple):  # the labels form: rows of groups of several sizes
+        sizes, d = shape
+        labels = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+        labels = labels[torch.randperm(len(labels), generator=generator)].to(device)
+        shape = (len(labels), d)
     x = torch.randn(*shape, generator=generator).to(device, dtype).requires_grad_()
     w = torch.tensor(10.0, device=device, requires_grad=True)
     b = torch.tensor(-5.0, device=device, requires_grad=True)
-    loss = ge2e_ext.ge2e_loss(x, w, b, method, reduction=reduction, backend="extension")
+    loss = ge2e_ext.ge2e_loss(x, w, b, method, labels=labels, reduction=reduction,
+                              backend="extension")
     loss.sum().backward()
     tensors = {"loss": loss, "x.grad": x.grad, "w.grad": w.grad, "b.grad": b.grad}
     return [name for name, tensor in tensors.items()
@@ -49,7 +58,7 @@ def main() -> int:
     failures = 0
     for shape, method, dtype, reduction in itertools.product(SHAPES, ge2e_ext.LOSS_METHODS,
                                                              DTYPES, REDUCTIONS):
-        label = f"{'x'.join(map(str, shape))} {method} {dtype} {reduction}"
+        label = f"{shape} {method} {dtype} {reduction}"
         try:
             bad = one_case(shape, method, dtype, reduction)
             torch.cuda.synchronize()
