@@ -84,7 +84,7 @@ def resample(audio, orig_rate, new_rate):
     """Band-limited resampling of a float tensor (torchaudio, Kaiser-windowed sinc
     with the settings of librosa's 'kaiser_best': 64 zero crossings per side,
     rolloff 0.9475937, beta 14.769656459379492)."""
-    if orig_rate == new_rate:
+    if orig_rate == new_rate or audio.numel() == 0:
         return audio
     import torchaudio.functional as AF
     return AF.resample(audio, orig_rate, new_rate, lowpass_filter_width=64,
@@ -181,7 +181,7 @@ def load_features(root, sample_rate, cache_dir=None, workers=1, progress=None):
         path = os.path.join(cache_dir, "corpus-" + hashlib.sha1(key.encode()).hexdigest()[:12],
                             "features.pt")
         if os.path.exists(path):
-            return torch.load(path)
+            return torch.load(path) | {"from_cache": True}
     t0 = time.perf_counter()
     jobs = [(os.path.join(root, rel), sample_rate) for rel, _ in listing]
     bar = progress(total=len(jobs), desc="reading audio", unit="file",
@@ -208,7 +208,8 @@ def load_features(root, sample_rate, cache_dir=None, workers=1, progress=None):
         if bar:
             bar.close()
     data = {"root": root, "speakers": list(speakers), "files": [], "features": [],
-            "seconds": [], "sample_rate": sample_rate}
+            "seconds": [], "sample_rate": sample_rate,
+            "cache": os.path.dirname(path) if path else None}
     i = 0
     for files in speakers.values():
         data["files"].append(files)

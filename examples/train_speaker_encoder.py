@@ -65,7 +65,7 @@ DEFAULTS = dict(speakers=200, heldout=40, utterances=16, enrol=4, frames=100, n=
 SMOKE = dict(speakers=8, heldout=4, utterances=6, enrol=2, frames=40, n=4, m=3, hidden=32,
              proj=16, halve_lr_every=4, steps=6, eval_every=3, dropin_steps=4, split_repeats=2,
              split_ref_repeats=1)
-DATA_KEYS = ("speakers", "heldout", "utterances", "seed", "data", "heldout_speakers",
+DATA_KEYS = ("speakers", "heldout", "utterances", "enrol", "seed", "data", "heldout_speakers",
              "sample_rate")
 DEFAULT_SAVED = dict(data=None, heldout_speakers=None, sample_rate=22050)  # older checkpoints
 MODEL_KEYS = ("frames", "n", "m", "hidden", "proj", "layers", "lr", "halve_lr_every",
@@ -227,8 +227,9 @@ def load_or_make_synthetic(args):
 
 def pick_heldout(names, spec, seed, root):
     """The held-out speakers: --heldout-speakers as a count or as names."""
-    if spec is None:
-        return sorted(random.Random(seed).sample(names, max(2, round(len(names) / 5))))
+    if spec is None:  # a fifth, at least 2 (if there are 2: too few otherwise, said later)
+        k = min(max(2, round(len(names) / 5)), len(names))
+        return sorted(random.Random(seed).sample(names, k))
     if spec.isdigit():
         k = int(spec)
         if k > len(names):
@@ -266,8 +267,10 @@ def load_corpus(args):
         features.append([u[1] for u in usable])
         seconds += sum(u[2] for u in usable)
     n_files = sum(len(f) for f in found["files"])
+    made = (f"cached in {found['cache']}" if found.get("from_cache") else
+            f"made in {found['generation_s']:.1f} s")
     print(f"data: {root}: {len(found['speakers'])} speaker folders, {n_files} audio files "
-          f"(features at {args.sample_rate} Hz, {found['generation_s']:.1f} s to make)")
+          f"(features at {args.sample_rate} Hz, {made})")
     if short:
         print(f"data: {short} files with less than {min_frames} frames of speech unused")
     if skipped:
@@ -569,12 +572,16 @@ def main(argv=None):
     ckpt_path = os.path.join(args.output, "checkpoint.pt")
     saved = None
     if args.resume:
+        if not os.path.exists(ckpt_path):
+            sys.exit(f"error: --resume: no checkpoint {ckpt_path}")
         saved = torch.load(ckpt_path, weights_only=False)
         for k in DATA_KEYS + MODEL_KEYS:  # the run's own configuration wins
             setattr(args, k, saved["args"].get(k, DEFAULT_SAVED.get(k)))
+    shown = [k for k in DATA_KEYS if k not in (  # the keys of this kind of data
+        ("data", "heldout_speakers") if args.data is None else ("speakers", "heldout"))]
     print(f"torch {torch.__version__}, {args.threads} threads, device {device}; "
           f"{'smoke test' if args.smoke else 'configuration'}: " +
-          ", ".join(f"{k}={getattr(args, k)}" for k in DATA_KEYS + MODEL_KEYS + ("steps",)))
+          ", ".join(f"{k}={getattr(args, k)}" for k in shown + list(MODEL_KEYS) + ["steps"]))
 
     try:
         data = load_or_make_data(args)

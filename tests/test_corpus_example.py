@@ -120,6 +120,19 @@ def test_voxceleb_layout_trains(vox_run, voxceleb):
                for utts in feats["features"] for f in utts if len(f))
 
 
+def test_resume_on_a_corpus(vox_run, tmp_path):
+    out, m, _ = vox_run
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    (resumed / "checkpoint.pt").write_bytes((out / "checkpoint.pt").read_bytes())
+    # the run's own configuration (--data, --smoke's sizes, --enrol, ...) comes from the checkpoint
+    run("train_speaker_encoder.py", "--output", resumed, "--resume", "--steps", 6,
+        "--cache", out / "data_cache", "--threads", 2, "--split-repeats", 0)
+    r = json.loads((resumed / "metrics.json").read_text())
+    assert r["steps"] == 6 and r["loss_per_step"][:4] == m["loss_per_step"]
+    assert r["data"] == m["data"] and r["corpus"] == m["corpus"]
+
+
 def test_librispeech_layout_trains(librispeech, tmp_path):
     out = tmp_path / "run"
     run("train_speaker_encoder.py", "--output", out, "--data", librispeech, *TRAIN)
