@@ -113,7 +113,7 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=torch.get_num_threads(),
                    help="torch CPU threads [%(default)s]")
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
-                   help="synthesis processes [%(default)s]")
+                   help="synthesis (or, with --data, audio-reading) processes [%(default)s]")
     args = p.parse_args(argv)
     utterances_given = args.utterances is not None
     for key, value in DEFAULTS.items():
