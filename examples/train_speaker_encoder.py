@@ -1,14 +1,19 @@
 #!/usr/bin/env python
-"""Train a GE2E speaker encoder on synthetic speech, with ge2e_ext's GE2ELoss.
+"""Train a GE2E speaker encoder on speech, with ge2e_ext's GE2ELoss.
 
     python examples/train_speaker_encoder.py --output example_results
     python examples/train_speaker_encoder.py --output example_results --resume --steps 1200
     python examples/train_speaker_encoder.py --output /tmp/smoke --smoke
+    python examples/train_speaker_encoder.py --output vox_results --data VoxCeleb1/wav
 
-1. Data: eSpeak NG (PyPI ``espeakng-loader``) speaks different sentences in many
-   voices (accent x voice variant x pitch x rate); 40-channel log-mel frames (25 ms
-   windows, 10 ms step) are cached once. Held-out speakers use voice variants that
-   no training speaker uses.
+1. Data: by default eSpeak NG (PyPI ``espeakng-loader``) speaks different
+   sentences in many voices (accent x voice variant x pitch x rate); held-out
+   speakers use voice variants that no training speaker uses. With ``--data DIR``
+   a corpus on disk: a folder per speaker, audio files at any depth below it
+   (examples/corpus.py: VoxCeleb's id/video/00001.wav, LibriSpeech's
+   speaker/chapter/*.flac, or flat), resampled to --sample-rate; held-out
+   speakers are whole speakers (--heldout-speakers). 40-channel log-mel frames
+   (25 ms windows, 10 ms step) are cached once.
 2. Model and training as in Wan et al. 2018 (arXiv 1710.10467): a 3-layer LSTM with
    a linear projection to an L2-normalised d-vector, batches of N speakers x M
    utterances (fixed-length partial utterances), the GE2E loss, the gradients of
@@ -19,7 +24,8 @@
    ge2e_ext give the same losses. Step-time split: encoder vs loss time per step
    for the original loop loss, the PyTorch path and ge2e_ext.
 
-Writes to --output: metrics.json, training.png, checkpoint.pt (resumable).
+Writes to --output: metrics.json, training.png, checkpoint.pt (resumable; what
+examples/verify.py loads).
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import json
 import math
 import multiprocessing
 import os
+import random
 import statistics
 import sys
 import time
@@ -43,9 +50,12 @@ from torch import nn
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import corpus  # noqa: E402  (examples/corpus.py: folders, reading, resampling, features)
 import speech_synth  # noqa: E402  (examples/speech_synth.py)
+from corpus import N_MELS, log_mel, mel_filterbank, trim_silence  # noqa: E402,F401
 
 from ge2e_ext import LOSS_METHODS, GE2ELoss, extension_devices  # noqa: E402
+from ge2e_ext.metrics import equal_error_rate  # noqa: E402
 from ge2e_ext.reference import ge2e_loss_reference  # noqa: E402
 
 DEFAULTS = dict(speakers=200, heldout=40, utterances=16, enrol=4, frames=100, n=32, m=8,
@@ -55,7 +65,9 @@ DEFAULTS = dict(speakers=200, heldout=40, utterances=16, enrol=4, frames=100, n=
 SMOKE = dict(speakers=8, heldout=4, utterances=6, enrol=2, frames=40, n=4, m=3, hidden=32,
              proj=16, halve_lr_every=4, steps=6, eval_every=3, dropin_steps=4, split_repeats=2,
              split_ref_repeats=1)
-DATA_KEYS = ("speakers", "heldout", "utterances", "seed")
+DATA_KEYS = ("speakers", "heldout", "utterances", "enrol", "seed", "data", "heldout_speakers",
+             "sample_rate")
+DEFAULT_SAVED = dict(data=None, heldout_speakers=None, sample_rate=22050)  # older checkpoints
 MODEL_KEYS = ("frames", "n", "m", "hidden", "proj", "layers", "lr", "halve_lr_every",
               "loss_method")
 
@@ -68,9 +80,19 @@ def parse_args(argv=None):
     p.add_argument("--smoke", action="store_true", help="tiny configuration (a test, not a result)")
     p.add_argument("--resume", action="store_true",
                    help="continue from OUTPUT/checkpoint.pt up to --steps")
+    p.add_argument("--data", metavar="DIR",
+                   help="train on a corpus folder: a folder per speaker, audio files (WAV, FLAC, "
+                        "OGG, MP3, ...) at any depth below it [synthetic speech]")
+    p.add_argument("--heldout-speakers", metavar="K|NAMES",
+                   help="with --data: held-out speakers, a number (picked at random with --seed) "
+                        "or comma-separated speaker folder names [a fifth, at least 2]")
+    p.add_argument("--sample-rate", type=int,
+                   help="with --data: the features' sample rate; audio is resampled to it "
+                        "[16000; the synthetic speech: eSpeak NG's 22050]")
     options = (  # name, type, help; defaults in DEFAULTS (SMOKE with --smoke)
-        ("--speakers", int, "training speakers"), ("--heldout", int, "held-out speakers"),
-        ("--utterances", int, "utterances per speaker"),
+        ("--speakers", int, "training speakers (synthetic)"),
+        ("--heldout", int, "held-out speakers (synthetic)"),
+        ("--utterances", int, "utterances per speaker (with --data: at most, default all)"),
         ("--enrol", int, "enrolment utterances per held-out speaker (the rest are test ones)"),
         ("--frames", int, "frames (10 ms) per partial utterance"),
         ("-N", int, "speakers per batch"), ("-M", int, "utterances per speaker in a batch"),
@@ -91,72 +113,45 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=torch.get_num_threads(),
                    help="torch CPU threads [%(default)s]")
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
-                   help="synthesis processes [%(default)s]")
+                   help="synthesis (or, with --data, audio-reading) processes [%(default)s]")
     args = p.parse_args(argv)
+    utterances_given = args.utterances is not None
     for key, value in DEFAULTS.items():
         if getattr(args, key) is None:
             setattr(args, key, SMOKE.get(key, value) if args.smoke else value)
     if args.loss_method not in LOSS_METHODS:
         p.error(f"--loss-method: one of {', '.join(LOSS_METHODS)}")
-    if args.n > args.speakers or args.m > args.utterances or args.enrol >= args.utterances:
-        p.error("need N <= --speakers, M <= --utterances and --enrol < --utterances")
-    if min(args.n, args.m, args.workers, args.threads, args.halve_lr_every) < 1:
-        p.error("N, M, --workers, --threads and --halve-lr-every must be at least 1")
+    if args.data is None:
+        if args.heldout_speakers is not None or args.sample_rate is not None:
+            p.error("--heldout-speakers and --sample-rate go with --data")
+        args.sample_rate = SAMPLE_RATE
+        if args.n > args.speakers or args.m > args.utterances or args.enrol >= args.utterances:
+            p.error("need N <= --speakers, M <= --utterances and --enrol < --utterances")
+    else:
+        args.data = os.path.abspath(args.data)
+        args.sample_rate = args.sample_rate or 16000
+        if not utterances_given:
+            args.utterances = None  # all of them
+        if args.utterances is not None and (args.m > args.utterances
+                                            or args.enrol >= args.utterances):
+            p.error("need M <= --utterances and --enrol < --utterances")
+    if min(args.n, args.m, args.workers, args.threads, args.halve_lr_every, args.enrol,
+           args.sample_rate) < 1:
+        p.error("N, M, --enrol, --workers, --threads, --halve-lr-every and --sample-rate must "
+                "be at least 1")
     return args
 
 
 # ------------------------------------------------------------------- features
-SAMPLE_RATE = 22050  # eSpeak NG's rate; features are computed at this rate, no resampling
-WIN, HOP, N_FFT, N_MELS = int(0.025 * SAMPLE_RATE), int(0.010 * SAMPLE_RATE), 1024, 40
-
-
-def mel_filterbank(sr, n_fft, n_mels, fmin=0.0, fmax=None):
-    """(n_mels, n_fft//2+1) triangular filters on the Slaney mel scale, area-normalised.
-
-    The formula of librosa.filters.mel(htk=False, norm="slaney"); written out because
-    torchaudio cannot be installed beside this torch and librosa would bring numba,
-    llvmlite, scipy and scikit-learn (a fresh venv with librosa: 520 MB) for these lines.
-    tests/test_example.py compares it with librosa's values.
-    """
-    f_sp, min_log_hz = 200.0 / 3, 1000.0
-    min_log_mel, logstep = min_log_hz / f_sp, math.log(6.4) / 27.0
-
-    def hz_to_mel(f):
-        log_part = min_log_mel + torch.log(f / min_log_hz) / logstep
-        return torch.where(f >= min_log_hz, log_part, f / f_sp)
-
-    def mel_to_hz(m):
-        log_part = min_log_hz * torch.exp(logstep * (m - min_log_mel))
-        return torch.where(m >= min_log_mel, log_part, m * f_sp)
-
-    fmax = sr / 2 if fmax is None else fmax
-    fft_hz = torch.linspace(0, sr / 2, n_fft // 2 + 1, dtype=torch.float64)
-    edges = mel_to_hz(torch.linspace(*hz_to_mel(torch.tensor([fmin, fmax], dtype=torch.float64)),
-                                     n_mels + 2, dtype=torch.float64))
-    width = edges.diff()
-    ramps = edges[:, None] - fft_hz[None, :]
-    rising, falling = -ramps[:-2] / width[:-1, None], ramps[2:] / width[1:, None]
-    weights = torch.clamp(torch.minimum(rising, falling), min=0.0)
-    weights *= (2.0 / (edges[2:] - edges[:-2]))[:, None]
-    return weights.float()
-
-
-MEL_FB = mel_filterbank(SAMPLE_RATE, N_FFT, N_MELS)
-
-
-def log_mel(audio):
-    """(frames, 40) log-mel energies of a float waveform at SAMPLE_RATE."""
-    spec = torch.stft(audio, N_FFT, HOP, WIN, window=torch.hann_window(WIN), center=True,
-                      return_complex=True).abs().pow(2)
-    return torch.log(MEL_FB @ spec + 1e-6).T
+SAMPLE_RATE = 22050  # eSpeak NG's rate; the synthetic speech's features are computed at it
+# The features (examples/corpus.py): 40 log-mel channels of 25 ms windows every 10 ms,
+# the mel filterbank from torchaudio (librosa's Slaney filters; tests/test_example.py
+# compares them with librosa's values).
 
 
 def prepare_audio(samples, index, seed):
     """int16 -> float: trim leading/trailing silence, add mild noise (30 to 50 dB SNR)."""
-    x = samples.astype(np.float32) / 32768.0
-    loud = np.flatnonzero(np.abs(x) > 0.02 * np.abs(x).max())
-    margin = int(0.05 * SAMPLE_RATE)
-    x = x[max(loud[0] - margin, 0):loud[-1] + margin]
+    x = trim_silence(samples.astype(np.float32) / 32768.0, SAMPLE_RATE)
     rng = np.random.default_rng([seed, index])
     noise_rms = np.sqrt(np.mean(x ** 2)) * 10 ** (-rng.uniform(30, 50) / 20)
     return torch.from_numpy(x + rng.standard_normal(len(x)).astype(np.float32) * noise_rms)
@@ -164,10 +159,18 @@ def prepare_audio(samples, index, seed):
 
 # ----------------------------------------------------------------------- data
 def load_or_make_data(args):
+    """Speakers and log-mel features: a corpus folder's (--data), or synthetic speech."""
+    if args.data is not None:
+        return load_corpus(args)
+    return load_or_make_synthetic(args)
+
+
+def load_or_make_synthetic(args):
     """Speakers, texts and log-mel features, made once into the cache folder."""
-    key = json.dumps({k: getattr(args, k) for k in DATA_KEYS} | {
-        "espeakng": speech_synth.espeak_version(), "version": 3,
-        "features": [SAMPLE_RATE, WIN, HOP, N_FFT, N_MELS]}, sort_keys=True)
+    key = json.dumps({k: getattr(args, k) for k in ("speakers", "heldout", "utterances", "seed")}
+                     | {"espeakng": speech_synth.espeak_version(), "version": 4,
+                        "features": [SAMPLE_RATE, *corpus.frame_sizes(SAMPLE_RATE), N_MELS,
+                                     corpus.FEATURE_VERSION]}, sort_keys=True)
     folder = os.path.join(args.cache or os.path.join(args.output, "data_cache"),
                           "espeak-" + hashlib.sha1(key.encode()).hexdigest()[:12])
     path = os.path.join(folder, "data.pt")
@@ -193,7 +196,7 @@ def load_or_make_data(args):
             bar.update()
             audio = prepare_audio(samples, index, args.seed)
             seconds += len(audio) / SAMPLE_RATE
-            feats[index] = log_mel(audio).half()
+            feats[index] = log_mel(audio, SAMPLE_RATE).half()
             speaker, utterance = divmod(index, args.utterances)
             if utterance == 0 and speaker < 4:  # a few files to listen to
                 with wave.open(os.path.join(folder, f"speaker{speaker}.wav"), "wb") as f:
@@ -220,6 +223,85 @@ def load_or_make_data(args):
           f"utterances ({len(jobs)}, {seconds / 3600:.2f} h of audio) in "
           f"{data['generation_s']:.1f} s -> {folder}")
     return data
+
+
+def pick_heldout(names, spec, seed, root):
+    """The held-out speakers: --heldout-speakers as a count or as names."""
+    if spec is None:  # a fifth, at least 2 (if there are 2: too few otherwise, said later)
+        k = min(max(2, round(len(names) / 5)), len(names))
+        return sorted(random.Random(seed).sample(names, k))
+    if spec.isdigit():
+        k = int(spec)
+        if k > len(names):
+            raise corpus.CorpusError(f"--heldout-speakers {k}: {root} has only {len(names)} "
+                                     f"usable speakers")
+        return sorted(random.Random(seed).sample(names, k))
+    chosen = [x for x in spec.split(",") if x]
+    unknown = [x for x in chosen if x not in names]
+    if unknown:
+        raise corpus.CorpusError(f"--heldout-speakers: {', '.join(unknown)} not among the usable "
+                                 f"speaker folders of {root}")
+    return sorted(set(chosen))
+
+
+def load_corpus(args):
+    """A corpus folder's features (examples/corpus.py, cached), speakers split by speaker.
+
+    An utterance is usable with at least half a partial (frames/2) of speech; a
+    speaker needs M usable utterances (and --enrol + 1, to be held out).
+    """
+    root = args.data
+    cache = args.cache or os.path.join(args.output, "data_cache")
+    found = corpus.load_features(root, args.sample_rate, cache, args.workers, tqdm)
+    need, min_frames = max(args.m, args.enrol + 1), max(args.frames // 2, 1)
+    speakers, features, seconds, short, skipped = [], [], 0.0, 0, []
+    for name, files, feats, secs in zip(found["speakers"], found["files"], found["features"],
+                                        found["seconds"]):
+        usable = [(f, x, t) for f, x, t in zip(files, feats, secs) if len(x) >= min_frames]
+        short += len(files) - len(usable)
+        usable = usable[:args.utterances]  # --utterances: at most that many (None: all)
+        if len(usable) < need:
+            skipped.append(name)
+            continue
+        speakers.append({"name": name, "files": [u[0] for u in usable]})
+        features.append([u[1] for u in usable])
+        seconds += sum(u[2] for u in usable)
+    n_files = sum(len(f) for f in found["files"])
+    made = (f"cached in {found['cache']}" if found.get("from_cache") else
+            f"made in {found['generation_s']:.1f} s")
+    print(f"data: {root}: {len(found['speakers'])} speaker folders, {n_files} audio files "
+          f"(features at {args.sample_rate} Hz, {made})")
+    if short:
+        print(f"data: {short} files with less than {min_frames} frames of speech unused")
+    if skipped:
+        print(f"data: skipped {len(skipped)} speakers with fewer than {need} usable utterances "
+              f"(M={args.m}, --enrol {args.enrol} + 1)" + (": " + ", ".join(skipped[:5]) +
+                                                           (", ..." if len(skipped) > 5 else "")))
+    names = [s["name"] for s in speakers]
+    heldout = set(pick_heldout(names, args.heldout_speakers, args.seed, root))
+    for s in speakers:
+        s["split"] = "heldout" if s["name"] in heldout else "train"
+    n_train, n_held = len(speakers) - len(heldout), len(heldout)
+    if n_train < args.n or n_held < 2:
+        raise corpus.CorpusError(
+            f"too few speakers in {root}: {len(speakers)} with at least {need} usable "
+            f"utterances ({len(skipped)} skipped), {n_held} held out: training needs at least "
+            f"N={args.n} speakers and the EER at least 2 held-out ones")
+    args.speakers, args.heldout = n_train, n_held  # what the run reports
+    mean, std = corpus.feature_statistics(
+        x for f, s in zip(features, speakers) if s["split"] == "train" for x in f)
+    print(f"data: {n_train} training + {n_held} held-out speakers, "
+          f"{sum(map(len, features))} utterances ({seconds / 3600:.2f} h of speech)")
+    return {"speakers": speakers, "features": features, "mean": mean, "std": std,
+            "audio_hours": seconds / 3600, "generation_s": found["generation_s"],
+            "corpus": {"root": root, "sample_rate": args.sample_rate,
+                       "speaker_folders": len(found["speakers"]), "files": n_files,
+                       "files_unused_short": short, "speakers_skipped": len(skipped),
+                       "min_utterances": need,
+                       "utterances_train": sum(len(f) for f, s in zip(features, speakers)
+                                               if s["split"] == "train"),
+                       "utterances_heldout": sum(len(f) for f, s in zip(features, speakers)
+                                                 if s["split"] == "heldout")}}
 
 
 class BatchSampler:
@@ -334,28 +416,24 @@ def embed_utterances(model, utterances, frames, device):
     return F.normalize(sums, dim=1)
 
 
-def equal_error_rate(scores, labels):
-    """EER: the rate where false acceptance equals false rejection (threshold sweep)."""
-    order = np.argsort(-scores, kind="stable")
-    labels = labels[order].astype(bool)
-    far = np.cumsum(~labels) / max((~labels).sum(), 1)  # accept the top k scores
-    frr = 1.0 - np.cumsum(labels) / max(labels.sum(), 1)
-    far, frr = np.concatenate([[0.0], far]), np.concatenate([[1.0], frr])
-    k = np.argmin(np.abs(far - frr))
-    return float((far[k] + frr[k]) / 2)
+def enrol_and_score(per_speaker, enrol):
+    """Each speaker enrolled as the normalised mean of its first `enrol` d-vectors;
+    every other d-vector scored (cosine) against every speaker's enrolment.
+    Returns (scores (tests, speakers), same_speaker of the same shape, tests per speaker)."""
+    centroids = F.normalize(torch.stack([e[:enrol].mean(0) for e in per_speaker]), dim=1)
+    tests = [e[enrol:] for e in per_speaker]
+    owner = torch.cat([torch.full((len(t),), s) for s, t in enumerate(tests)])
+    scores = torch.cat(tests) @ centroids.T
+    return scores, owner[:, None] == torch.arange(len(per_speaker))[None, :], tests
 
 
 def evaluate(model, data, args, device):
-    """Held-out EER: test d-vectors scored (cosine) against every speaker's enrolment centroid."""
+    """Held-out EER: test d-vectors scored (cosine) against every speaker's enrolment centroid
+    (ge2e_ext.metrics.equal_error_rate). Returns the EER and each speaker's test d-vectors."""
     held = [f for f, s in zip(data["features"], data["speakers"]) if s["split"] == "heldout"]
     emb = embed_utterances(model, [u for utts in held for u in utts], args.frames, device)
-    emb = emb.view(len(held), args.utterances, -1)
-    centroids = F.normalize(emb[:, :args.enrol].mean(1), dim=1)
-    tests = emb[:, args.enrol:].reshape(-1, emb.shape[-1])
-    scores = (tests @ centroids.T).numpy()
-    labels = (torch.arange(len(held)).repeat_interleave(args.utterances - args.enrol)[:, None]
-              == torch.arange(len(held))[None, :]).numpy()
-    return equal_error_rate(scores.ravel(), labels.ravel()), emb[:, args.enrol:]
+    scores, same, tests = enrol_and_score(torch.split(emb, [len(u) for u in held]), args.enrol)
+    return equal_error_rate(scores, same), tests
 
 
 # --------------------------------------------------- drop-in check, step split
@@ -460,18 +538,20 @@ def plot(path, state, args, emb_untrained, emb_final):
     ax[0, 0].legend()
     ev = state["evals"]
     ax[0, 1].plot([e["step"] for e in ev], [100 * e["eer"] for e in ev], "o-")
-    ax[0, 1].set(title=f"held-out EER ({args.heldout} unseen voices)", xlabel="step",
+    voices = "unseen voices" if args.data is None else "held-out speakers"
+    ax[0, 1].set(title=f"held-out EER ({len(emb_final)} {voices})", xlabel="step",
                  ylabel="EER (%)", ylim=(0, None))
-    shown = min(10, emb_final.shape[0])  # ten colours stay distinguishable
+    shown = min(10, len(emb_final))  # ten colours stay distinguishable
     for a, emb, title in ((ax[1, 0], emb_untrained, "untrained encoder"),
                           (ax[1, 1], emb_final, f"after {ev[-1]['step']} steps")):
-        x = emb[:shown].reshape(-1, emb.shape[-1])
+        x = torch.cat(list(emb[:shown]))  # each speaker's test d-vectors, one after the other
         x = x - x.mean(0)
         xy = (x @ torch.linalg.svd(x, full_matrices=False).Vh[:2].T).numpy()
+        ends = np.cumsum([0] + [len(e) for e in emb[:shown]])
         for s in range(shown):
-            pts = xy[s * emb.shape[1]:(s + 1) * emb.shape[1]]
+            pts = xy[ends[s]:ends[s + 1]]
             a.scatter(pts[:, 0], pts[:, 1], s=18, color=plt.cm.tab10(s))
-        a.set(title=f"PCA of held-out test d-vectors, {title}\n({shown} of {emb.shape[0]} unseen "
+        a.set(title=f"PCA of held-out test d-vectors, {title}\n({shown} of {len(emb)} unseen "
                     f"speakers, one colour each)", xticks=[], yticks=[])
     fig.tight_layout()
     fig.savefig(path, dpi=72)
@@ -492,14 +572,21 @@ def main(argv=None):
     ckpt_path = os.path.join(args.output, "checkpoint.pt")
     saved = None
     if args.resume:
+        if not os.path.exists(ckpt_path):
+            sys.exit(f"error: --resume: no checkpoint {ckpt_path}")
         saved = torch.load(ckpt_path, weights_only=False)
         for k in DATA_KEYS + MODEL_KEYS:  # the run's own configuration wins
-            setattr(args, k, saved["args"][k])
+            setattr(args, k, saved["args"].get(k, DEFAULT_SAVED.get(k)))
+    shown = [k for k in DATA_KEYS if k not in (  # the keys of this kind of data
+        ("data", "heldout_speakers") if args.data is None else ("speakers", "heldout"))]
     print(f"torch {torch.__version__}, {args.threads} threads, device {device}; "
           f"{'smoke test' if args.smoke else 'configuration'}: " +
-          ", ".join(f"{k}={getattr(args, k)}" for k in DATA_KEYS + MODEL_KEYS + ("steps",)))
+          ", ".join(f"{k}={getattr(args, k)}" for k in shown + list(MODEL_KEYS) + ["steps"]))
 
-    data = load_or_make_data(args)
+    try:
+        data = load_or_make_data(args)
+    except corpus.CorpusError as err:
+        sys.exit(f"error: {err}")
     t_data = time.perf_counter() - t_start
     model, criterion, optimizer, sampler = build(args, data, device)
     if saved is None:
@@ -520,7 +607,10 @@ def main(argv=None):
     def save_checkpoint():
         ckpt = {"model": model.state_dict(), "criterion": criterion.state_dict(),
                 "optimizer": optimizer.state_dict(), "sampler_rng": sampler.gen.get_state(),
-                "torch_rng": torch.get_rng_state(), "state": state, "args": vars(args)}
+                "torch_rng": torch.get_rng_state(), "state": state, "args": vars(args),
+                # which speaker folders trained and which were held out (examples/verify.py)
+                "speakers": [{"name": sp.get("name"), "split": sp["split"]}
+                             for sp in data["speakers"]]}
         torch.save(ckpt, ckpt_path + ".tmp")
         os.replace(ckpt_path + ".tmp", ckpt_path)
 
@@ -558,7 +648,8 @@ def main(argv=None):
     metrics = {
         "eer_untrained": eer0, "eer_final": eer1, "steps": step, "speakers_train": n_train,
         "speakers_heldout": len(data["speakers"]) - n_train,
-        "utterances_per_speaker": args.utterances, "audio_hours": data["audio_hours"],
+        "utterances_per_speaker": args.utterances, "data": args.data or "synthetic (eSpeak NG)",
+        "corpus": data.get("corpus"), "audio_hours": data["audio_hours"],
         "data_generation_s": data["generation_s"], "data_s": t_data,
         "training_s": state["train_s"], "total_s": time.perf_counter() - t_start,
         "step_split": split, "dropin": state["dropin"], "evals": state["evals"],

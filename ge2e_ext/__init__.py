@@ -8,6 +8,7 @@
 from .functional import cpu_capability, ge2e_loss, extension_devices
 from .loss import GE2ELoss
 from .methods import LOSS_METHODS
+from . import metrics  # noqa: F401  (ge2e_ext.metrics: EER, batch accuracy)
 
 __all__ = ["GE2ELoss", "ge2e_loss", "extension_devices", "cpu_capability", "LOSS_METHODS"]
 from ._version import __version__  # noqa: E402  (the one version: ge2e_ext/_version.py)

@@ -24,8 +24,12 @@ if [[ ! -x $VENV_PY ]]; then
 fi
 
 echo "== installing $TORCH_SPEC and the test/benchmark dependencies (first run: a few minutes)"
+# soundfile (its wheel bundles libsndfile) reads the examples' corpus folders; torchaudio
+# gives them its resampler and mel filterbank: pip picks the release that goes with the
+# torch (for torch >= 2.11, torchaudio 2.11.1, built against PyTorch's stable ABI).
 "$VENV_PY" -m pip install --quiet --disable-pip-version-check \
-  "$TORCH_SPEC" numpy pytest hypothesis matplotlib ninja "setuptools>=64" wheel espeakng-loader tqdm
+  "$TORCH_SPEC" numpy pytest hypothesis matplotlib ninja "setuptools>=64" wheel espeakng-loader tqdm \
+  soundfile torchaudio
 
 # torch guesses CUDA_HOME from the nvcc on PATH, which can be a symlink outside
 # the toolkit; prefer the standard location when it exists.

@@ -128,6 +128,7 @@ def test_resume_continues_the_run(smoke, tmp_path):
 
 
 def test_mel_filterbank_matches_librosa(example_module):
+    # torchaudio's filterbank (computed in float32), against librosa's float64 values
     fb = example_module.mel_filterbank(22050, 1024, 40).double()
     assert fb.shape == (40, 513) and (fb >= 0).all()
     # librosa.filters.mel(sr=22050, n_fft=1024, n_mels=40) (htk=False, norm="slaney"),
@@ -136,18 +137,12 @@ def test_mel_filterbank_matches_librosa(example_module):
                               (10, 41, 0.010826711542904377), (25, 146, 0.0037687881849706173),
                               (39, 471, 0.0011739175533875823)):
         assert fb[row].argmax().item() == argmax
-        assert fb[row].max().item() == pytest.approx(peak, rel=1e-6)
+        assert fb[row].max().item() == pytest.approx(peak, rel=1e-5)
     # Slaney normalisation: every triangle has unit area in Hz.
     np.testing.assert_allclose(fb.sum(1).numpy() * 22050 / 1024, 1.0, rtol=0.01)
 
 
-def test_equal_error_rate(example_module):
-    eer = example_module.equal_error_rate
-    labels = np.array([1, 1, 1, 1, 0, 0, 0, 0])
-    assert eer(np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2]), labels) == 0.0
-    assert eer(np.array([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]), labels) == 1.0
-    # one target below one impostor: 1 of 4 rejected at 1 of 4 accepted
-    assert eer(np.array([0.9, 0.8, 0.7, 0.45, 0.5, 0.4, 0.3, 0.2]), labels) == 0.25
-    rng = np.random.default_rng(0)
-    scores = rng.standard_normal(20000)
-    assert abs(eer(scores, rng.random(20000) < 0.5) - 0.5) < 0.02
+def test_example_uses_the_library_eer(example_module):
+    # ge2e_ext.metrics.equal_error_rate (tests/test_metrics.py checks it) scores the held-out set
+    from ge2e_ext.metrics import equal_error_rate
+    assert example_module.equal_error_rate is equal_error_rate
