@@ -58,11 +58,20 @@ def check_options(loss_method, reduction, min_cosine, backend, distributed=False
         raise ValueError("group is only used with distributed=True; pass distributed=True too")
 
 
+def _conversion_hint(value):
+    """How to make a torch.Tensor of a value that is not one, for error messages."""
+    if type(value).__module__ == "numpy":
+        return " (convert it with torch.from_numpy)"
+    if isinstance(value, (list, tuple)):
+        return " (convert it with torch.tensor)"
+    return ""
+
+
 def _check_tensor(embeddings, shape_words):
     if not isinstance(embeddings, torch.Tensor):
         raise TypeError(
             f"embeddings must be a torch.Tensor of shape {shape_words}, "
-            f"got {type(embeddings).__name__}"
+            f"got {type(embeddings).__name__}{_conversion_hint(embeddings)}"
         )
     if embeddings.layout != torch.strided:
         raise TypeError(

@@ -2,12 +2,35 @@
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
 from torch import nn
 
+from ._torch_impl import MIN_W
 from .functional import check_options, ge2e_loss
+
+
+def _initial_value(name, value):
+    """init_w or init_b as a finite float (a number, or anything float() takes)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError, RuntimeError):  # RuntimeError: a tensor of several elements
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}") from None
+    if not math.isfinite(number):
+        raise ValueError(f"{name} must be finite, got {number}")
+    return number
+
+
+def _check_init_w(init_w):
+    # A w that starts at or below the clamp never trains: no gradient passes there.
+    if not init_w > MIN_W:
+        raise ValueError(
+            f"init_w must be above {MIN_W:g}, got {init_w}: the loss uses max(w, {MIN_W:g}), "
+            "and at or below that clamp no gradient reaches w, so training would never move it "
+            "(the paper requires w > 0; the original code starts at 10)")
+    return init_w
 
 
 class GE2ELoss(nn.Module):
@@ -24,8 +47,8 @@ class GE2ELoss(nn.Module):
                  min_cosine=1e-6, backend="auto", distributed=False, group=None):
         super().__init__()
         check_options(loss_method, reduction, min_cosine, backend, distributed, group)
-        self.w = nn.Parameter(torch.tensor(float(init_w)))
-        self.b = nn.Parameter(torch.tensor(float(init_b)))
+        self.w = nn.Parameter(torch.tensor(_check_init_w(_initial_value("init_w", init_w))))
+        self.b = nn.Parameter(torch.tensor(_initial_value("init_b", init_b)))
         self.loss_method = loss_method
         self.reduction = reduction
         self.min_cosine = min_cosine
