@@ -293,3 +293,26 @@ def test_force_cuda_stops_a_build_that_would_lose_the_kernels(switches, message,
     assert result.returncode != 0
     assert "FORCE_CUDA=1 but the CUDA kernels cannot be built: " in result.stderr, result.stderr
     assert message in result.stderr
+
+
+def test_long_steps_say_what_they_do(tmp_path):
+    """scripts/progress.sh (setup_env.sh, check_wheel.sh): the step and its estimate, what
+    the command last said while it runs (ninja's finished files as "compiled i of n"), the
+    seconds it took; a failing step shows its log's end and passes its exit status on."""
+    script = (f"source {os.path.join(ROOT, 'scripts', 'progress.sh')!r}; "
+              "run_step 'a step' 'about 3 s' bash -c "
+              "'echo starting; sleep 1.5; echo \"[2/5] c++ -O3 -c /x/csrc/cpu/k.cpp -o k.o\"; "
+              "sleep 1.5'; "
+              "run_step 'a failing step' 'a moment' bash -c 'echo the reason; exit 7'; "
+              "echo not reached")
+    result = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "PROGRESS_EVERY": "1", "TMPDIR": str(tmp_path)})
+    assert result.returncode == 7, result.stdout + result.stderr
+    out = result.stdout
+    assert re.search(r"^== \[\d\d:\d\d:\d\d\] a step \(usually about 3 s\)$", out, re.M), out
+    assert re.search(r"^   \.\.\. \d+ s: starting$", out, re.M), out
+    assert re.search(r"^   \.\.\. \d+ s: compiled 2 of 5, the last csrc/cpu/k\.cpp$", out,
+                     re.M), out
+    assert re.search(r"^   done in [345] s \(\d+ s in all\)$", out, re.M), out
+    assert "the reason" in out and "not reached" not in out
+    assert "'a failing step' failed after" in result.stderr
