@@ -75,7 +75,8 @@ wheel_in_empty() {
 STEP_LOG=$work/wheel.log run_step \
   "wheel from the source archive alone: pip wheel --no-build-isolation (in $work/empty)" \
   "2-6 minutes on 2 cores with the CUDA kernels, 1-3 without" wheel_in_empty
-grep -E '^ *ge2e_ext: ' "$work/wheel.log" | sed 's/^ */   /' || true
+# (setup.py runs twice: the metadata pip reads first, then the build.)
+grep -E '^ *ge2e_ext: ' "$work/wheel.log" | sed 's/^ */   /' | awk '!seen[$0]++' || true
 if [[ ${GE2E_EXT_MARCH:-} != native ]] && grep -q -- '-march=native' "$work/wheel.log"; then
   echo "check_wheel: the wheel was compiled with -march=native" \
        "though GE2E_EXT_MARCH is not 'native'" >&2
@@ -107,13 +108,13 @@ print(f"   {pin}; {'; '.join(n for n in names if 'LICENSE' in n)}; py.typed; abi
 sys.exit(1 if problems else 0)
 PYEOF
 
-# pip resolves the wheel's requirements (--dry-run installs nothing; --no-index: no
-# download) against the torch the fresh environment sees: .venv's, then a fake
-# torch dist-info of another release, put first on the path.
+# pip resolves the wheel's requirements against the environment of $PY (--dry-run
+# installs nothing; --no-index and --isolated: no index, no configured find-links):
+# as it is, then with a stand-in torch dist-info of another release first on the path.
 echo "== [$(date +%H:%M:%S)] pip accepts the wheel next to torch $torch_version and refuses it" \
      "next to another torch (seconds)"
-"$VPY" -m pip install --dry-run --no-index --disable-pip-version-check "$wheel" \
-  > "$work/accept.log" 2>&1 \
+dry_run=("$PY" -m pip --isolated install --dry-run --no-index --disable-pip-version-check)
+"${dry_run[@]}" "$wheel" > "$work/accept.log" 2>&1 \
   || { cat "$work/accept.log"; echo "check_wheel: pip refused the wheel next to torch" \
        "$torch_version, the torch it was built with" >&2; exit 1; }
 other=$("$PY" -c 'import sys, torch; major, minor = torch.__version__.split(".")[:2]
@@ -121,15 +122,16 @@ print(f"{major}.{int(minor) - 1 if int(minor) > 8 else int(minor) + 1}.0")')
 mkdir -p "$work/other_torch/torch-$other.dist-info"
 printf 'Metadata-Version: 2.1\nName: torch\nVersion: %s\n' "$other" \
   > "$work/other_torch/torch-$other.dist-info/METADATA"
-if PYTHONPATH=$work/other_torch "$VPY" -m pip install --dry-run --no-index \
-     --disable-pip-version-check "$wheel" > "$work/refuse.log" 2>&1; then
+if PYTHONPATH=$work/other_torch "${dry_run[@]}" "$wheel" > "$work/refuse.log" 2>&1; then
   cat "$work/refuse.log"
   echo "check_wheel: pip would install the wheel next to torch $other" >&2
   exit 1
 fi
-grep -q "torch==" "$work/refuse.log" \
+grep -q "depends on torch==${torch_version%%+*}" "$work/refuse.log" \
   || { cat "$work/refuse.log"; echo "check_wheel: pip failed, but not on torch" >&2; exit 1; }
-echo "   next to torch $other: $(grep -m1 -E 'ERROR' "$work/refuse.log" | cut -c 1-120)"
+echo "   next to torch $torch_version: $(tail -n 1 "$work/accept.log")"
+echo "   next to torch $other: refused, $(grep -m1 'depends on torch' "$work/refuse.log" \
+  | sed 's/^ *//')"
 
 check_installed() {
   "$VPY" -m pip install --quiet --disable-pip-version-check --no-deps --no-index \
