@@ -74,7 +74,8 @@ wheel_in_empty() {
 }
 STEP_LOG=$work/wheel.log run_step \
   "wheel from the source archive alone: pip wheel --no-build-isolation (in $work/empty)" \
-  "2-6 minutes on 2 cores with the CUDA kernels, 1-3 without" wheel_in_empty
+  "2-6 minutes on 2 free cores with the CUDA kernels, 1-3 without; 10-15 on a busy machine" \
+  wheel_in_empty
 # (setup.py runs twice: the metadata pip reads first, then the build.)
 grep -E '^ *ge2e_ext: ' "$work/wheel.log" | sed 's/^ */   /' | awk '!seen[$0]++' || true
 if [[ ${GE2E_EXT_MARCH:-} != native ]] && grep -q -- '-march=native' "$work/wheel.log"; then
