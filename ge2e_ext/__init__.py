@@ -3,6 +3,10 @@
     from ge2e_ext import GE2ELoss
     criterion = GE2ELoss(init_w=10.0, init_b=-5.0, loss_method="softmax")
     loss = criterion(embeddings)  # embeddings: (N speakers, M utterances, D)
+
+Public names (docs/api.md): ``GE2ELoss``, ``ge2e_loss``, ``extension_devices``,
+``cpu_capability``, and ``LOSS_METHODS``, the tuple of the names ``loss_method``
+accepts, ``("softmax", "contrast")`` (eq. 6 and eq. 7 of the paper).
 """
 
 from .functional import cpu_capability, ge2e_loss, extension_devices

@@ -10,6 +10,10 @@ the pure-PyTorch path is used; ``import_error()`` says why.
 
 from __future__ import annotations
 
+import glob
+import os
+import warnings
+
 import torch
 
 _OPS = ("ge2e_loss", "ge2e_forward", "ge2e_backward", "ge2e_forward_backward")
@@ -25,6 +29,17 @@ try:
 except (ImportError, OSError) as error:  # not built, stale, or built against another torch
     _C = None
     _IMPORT_ERROR = error
+    # Not built at all (a checkout used as it is) is a choice; a module that is there but
+    # cannot load costs the kernels, so it is said, once (this runs once per process).
+    _BUILT = sorted(glob.glob(os.path.join(os.path.dirname(os.path.abspath(__file__)), "_C.*")))
+    if _BUILT:
+        warnings.warn(
+            f"ge2e_ext: the compiled module {_BUILT[0]} cannot be loaded ({error}), so "
+            "backend='auto' runs the slower pure-PyTorch path and backend='extension' raises. "
+            f"It was probably built against another torch than this one ({torch.__version__}): "
+            "rebuild it against this torch (in a checkout: pip install --no-build-isolation "
+            "-e .), or install the ge2e_ext wheel built for this torch.",
+            RuntimeWarning, stacklevel=2)
 
 EXTENSION_DEVICES: frozenset[str] = (
     frozenset(torch.ops.ge2e_ext.built_devices()) if _C is not None else frozenset()

@@ -18,15 +18,44 @@ BACKENDS = ("auto", "extension", "torch")
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
-def extension_devices() -> frozenset:
-    """The device types ("cpu", "cuda") for which this install has a compiled kernel."""
+def extension_devices() -> frozenset[str]:
+    r"""The device types for which this install has a compiled kernel.
+
+    ``backend="auto"`` uses the compiled kernel on these device types and the
+    pure-PyTorch path elsewhere. Empty when the compiled module is not built, or
+    cannot be loaded (importing ge2e_ext then warns, with the reason).
+
+    Returns:
+        frozenset of str: ``{"cpu"}``, ``{"cpu", "cuda"}``, or empty.
+
+    Example::
+
+        >>> import ge2e_ext
+        >>> ge2e_ext.extension_devices() <= {"cpu", "cuda"}
+        True
+    """
     return _ops.EXTENSION_DEVICES
 
 
-def cpu_capability():
-    """The CPU kernels float32 and float64 run here: "avx512", "avx2" or "portable"
-    (the best this build has and this CPU supports; GE2E_EXT_CPU_CAPABILITY, read
-    once per process, asks for another). None without the compiled CPU op."""
+def cpu_capability() -> str | None:
+    r"""The instruction set of the CPU kernels that float32 and float64 run here.
+
+    The best set this build has and this CPU supports, chosen when the kernels
+    are first used; the environment variable ``GE2E_EXT_CPU_CAPABILITY``
+    (``portable``, ``avx2`` or ``avx512``, read once per process) asks for another,
+    falling back with a warning when the CPU lacks it. float16 and bfloat16 run
+    the portable kernels.
+
+    Returns:
+        str or None: ``"avx512"``, ``"avx2"`` or ``"portable"``; None without the
+        compiled CPU op.
+
+    Example::
+
+        >>> import ge2e_ext
+        >>> ge2e_ext.cpu_capability() in ("avx512", "avx2", "portable", None)
+        True
+    """
     if "cpu" not in _ops.EXTENSION_DEVICES:
         return None
     return torch.ops.ge2e_ext.cpu_capability()
@@ -58,11 +87,20 @@ def check_options(loss_method, reduction, min_cosine, backend, distributed=False
         raise ValueError("group is only used with distributed=True; pass distributed=True too")
 
 
+def _conversion_hint(value):
+    """How to make a torch.Tensor of a value that is not one, for error messages."""
+    if type(value).__module__ == "numpy":
+        return " (convert it with torch.from_numpy)"
+    if isinstance(value, (list, tuple)):
+        return " (convert it with torch.tensor)"
+    return ""
+
+
 def _check_tensor(embeddings, shape_words):
     if not isinstance(embeddings, torch.Tensor):
         raise TypeError(
             f"embeddings must be a torch.Tensor of shape {shape_words}, "
-            f"got {type(embeddings).__name__}"
+            f"got {type(embeddings).__name__}{_conversion_hint(embeddings)}"
         )
     if embeddings.layout != torch.strided:
         raise TypeError(
@@ -186,44 +224,76 @@ def _use_extension(backend, embeddings):
     )
 
 
-def ge2e_loss(embeddings, w, b, loss_method="softmax", *, labels=None, num_speakers=None,
-              reduction="sum", min_cosine=1e-6, backend="auto", distributed=False, group=None):
-    """The GE2E loss (Wan et al., 2018).
+def ge2e_loss(embeddings: torch.Tensor, w: torch.Tensor | float, b: torch.Tensor | float,
+              loss_method: str = "softmax", *, labels: torch.Tensor | None = None,
+              num_speakers: int | None = None, reduction: str = "sum",
+              min_cosine: float | None = 1e-6, backend: str = "auto", distributed: bool = False,
+              group: torch.distributed.ProcessGroup | None = None) -> torch.Tensor:
+    r"""The generalized end-to-end (GE2E) loss of Wan et al., 2018 (arXiv 1710.10467).
+
+    Each utterance embedding :math:`e_{ji}` is scored against every speaker's
+    centroid (its own speaker's without itself) with
+    :math:`S_{ji,k} = \max(w, 10^{-6}) \cos(e_{ji}, c_k) + b`, and the loss of the row
+    is the softmax (eq. 6) or contrast (eq. 7) loss of those scores. See
+    :class:`~ge2e_ext.GE2ELoss` for the module with learnable ``w`` and ``b``.
 
     Args:
-        embeddings: (N speakers, M utterances, D), N >= 2 (>= 1 per rank when
-            distributed), M >= 2; or, with ``labels``, (B rows, D) in any order.
-            float32/float64 (float16/bfloat16 are computed in float32).
-        w, b: the similarity scale and bias, ``S = max(w, 1e-6) * cos + b``; 0-dim
-            (or one-element) tensors or numbers.
-        loss_method: one of ``ge2e_ext.LOSS_METHODS``: "softmax" (eq. 6) or
-            "contrast" (eq. 7).
-        labels: (B,) integer speaker labels of the rows (any values, any order):
-            the speakers are the distinct labels, each with its own number of
-            utterances (at least 2: fewer is an error naming the label).
-        num_speakers: with labels, the number of distinct labels if known. On
-            an accelerator this spares the one wait for the device that reading
-            it from the labels costs (it sets the shapes); a wrong count or a
-            single-utterance speaker then gives a NaN loss instead of an error
-            (on the CPU they are errors either way).
-        reduction: "sum" (the original code's and the paper's total), "mean" (over
-            the utterances) or "none" (per-utterance losses: shape (N, M), or (B,)
-            in the rows' order with labels).
-        min_cosine: lower clamp on every cosine, below 1; 1e-6 reproduces the
-            original code, None gives the paper's unclamped formula.
-        backend: "auto" (compiled kernel for this device if built, else PyTorch),
-            "extension" (compiled kernel or RuntimeError) or "torch".
-        distributed: score against the speakers of every rank of ``group`` (None:
-            the default process group); see docs/distributed.md. "mean" then
-            divides by all ranks' utterances, so the ranks' losses add up to the
-            loss of the whole batch.
-        group: the process group, with distributed=True only.
+        embeddings (Tensor): the utterance embeddings, ``(N, M, D)`` (N speakers, N >= 2,
+            or >= 1 per rank when distributed; M >= 2 utterances each; D >= 1), or, with
+            ``labels``, ``(B, D)`` rows in any order. float32 or float64; float16 and
+            bfloat16 are read as they are and computed in float32.
+        w (Tensor or float): the similarity scale; a 0-dim (or one-element) tensor or a
+            number. The forward uses ``max(w, 1e-6)``, which passes no gradient to
+            ``w`` at or below 1e-6.
+        b (Tensor or float): the similarity bias, as ``w``.
+        loss_method (str, optional): one of ``ge2e_ext.LOSS_METHODS``: ``"softmax"``
+            (eq. 6: ``logsumexp_k S_jik - S_jij``) or ``"contrast"`` (eq. 7:
+            ``1 - sig(S_jij) + max_{k != j} sig(S_jik)``). Default: ``"softmax"``.
+        labels (Tensor, optional): ``(B,)`` integer speaker labels of the rows (any
+            values, any order); each speaker needs at least 2 utterances, and a speaker
+            with one is an error naming its label. Default: None (the dense form).
+        num_speakers (int, optional): with ``labels``, the number of distinct labels if
+            known: on an accelerator it spares the one wait for the device that reading
+            it costs; a wrong count then gives a NaN loss instead of an error (on the
+            CPU it is an error either way). Default: None.
+        reduction (str, optional): ``"sum"`` (the original code's and the paper's total),
+            ``"mean"`` (over the utterances) or ``"none"``. Default: ``"sum"``.
+        min_cosine (float or None, optional): lower clamp on every cosine, below 1;
+            ``1e-6`` reproduces the original code, None gives the paper's unclamped
+            formula. Default: ``1e-6``.
+        backend (str, optional): ``"auto"`` (the compiled kernel for the embeddings'
+            device if built, else PyTorch), ``"extension"`` (the compiled kernel, or a
+            RuntimeError saying why not) or ``"torch"``. Default: ``"auto"``.
+        distributed (bool, optional): score against the speakers of every rank of
+            ``group`` (docs/distributed.md); ``"mean"`` then divides by all ranks'
+            utterances, so the ranks' losses add up to the loss of the whole batch.
+            Default: False.
+        group (ProcessGroup, optional): the process group, with ``distributed=True``
+            only. Default: None (the default group).
+
+    Shape:
+        - embeddings: :math:`(N, M, D)`, or :math:`(B, D)` with labels :math:`(B)`.
+        - Output: a scalar; with ``reduction="none"``, :math:`(N, M)`, or :math:`(B)` in
+          the rows' order with labels.
 
     Returns:
-        The loss, in float32 (float64 for float64 embeddings). With reduction
-        "sum" or "mean" and a gradient to compute, the compiled op computes the
-        gradient in the same pass as the loss (the backward then only scales it):
-        evaluate without gradients under ``torch.no_grad()``.
+        Tensor: the loss, float32 (float64 for float64 embeddings). With ``"sum"`` or
+        ``"mean"`` and a gradient to compute, the compiled op computes the gradient
+        in the same pass (the backward only scales it): evaluate without gradients
+        under ``torch.no_grad()``.
+
+    Example::
+
+        >>> import torch
+        >>> from ge2e_ext import ge2e_loss
+        >>> embeddings = torch.randn(4, 5, 64, requires_grad=True)  # 4 speakers x 5
+        >>> loss = ge2e_loss(embeddings, 10.0, -5.0)
+        >>> loss.backward()
+        >>> ge2e_loss(embeddings, 10.0, -5.0, reduction="none").shape
+        torch.Size([4, 5])
+        >>> rows = torch.randn(7, 64)  # speakers 0, 1, 2 with 2, 3 and 2 utterances
+        >>> ge2e_loss(rows, 10.0, -5.0, labels=torch.tensor([2, 0, 1, 1, 0, 2, 1])).dim()
+        0
     """
     # In distributed mode a rank whose inputs are bad must not leave the others
     # waiting in a collective: its error travels with the metadata exchange and

@@ -6,15 +6,18 @@
 #
 # Environment: PYTHON (default python3), GE2E_TORCH (default torch==2.14.1),
 # FORCE_CUDA, TORCH_CUDA_ARCH_LIST, MAX_JOBS, CUDA_HOME, GE2E_EXT_MARCH (setup.py).
+# Each step says what it does, how long it usually takes, what it is doing every
+# 30 s, and how long it took (scripts/progress.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/progress.sh
 
 PYTHON=${PYTHON:-python3}
 TORCH_SPEC=${GE2E_TORCH:-torch==2.14.1}
 VENV_PY=.venv/bin/python
 
 if [[ ! -x $VENV_PY ]]; then
-  echo "== creating .venv with $($PYTHON --version)"
+  echo "== [$(date +%H:%M:%S)] creating .venv with $($PYTHON --version) (a few seconds)"
   if ! "$PYTHON" -m venv .venv; then
     rm -rf .venv
     echo "error: '$PYTHON -m venv' failed; on Debian/Ubuntu install the venv module" \
@@ -23,12 +26,14 @@ if [[ ! -x $VENV_PY ]]; then
   fi
 fi
 
-echo "== installing $TORCH_SPEC and the test/benchmark dependencies (first run: a few minutes)"
+# pip's own lines (Collecting, Downloading, Installing) are what the progress shows.
 # soundfile (its wheel bundles libsndfile) reads the examples' corpus folders; torchaudio
 # gives them its resampler and mel filterbank: pip picks the release that goes with the
 # torch (for torch >= 2.11, torchaudio 2.11.1, built against PyTorch's stable ABI).
-"$VENV_PY" -m pip install --quiet --disable-pip-version-check \
-  "$TORCH_SPEC" numpy pytest hypothesis matplotlib ninja "setuptools>=64" wheel espeakng-loader tqdm \
+run_step "installing $TORCH_SPEC and the test/benchmark dependencies into .venv" \
+  "2-4 minutes the first time: torch and its CUDA libraries are about 3 GB; seconds later" \
+  "$VENV_PY" -m pip install --progress-bar off --disable-pip-version-check \
+  "$TORCH_SPEC" numpy pytest hypothesis matplotlib ninja "setuptools>=77" wheel espeakng-loader tqdm \
   soundfile torchaudio
 
 # torch guesses CUDA_HOME from the nvcc on PATH, which can be a symlink outside
@@ -49,9 +54,11 @@ if [[ $stale == no && ${FORCE_CUDA:-0} == 1 ]] \
   stale=yes
 fi
 if [[ $stale == yes ]]; then
-  echo "== building ge2e_ext (C++ CPU op; CUDA kernels when torch has CUDA and nvcc exists)"
-  "$VENV_PY" -m pip install --quiet --disable-pip-version-check --no-build-isolation --no-deps -e .
+  # -v: the compiler's lines, which the progress reports ("compiled 3 of 7, the last ...").
+  what="building ge2e_ext in place (the C++ CPU op; CUDA kernels where torch has CUDA, nvcc too)"
+  run_step "$what" "1-3 minutes on 2 cores, CUDA kernels included; about 1 minute without" \
+    "$VENV_PY" -m pip install -v --disable-pip-version-check --no-build-isolation --no-deps -e .
 else
-  echo "== ge2e_ext is built and up to date"
+  echo "== [$(date +%H:%M:%S)] ge2e_ext is built and up to date"
 fi
 "$VENV_PY" -c "import torch, ge2e_ext; print('== torch', torch.__version__, '| ge2e_ext kernels for:', sorted(ge2e_ext.extension_devices()))"

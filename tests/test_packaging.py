@@ -116,9 +116,47 @@ def test_sdist_has_what_the_readme_links(sdist):
 
 
 def test_sdist_metadata(sdist):
-    _, _, metadata = sdist
-    assert f"\nVersion: {setup_py.read_version()}\n" in metadata["PKG-INFO"]
+    """The archive is unpinned (it is compiled later, against whatever torch is there),
+    and says its licence, which it carries."""
+    _, members, metadata = sdist
+    pkg_info = metadata["PKG-INFO"]
+    assert f"\nVersion: {setup_py.read_version()}\n" in pkg_info
     assert f"torch>={setup_py.MIN_TORCH}" in metadata["ge2e_ext.egg-info/requires.txt"].split()
+    assert "\nLicense-Expression: BSD-3-Clause\n" in pkg_info
+    assert "\nLicense-File: LICENSE\n" in pkg_info
+    assert "\nClassifier: Programming Language :: Python :: 3\n" in pkg_info
+    for name in ("LICENSE", "CHANGELOG.md", "CITATION.cff", "ge2e_ext/py.typed"):
+        assert name in members, f"{name} is missing from the source archive"
+
+
+def test_build_metadata_pins_the_torch_it_compiles_against(sdist, tmp_path):
+    """dist_info (what pip reads before building a wheel) and the wheel say the torch
+    release the module is compiled against; scripts/check_wheel.sh checks the wheel."""
+    import torch
+    copy, _, _ = sdist
+    result = subprocess.run([sys.executable, "setup.py", "-q", "dist_info", "--output-dir",
+                             str(tmp_path)], cwd=copy, capture_output=True, text=True,
+                            timeout=300, env={**os.environ, "GE2E_EXT_CUDA": "0"})
+    assert result.returncode == 0, result.stdout + result.stderr
+    (info,) = tmp_path.glob("ge2e_ext-*.dist-info")
+    requires = [line for line in (info / "METADATA").read_text().splitlines()
+                if line.startswith("Requires-Dist:")]
+    assert requires == [f"Requires-Dist: torch=={torch.__version__.split('+')[0]}"]
+
+
+def test_torch_pin_refuses_another_torch():
+    requirements = pytest.importorskip("packaging.requirements")
+    pin = requirements.Requirement(setup_py.torch_requirement("2.14.1+cu130"))
+    assert pin.name == "torch"
+    # Every build of the release (PEP 440: a specifier without a local label ignores it)...
+    for version in ("2.14.1", "2.14.1+cu130", "2.14.1+cpu"):
+        assert pin.specifier.contains(version), version
+    # ...and no other release, older or newer, though it meets the sdist's >= MIN_TORCH.
+    unpinned = requirements.Requirement(setup_py.torch_requirement())
+    for version in ("2.13.0", "2.14.0", "2.14.2", "2.15.0"):
+        assert not pin.specifier.contains(version), version
+        assert unpinned.specifier.contains(version), version
+    assert str(unpinned) == f"torch>={setup_py.MIN_TORCH}"
 
 
 def test_one_version_source():
@@ -133,11 +171,12 @@ def test_one_version_source():
 
 
 def test_torch_range_is_stated_alike():
-    """setup.py's MIN_TORCH is pyproject.toml's dependency and the README's."""
+    """setup.py's MIN_TORCH is the source archive's dependency and the README's."""
     tomllib = pytest.importorskip("tomllib")
     with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
-        dependencies = tomllib.load(f)["project"]["dependencies"]
-    assert f"torch>={setup_py.MIN_TORCH}" in dependencies
+        project = tomllib.load(f)["project"]
+    assert "dependencies" not in project and "dependencies" in project["dynamic"]
+    assert setup_py.torch_requirement() == f"torch>={setup_py.MIN_TORCH}"
     with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
         readme = " ".join(f.read().split())
     assert f"PyTorch {setup_py.MIN_TORCH} to {setup_py.NEWEST_TESTED_TORCH}" in readme
@@ -152,46 +191,49 @@ def test_torch_version_check():
 
 
 def test_default_flags_are_portable():
-    assert setup_py.cpu_arch_flags({}) == []
-    assert setup_py.cpu_arch_flags({"GE2E_EXT_MARCH": ""}) == []
     assert not any(f.startswith("-march") for f in setup_py.cxx_flags({}))
-    assert setup_py.cpu_arch_flags({"GE2E_EXT_MARCH": "native"}) == ["-march=native"]
-    assert "-march=native" in setup_py.cxx_flags({"GE2E_EXT_MARCH": "native"})
-    assert setup_py.cpu_arch_flags({"GE2E_EXT_MARCH": "x86-64-v3"}) == ["-march=x86-64-v3"]
+    assert not any(f.startswith("-march") for f in setup_py.cxx_flags({"GE2E_EXT_MARCH": ""}))
+    assert setup_py.cxx_flags({"GE2E_EXT_MARCH": "native"})[-1] == "-march=native"
+    assert setup_py.cxx_flags({"GE2E_EXT_MARCH": "x86-64-v3"})[-1] == "-march=x86-64-v3"
+    for flags in setup_py.ISA_FLAGS.values():
+        assert not any(f.startswith("-march") for f in flags)
 
 
 def test_instruction_set_files(tmp_path):
-    assert setup_py.isa_sources(str(tmp_path), {}, "x86_64") == ([], {})  # no isa folder
+    assert setup_py.sources(str(tmp_path), {}, "x86_64") == ([], {}, [])  # no csrc
     isa = tmp_path / "csrc" / "cpu" / "isa"
     isa.mkdir(parents=True)
     for name in ("rows_avx2.cpp", "rows_avx512.cpp", "dispatch.cpp", "rows.h"):
         (isa / name).write_text("")
     (tmp_path / "csrc" / "cpu" / "kernel.cpp").write_text("")
-    path = os.path.join("csrc", "cpu", "isa", "{}").format
-    assert setup_py.isa_sources(str(tmp_path), {}, "x86_64") == (
-        [path("dispatch.cpp")], {"avx2": [path("rows_avx2.cpp")],
-                                 "avx512": [path("rows_avx512.cpp")]})
-    assert setup_py.isa_sources(str(tmp_path), {}, "aarch64") == ([path("dispatch.cpp")], {})
-    assert setup_py.isa_sources(str(tmp_path), {"GE2E_EXT_ISA": "none"}, "x86_64")[1] == {}
-    assert setup_py.isa_sources(str(tmp_path), {"GE2E_EXT_ISA": "avx2"}, "x86_64")[1] == {
-        "avx2": [path("rows_avx2.cpp")]}
-    with pytest.raises(RuntimeError, match="unknown instruction sets"):
-        setup_py.isa_sources(str(tmp_path), {"GE2E_EXT_ISA": "sse9"}, "x86_64")
-    # The other sources never include the instruction-set files.
-    assert setup_py.cpu_sources(str(tmp_path)) == [os.path.join("csrc", "cpu", "kernel.cpp")]
-    for flags in setup_py.ISA_FLAGS.values():
-        assert not any(f.startswith("-march") for f in flags)
+    (tmp_path / "csrc" / "cuda").mkdir()
+    (tmp_path / "csrc" / "cuda" / "k.cu").write_text("")
+    path = os.path.join("csrc", "cpu", "{}").format
+    portable = [path("kernel.cpp"), path(os.path.join("isa", "dispatch.cpp"))]
+    avx2, avx512 = path(os.path.join("isa", "rows_avx2.cpp")), path(
+        os.path.join("isa", "rows_avx512.cpp"))
+    assert setup_py.sources(str(tmp_path), {}, "x86_64") == (
+        portable, {"avx2": [avx2], "avx512": [avx512]}, [os.path.join("csrc", "cuda", "k.cu")])
+    assert setup_py.sources(str(tmp_path), {}, "aarch64")[:2] == (portable, {})
+    assert setup_py.sources(str(tmp_path), {"GE2E_EXT_ISA": "none"}, "x86_64")[1] == {}
+    assert setup_py.sources(str(tmp_path), {"GE2E_EXT_ISA": "avx2"}, "x86_64")[1] == {
+        "avx2": [avx2]}
+    with pytest.raises(RuntimeError, match=r"unknown instruction sets \['sse9'\]"):
+        setup_py.sources(str(tmp_path), {"GE2E_EXT_ISA": "sse9"}, "x86_64")
 
 
-def test_only_compiling_commands_need_torch():
-    """Any argument that names a compiling command counts (an option's value too: a
-    needless torch import is harmless, a wheel built without the extension is not)."""
-    for argv in (["sdist", "--dist-dir", "/tmp/d"], ["egg_info"], ["dist_info", "--output-dir",
-                                                                    "/tmp/m"], ["--version"]):
-        assert not setup_py.needs_extension(["setup.py"] + argv), argv
+def test_only_some_commands_import_torch():
+    """The commands that compile, and dist_info (the metadata of a wheel build: pinned),
+    import torch; the source archive's commands do not. Any argument that names one
+    counts (a needless torch import is harmless, a wheel without the module is not)."""
+    def imports_torch(argv):
+        return any(arg in setup_py.TORCH_COMMANDS for arg in argv)
+
+    for argv in (["sdist", "--dist-dir", "/tmp/d"], ["egg_info"], ["--version"]):
+        assert not imports_torch(argv), argv
     for argv in (["bdist_wheel", "--dist-dir", "x"], ["editable_wheel"], ["build_ext", "-i"],
-                 ["develop"], ["install"]):
-        assert setup_py.needs_extension(["setup.py"] + argv), argv
+                 ["develop"], ["install"], ["dist_info", "--output-dir", "/tmp/m"]):
+        assert imports_torch(argv), argv
 
 
 def test_importing_setup_py_runs_nothing():
@@ -219,9 +261,9 @@ def test_cuda_problems_are_named(tmp_path):
     problem = setup_py.cuda_problem
     assert problem("2.14.1", "13.0", "/x", {"GE2E_EXT_CUDA": "0"}) == "GE2E_EXT_CUDA=0"
     assert "without CUDA" in problem("2.13.0+cpu", None, "/usr/local/cuda", {})
-    assert "no CUDA toolkit found" in problem("2.14.1", "13.0", None, {})
-    nowhere = problem("2.14.1", "13.0", "/nonexistent", {}, origin="CUDA_HOME in the environment")
-    assert "CUDA_HOME=/nonexistent (CUDA_HOME in the environment) has no bin/nvcc" in nowhere
+    assert "no CUDA toolkit at CUDA_HOME=None" in problem("2.14.1", "13.0", None, {})
+    assert "no CUDA toolkit at CUDA_HOME=/nonexistent" in problem("2.14.1", "13.0",
+                                                                  "/nonexistent", {})
     cuda12 = _fake_toolkit(tmp_path / "cuda12", "12.1")
     assert problem("2.4.0", "12.4", cuda12, {}) is None
     assert "CUDA 12.1 but torch 2.14.1 was built with CUDA 13.0" in problem(
@@ -229,10 +271,48 @@ def test_cuda_problems_are_named(tmp_path):
     no_headers = tmp_path / "no_headers"
     shutil.copytree(cuda12, no_headers)
     os.remove(no_headers / "include" / "cuda_runtime.h")
-    assert "has no include/cuda_runtime.h" in problem("2.4.0", "12.4", str(no_headers), {})
+    assert "no CUDA toolkit" in problem("2.4.0", "12.4", str(no_headers), {})
 
 
-def test_cuda_home_is_kept_when_set():
-    env = {"CUDA_HOME": "/nonexistent"}
-    assert setup_py.guess_cuda_home(env) == "CUDA_HOME in the environment"
-    assert env == {"CUDA_HOME": "/nonexistent"}
+@pytest.mark.parametrize("switches, message", [
+    ({"CUDA_HOME": "/nonexistent"}, "no CUDA toolkit at CUDA_HOME=/nonexistent"),
+    ({"GE2E_EXT_CUDA": "0"}, "GE2E_EXT_CUDA=0"),
+])
+def test_force_cuda_stops_a_build_that_would_lose_the_kernels(switches, message, tmp_path):
+    """README's switches as a build sees them: with FORCE_CUDA=1, a CUDA_HOME that
+    points nowhere (never replaced by the nvcc on PATH) or GE2E_EXT_CUDA=0 stops the
+    build before anything is compiled, naming the reason."""
+    import torch
+    if torch.version.cuda is None and "CUDA_HOME" in switches:
+        message = "was built without CUDA"
+    env = {k: v for k, v in os.environ.items() if k not in ("CUDA_PATH", "GE2E_EXT_CUDA")}
+    env.update(switches, FORCE_CUDA="1")
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "setup.py"), "build_ext",
+                             "--build-temp", str(tmp_path)], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300, env=env)
+    assert result.returncode != 0
+    assert "FORCE_CUDA=1 but the CUDA kernels cannot be built: " in result.stderr, result.stderr
+    assert message in result.stderr
+
+
+def test_long_steps_say_what_they_do(tmp_path):
+    """scripts/progress.sh (setup_env.sh, check_wheel.sh): the step and its estimate, what
+    the command last said while it runs (ninja's finished files as "compiled i of n"), the
+    seconds it took; a failing step shows its log's end and passes its exit status on."""
+    script = (f"source {os.path.join(ROOT, 'scripts', 'progress.sh')!r}; "
+              "run_step 'a step' 'about 3 s' bash -c "
+              "'echo starting; sleep 1.5; echo \"[2/5] c++ -O3 -c /x/csrc/cpu/k.cpp -o k.o\"; "
+              "sleep 1.5'; "
+              "run_step 'a failing step' 'a moment' bash -c 'echo the reason; exit 7'; "
+              "echo not reached")
+    result = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "PROGRESS_EVERY": "1", "TMPDIR": str(tmp_path)})
+    assert result.returncode == 7, result.stdout + result.stderr
+    out = result.stdout
+    assert re.search(r"^== \[\d\d:\d\d:\d\d\] a step \(usually about 3 s\)$", out, re.M), out
+    assert re.search(r"^   \.\.\. \d+ s: starting$", out, re.M), out
+    assert re.search(r"^   \.\.\. \d+ s: compiled 2 of 5, the last csrc/cpu/k\.cpp$", out,
+                     re.M), out
+    assert re.search(r"^   done in [345] s \(\d+ s in all\)$", out, re.M), out
+    assert "the reason" in out and "not reached" not in out
+    assert "'a failing step' failed after" in result.stderr
