@@ -93,7 +93,7 @@ def test_ci_runs_hypothesis_derandomized_without_a_database():
     code = ("import conftest, test_properties, test_numerics\n"
             "from hypothesis import settings\n"
             "s = test_properties.PROPERTY_SETTINGS\n"
-            "t = test_numerics.test_hard_batches_match_the_reference.hypothesis.inner_test"
+            "t = test_numerics.test_hard_batches_match_the_reference"
             "._hypothesis_internal_use_settings\n"
             "print(settings.default.derandomize, s.derandomize, t.derandomize, "
             "settings.default.database is None, t.database is None)")
