@@ -11,14 +11,16 @@
 // three products, the minimum (docs/math.md); the backward then only scales.
 //
 // The per-row work is a Device policy's (cpu/ge2e_cpu.cpp, cuda/ge2e_cuda.cpp):
-//   kBlockInputShare,            size the blocks (speakers_per_block)
-//   kMinBlockSpeakers
+//   kBlockInputShare,            size the blocks (rows_per_block)
+//   kBoundStepPeak
 //   kSparseProducts              whether a method with a sparse gradient
 //                                (ContrastLoss) skips T = H S and Z = H^T E
 //   speaker_stats(p)             sums, their inverse norms, the rows' own cosines
 //   rows<Method>(p, buffers, pass, block, cosines)
 //   row_gradients<Method>(p, block, t_rows, cosines, hardest, z_to_fold, grad)
 //   sparse_sum_grads(p, block, cosines, hardest, z, accumulate)   (kSparseProducts)
+//   split_speaker_others(p, speaker, q_sums, grad)  adds, to the rows of a speaker that
+//                                the blocks split, the sum over its other rows' q
 //   fold(p, z, grad)             adds dLoss/ds_j to every utterance of speaker j
 //   finish(p, z, w_part, b_part, loss_rows, loss_scale, grad_w, grad_b, loss_total)
 // each taking the call's Problem (ge2e_problem.h). The loss method is a type
@@ -231,42 +233,87 @@ Call make_call(const at::Tensor& embeddings, const c10::optional<at::Tensor>& su
   return c;
 }
 
-// Speakers per block: the whole batch when its cosines take no more than
-// max(2^18 elements, input / kBlockInputShare); else as many as fit in that,
-// but at least kMinBlockSpeakers. Both trade memory for larger, faster
-// matrix products.
+// Rows per block, from the budget of one block of cosines (rows x K, plus
+// rows x D for T = H S when the input is float16/bfloat16):
+// max(2^18 elements, input / kBlockInputShare). A device with
+// kBoundStepPeak also keeps everything else a step allocates beyond the input
+// and its gradient (speaker sums, per-row statistics) within half of input
+// plus gradient: the cosines get what is left (at least 2^18 elements). The
+// budget is in rows, not speakers, so that it holds for any grouping: a
+// speaker with more rows than a block takes is split across blocks.
+constexpr int64_t kMinBlockElements = int64_t(1) << 18;
+
 template <class Device>
-int64_t speakers_per_block(const Problem& p, int64_t requested) {
-  if (requested > 0) return std::min(requested, p.speakers);
+int64_t rows_per_block(const Call& c) {
+  const Problem& p = c.problem;
   const int64_t input_numel = p.total_rows * p.dim;
-  const int64_t budget =
-      std::max<int64_t>(int64_t(1) << 18, input_numel / Device::kBlockInputShare);
-  const int64_t mean_rows = (p.total_rows + p.speakers - 1) / p.speakers;
-  const int64_t per_speaker = mean_rows * p.total_speakers;
-  return std::max<int64_t>(
-      std::min<int64_t>(p.speakers, Device::kMinBlockSpeakers),
-      std::min<int64_t>(p.speakers, budget / per_speaker));
+  const bool widened = c.embeddings.scalar_type() != c.sums.scalar_type();
+  const int64_t row_cost = p.total_speakers + (widened ? p.dim : 0);
+  int64_t budget = input_numel / Device::kBlockInputShare;
+  if constexpr (Device::kBoundStepPeak) {
+    const int64_t acc_bytes = c.sums.element_size();
+    const int64_t input_bytes = input_numel * c.embeddings.element_size();
+    const int64_t allowed = input_bytes / acc_bytes;  // (input + gradient) / 2, in acc elements
+    // own_sums_hi/lo (N x D), Z (K x D), 1/|s| (K), a split speaker's q sums (2 x D),
+    // per row: own_terms, loss,
+    // hardest (int64), dLoss/dw and dLoss/db parts.
+    const int64_t others = (2 * p.speakers + p.total_speakers + 2) * p.dim + p.total_speakers +
+                           p.total_rows * (kOwnTermsSize + 1 + 8 / acc_bytes + 2);
+    budget = std::min(budget, allowed - others);
+  }
+  budget = std::max(budget, kMinBlockElements);
+  return std::max<int64_t>(1, budget / row_cost);
 }
 
-// The blocks of whole speakers, with their rows. With one block nothing is
+// The blocks of a sweep. block_speakers > 0 asks for blocks of that many whole
+// speakers, < 0 for blocks of -block_speakers rows (tests; 0: rows_per_block).
+// Blocks by rows take whole speakers while they fit, and split a speaker
+// larger than a block into blocks of its own rows. With one block nothing is
 // read from the offsets; with several, grouped rows need the offsets on the
 // host (on an accelerator, a copy that waits for the device).
-inline std::vector<Block> blocks_of(const Call& c, int64_t per_block) {
+// `splits` receives each speaker that the blocks split, as a Block of its own
+// (the speaker and all its rows).
+template <class Device>
+std::vector<Block> blocks_of(const Call& c, int64_t block_speakers, std::vector<Block>& splits) {
   const Problem& p = c.problem;
   std::vector<Block> blocks;
-  if (per_block >= p.speakers) {
+  const int64_t per_block_rows = block_speakers < 0 ? -block_speakers : rows_per_block<Device>(c);
+  if (block_speakers >= p.speakers || (block_speakers <= 0 && per_block_rows >= p.total_rows)) {
     blocks.push_back(Block{0, p.speakers, 0, p.total_rows});
     return blocks;
   }
   at::Tensor offsets;
   if (p.speaker_offsets != nullptr) offsets = c.speaker_offsets.cpu();
-  const auto row = [&](int64_t j) {
-    return p.speaker_offsets != nullptr ? offsets.data_ptr<int64_t>()[j] : j * p.utterances;
-  };
-  for (int64_t first = 0; first < p.speakers; first += per_block) {
-    const int64_t count = std::min(per_block, p.speakers - first);
-    blocks.push_back(Block{first, count, row(first), row(first + count) - row(first)});
+  const int64_t* off = p.speaker_offsets != nullptr ? offsets.data_ptr<int64_t>() : nullptr;
+  const auto row = [&](int64_t j) { return off != nullptr ? off[j] : j * p.utterances; };
+  if (block_speakers > 0) {
+    for (int64_t first = 0; first < p.speakers; first += block_speakers) {
+      const int64_t count = std::min(block_speakers, p.speakers - first);
+      blocks.push_back(Block{first, count, row(first), row(first + count) - row(first)});
+    }
+    return blocks;
   }
+  // Rows [start, end) of speakers [first, j] so far.
+  int64_t first = 0, start = 0;
+  const auto close = [&](int64_t last, int64_t end) {
+    blocks.push_back(Block{first, last - first + 1, start, end - start});
+  };
+  for (int64_t j = 0; j < p.speakers; ++j) {
+    const int64_t begin = row(j), end = row(j + 1);
+    if (end - start <= per_block_rows) continue;  // speaker j fits in the open block
+    if (begin > start) {  // close the block before speaker j
+      close(j - 1, begin);
+      first = j;
+      start = begin;
+    }
+    if (end - start > per_block_rows) splits.push_back(Block{j, 1, begin, end - begin});
+    while (end - start > per_block_rows) {  // speaker j alone is too large: split it
+      close(j, start + per_block_rows);
+      first = j;
+      start += per_block_rows;
+    }
+  }
+  if (start < p.total_rows) close(p.speakers - 1, p.total_rows);
   return blocks;
 }
 
@@ -300,7 +347,8 @@ template <class Device, class Method>
 void sweep(const Call& c, RowPass pass, const RowBuffers& buffers, Gradients* grads,
            int64_t block_speakers) {
   const Problem& p = c.problem;
-  const std::vector<Block> blocks = blocks_of(c, speakers_per_block<Device>(p, block_speakers));
+  std::vector<Block> split_speakers;
+  const std::vector<Block> blocks = blocks_of<Device>(c, block_speakers, split_speakers);
   const bool single_block = blocks.size() == 1;
   int64_t max_rows = 0;
   for (const Block& blk : blocks) max_rows = std::max(max_rows, blk.rows);
@@ -313,6 +361,9 @@ void sweep(const Call& c, RowPass pass, const RowBuffers& buffers, Gradients* gr
     t_block = at::empty({max_rows, p.dim}, c.acc_options);
   }
   for (const Block& blk : blocks) {
+    // Z is written by the first block and accumulated by the others (a split
+    // speaker's blocks all start at the same speaker: not blk.first == 0).
+    const bool first_block = &blk == &blocks.front();
     const at::Tensor e_rows = block_rows(c, blk);
     at::Tensor cosines = cosine_block.narrow(0, 0, blk.rows);
     at::mm_out(cosines, e_rows, c.sums.t());  // e_r . s_k; the row kernel makes it H
@@ -325,13 +376,13 @@ void sweep(const Call& c, RowPass pass, const RowBuffers& buffers, Gradients* gr
     if constexpr (sparse) {
       RECORD_FUNCTION("ge2e_ext::sparse_sum_grads", {});
       Device::sparse_sum_grads(p, blk, cosines.data_ptr(), buffers.hardest,
-                               grads->sums.data_ptr(), blk.first > 0);
+                               grads->sums.data_ptr(), !first_block);
     } else {
       t_rows = widened ? t_block.narrow(0, 0, blk.rows)
                       : grads->embeddings.view({p.total_rows, p.dim})
                             .narrow(0, blk.first_row, blk.rows);
       at::mm_out(t_rows, cosines, c.sums);             // T = H S
-      if (blk.first == 0) {
+      if (first_block) {
         at::mm_out(grads->sums, cosines.t(), e_rows);  // Z = H^T E
       } else {
         grads->sums.addmm_(cosines.t(), e_rows);       // Z += H^T E
@@ -344,6 +395,15 @@ void sweep(const Call& c, RowPass pass, const RowBuffers& buffers, Gradients* gr
     Device::template row_gradients<Method>(
         p, blk, sparse ? nullptr : t_rows.data_ptr(), cosines.data_ptr(), buffers.hardest,
         fold_now ? grads->sums.data_ptr() : nullptr, grads->embeddings.data_ptr());
+  }
+  // A speaker split across blocks: the row gradients left out the sum over its
+  // other rows' q (their own gradients were not all known yet); add it now.
+  if (grads != nullptr && !split_speakers.empty()) {
+    const at::Tensor q_sums = at::empty({2, p.dim}, c.acc_options);
+    for (const Block& speaker : split_speakers) {
+      RECORD_FUNCTION("ge2e_ext::split_speaker_others", {});
+      Device::split_speaker_others(p, speaker, q_sums.data_ptr(), grads->embeddings.data_ptr());
+    }
   }
   if (grads != nullptr && !single_block && !p.sums_given) {
     RECORD_FUNCTION("ge2e_ext::fold", {});

@@ -71,8 +71,10 @@ GE2E_HD int64_t speaker_of(const Problem& p, int64_t r) {
 
 GE2E_ISA_END
 
-// Whole speakers [first, first + count) of the local embeddings, which are
-// the rows [first_row, first_row + rows).
+// The rows [first_row, first_row + rows) of the local embeddings, which touch
+// speakers [first, first + count): whole speakers, except that a speaker with
+// more rows than a block holds is split, its first and last speaker then
+// having rows outside the block (ge2e_driver.h, blocks_of).
 struct Block {
   int64_t first;
   int64_t count;

@@ -14,7 +14,10 @@ namespace ge2e {
 // scored against the speaker sums (K, D) (sums=None: the embeddings' own,
 // K = N), local speaker j being row speaker_offset + j of the sums: the
 // per-utterance losses ((N, M) or (B,)), or, with reduce, scale times their
-// sum. Differentiable in embeddings, sums, w, b.
+// sum. Differentiable in embeddings, sums, w, b. block_speakers (tests):
+// 0 sizes the blocks from the memory budget, > 0 asks for blocks of that many
+// whole speakers, < 0 for blocks of -block_speakers rows (which may split a
+// speaker across blocks).
 inline constexpr const char* kLossSchema =
     "ge2e_loss(Tensor embeddings, Tensor? sums, Tensor w, Tensor b, int speaker_offset, "
     "str loss_method, float? min_cosine, bool reduce, float scale, int block_speakers=0, "

@@ -5,7 +5,8 @@ This is the path used where no compiled kernel exists (``backend="torch"``, or
 AD) and the "eager" provider of the benchmark. It computes the same function as
 the compiled op with the same numerics (exclusive sums without subtraction, the
 softmax loss from differences, the zero-norm and non-finite rules, the clamp's
-gradient), but materialises the N x M x K cosines.
+gradient), but materialises the N x M x K cosines (B x K in the labels form,
+which is never padded).
 """
 
 from __future__ import annotations
@@ -63,19 +64,57 @@ def ge2e_rows(embeddings, sums, w, b, speaker_offset, loss_method, min_cosine):
     return METHODS[loss_method].rows(cos, cos.gather(-1, own).squeeze(-1), own, w, b)
 
 
+def _segmented_inclusive_sums(rows: torch.Tensor, segment: torch.Tensor) -> torch.Tensor:
+    """Row i: the sum of rows l <= i of its segment (``segment`` non-decreasing).
+
+    A Hillis-Steele scan, ceil(log2(B)) steps of O(B D): each step adds the
+    partial sum ``shift`` rows back when it belongs to the same segment, so a
+    row never sees another segment's rows (no subtraction, no padding). The
+    number of steps depends only on B, so nothing is read from the device."""
+    b = rows.shape[0]
+    total = rows
+    shift = 1
+    while shift < b:
+        same = (segment[shift:] == segment[:-shift]).unsqueeze(-1)
+        earlier = torch.where(same, total[:-shift], torch.zeros_like(total[:-shift]))
+        total = torch.cat([total[:shift], total[shift:] + earlier])
+        shift *= 2
+    return total
+
+
+def _shift_within(sums: torch.Tensor, segment: torch.Tensor, down: bool) -> torch.Tensor:
+    """Row i gets row i - 1's value (down) or row i + 1's, 0 across a segment boundary."""
+    zeros = sums.new_zeros((1,) + sums.shape[1:])
+    if down:
+        moved = torch.cat([zeros, sums[:-1]])
+        same = torch.cat([segment.new_zeros(1, dtype=torch.bool), segment[1:] == segment[:-1]])
+    else:
+        moved = torch.cat([sums[1:], zeros])
+        same = torch.cat([segment[1:] == segment[:-1], segment.new_zeros(1, dtype=torch.bool)])
+    return torch.where(same.unsqueeze(-1), moved, torch.zeros_like(moved))
+
+
 def ge2e_rows_grouped(rows, grouping, sums, w, b, speaker_offset, loss_method, min_cosine):
     """Per-utterance GE2E losses (B,) of rows (B, D) grouped by speaker (in the
-    order of ``grouping``): the rows are laid out as (N, M_max, D) with zero
-    padding (a zero row adds nothing to any sum, and its own loss is dropped),
-    then ``ge2e_rows``. Reads the largest group's size (on an accelerator, a
-    wait for the device)."""
-    n, b_rows = grouping.speakers, rows.shape[0]
-    counts = grouping.offsets[1:] - grouping.offsets[:-1]
-    position = torch.arange(b_rows, device=rows.device) - grouping.offsets[grouping.speaker_of_row]
-    m_max = max(int(counts.max()), 2)
-    padded = rows.new_zeros(n, m_max, rows.shape[1]).index_put(
-        (grouping.speaker_of_row, position), rows)
+    order of ``grouping``), with segment sums: no padding, O(B K + B D) memory
+    whatever the groups' sizes, and no value read from the device.
+
+    u_ji = (the speaker's rows before it) + (those after it), each a segmented
+    scan, never s_j - e_ji (which cancels when e_ji dominates its speaker)."""
+    segment = grouping.speaker_of_row
+    before = _segmented_inclusive_sums(rows, segment)                     # l <= i
+    after = _segmented_inclusive_sums(rows.flip(0), segment.flip(0)).flip(0)  # l >= i
+    others = _shift_within(before, segment, True) + _shift_within(after, segment, False)
     if sums is None:
-        sums = padded.sum(1)
-    dense = ge2e_rows(padded, sums, w, b, speaker_offset, loss_method, min_cosine)
-    return dense[grouping.speaker_of_row, position]
+        # The last row of each speaker holds its speaker's sum.
+        last = (grouping.offsets[1:] - 1).clamp(min=0)
+        sums = before.index_select(0, last)
+    inv_e = inverse_norm(rows)                                          # (B,)
+    own_cos = (rows * others).sum(-1) * inv_e * inverse_norm(others)
+    cos = torch.matmul(rows, sums.t()) * inv_e.unsqueeze(-1) * inverse_norm(sums)
+    own = (segment + speaker_offset).unsqueeze(-1)                      # (B, 1)
+    cos = cos.scatter(-1, own, own_cos.unsqueeze(-1))                   # (B, K)
+    if min_cosine is not None:
+        cos = cos.clamp(min=min_cosine)
+    w = w.clamp(min=MIN_W) + (w + b) * 0  # NaN everywhere for a non-finite w or b (ge2e_rows)
+    return METHODS[loss_method].rows(cos, cos.gather(-1, own).squeeze(-1), own, w, b)

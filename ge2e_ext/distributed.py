@@ -51,26 +51,66 @@ def _communication_device(dist, group, device: torch.device) -> torch.device:
     return device  # mpi, ucc, xccl, ...: the embeddings' own device
 
 
+# The metadata every rank announces, in order, as int64 (floats as their bits).
+_FIELDS = ("n", "m", "d", "dtype", "rows", "grad", "method", "reduction", "min_cosine", "w", "b")
+# Fields that must agree on every rank, and how a message names them.
+_AGREED = {
+    "form": "the form (some ranks pass labels, some (N, M, D) embeddings)",
+    "m": "M (utterances per speaker)",
+    "d": "D (features)",
+    "dtype": "dtype",
+    "grad": "whether the loss needs a gradient (embeddings.requires_grad and grad mode: the "
+            "backward is a collective, so a rank without it would leave the others waiting)",
+    "method": "loss_method",
+    "reduction": "reduction",
+    "min_cosine": "min_cosine",
+    "w": "w",
+    "b": "b",
+}
+_METHOD_CODES = {"softmax": 0, "contrast": 1}
+_REDUCTION_CODES = {"sum": 0, "mean": 1, "none": 2}
+
+
+def _float_bits(value) -> int:
+    """A float (None: NaN, which no valid min_cosine is) as its int64 bits."""
+    x = float("nan") if value is None else float(value)
+    return int(torch.tensor(x, dtype=torch.float64).view(torch.int64))
+
+
+def _bits_float(bits: int) -> float:
+    return float(torch.tensor(bits, dtype=torch.int64).view(torch.float64))
+
+
+def _describe(row) -> str:
+    names = {code: name for name, code in _METHOD_CODES.items()}
+    reductions = {code: name for name, code in _REDUCTION_CODES.items()}
+    min_cosine = _bits_float(row["min_cosine"])
+    return (f"N={row['n']} " + ("labels" if row["m"] == -1 else f"M={row['m']}")
+            + f" D={row['d']} " + _CODE_NAMES.get(row["dtype"], f"dtype code {row['dtype']}")
+            + f" grad={'yes' if row['grad'] else 'no'}"
+            + f" {names.get(row['method'], row['method'])}"
+            + f" reduction={reductions.get(row['reduction'], row['reduction'])}"
+            + f" min_cosine={'None' if min_cosine != min_cosine else min_cosine}"
+            + f" w={_bits_float(row['w'])!r} b={_bits_float(row['b'])!r}")
+
+
 def _check_table(table):
     """Same check, same message, on every rank (the table is the same everywhere).
 
-    A row per rank: (N_r, M, D, dtype code, B_r), M = -1 for the labels form."""
-    _, m0, d0, code0, _ = table[0]
-    if all(row[1:4] == [m0, d0, code0] for row in table):
+    A row per rank: a dict of _FIELDS, m = -1 for the labels form."""
+    for row in table:
+        row["form"] = row["m"] == -1
+    differ = [key for key in _AGREED if len({row[key] for row in table}) > 1]
+    if "form" in differ:
+        differ = ["form"]
+    if not differ:
         return
-    forms = {row[1] == -1 for row in table}
-    what = (["the form (some ranks pass labels, some (N, M, D) embeddings)"] if len(forms) > 1
-            else [name for i, name in ((1, "M (utterances per speaker)"), (2, "D (features)"),
-                                       (3, "dtype")) if len({row[i] for row in table}) > 1])
-    per_rank = "; ".join(
-        f"rank {q}: N={n} " + ("labels" if m == -1 else f"M={m}") + f" D={d} "
-        + _CODE_NAMES.get(code, f"dtype code {code}")
-        for q, (n, m, d, code, _) in enumerate(table)
-    )
+    per_rank = "; ".join(f"rank {q}: {_describe(row)}" for q, row in enumerate(table))
     raise ValueError(
         "ge2e_loss(distributed=True): every rank of the process group must pass embeddings "
-        "of the same form, D and dtype (and the same M when dense; only N may differ); "
-        f"they differ in {', '.join(what)}: {per_rank}"
+        "of the same form, D and dtype (and the same M when dense; only N may differ), the "
+        "same loss_method, reduction, min_cosine, w and b, and need a gradient on all ranks "
+        f"or none; they differ in {', '.join(_AGREED[key] for key in differ)}: {per_rank}"
     )
 
 
@@ -141,7 +181,8 @@ def _local_sums(embeddings, grouping):
         0, grouping.speaker_of_row, embeddings.to(acc))
 
 
-def gather_speaker_sums(embeddings: torch.Tensor, group=None, local_error=None, grouping=None):
+def gather_speaker_sums(embeddings: torch.Tensor, group=None, local_error=None, grouping=None,
+                        options=None):
     """All ranks' per-speaker sums, differentiable, for ``ge2e_loss(distributed=True)``.
 
     Args:
@@ -153,6 +194,9 @@ def gather_speaker_sums(embeddings: torch.Tensor, group=None, local_error=None, 
             It is announced to the other ranks in the metadata exchange, so that
             every rank raises instead of waiting for this one in a collective.
         grouping: the labels form's ``ge2e_ext.labels.Grouping`` of this rank's rows.
+        options: what must agree on every rank besides the shapes: a dict with
+            loss_method, reduction, min_cosine, w and b (0-dim tensors or
+            numbers) and grad (whether this rank's loss will have a backward).
 
     Returns:
         ``(sums, offset, total_utterances)``: ``sums`` (K, D) in the accumulation
@@ -164,12 +208,13 @@ def gather_speaker_sums(embeddings: torch.Tensor, group=None, local_error=None, 
     Raises:
         RuntimeError: no initialised process group, or this process is not in
             ``group``.
-        ValueError: the ranks' form, M, D or dtype differ, a label is on two
-            ranks, or there are fewer than 2 speakers in all (on every rank).
+        ValueError: the ranks' form, M, D, dtype or options differ, a label is on
+            two ranks, or there are fewer than 2 speakers in all (on every rank).
         local_error (this rank) or RuntimeError (the others): a rank's inputs
             failed their checks.
     """
     dist = _dist()
+    options = options or {}
     if local_error is not None:
         n = m = d = rows = -1
     elif grouping is None:
@@ -191,12 +236,28 @@ def gather_speaker_sums(embeddings: torch.Tensor, group=None, local_error=None, 
         _check_total_speakers([n])
         return _local_sums(embeddings, grouping), 0, rows
 
-    device = _communication_device(dist, group, embeddings.device)
+    # Whatever the embeddings are (a rank's bad input may not be a tensor), the
+    # metadata goes out: nothing before it may raise.
+    device = _communication_device(dist, group, getattr(embeddings, "device",
+                                                         torch.device("cpu")))
 
-    # 1. Metadata: (ok, N_r, M, D, dtype, B_r) of every rank, checked identically everywhere.
-    dtype_code = _DTYPE_CODES.get(getattr(embeddings, "dtype", None), -1)
-    meta = torch.tensor([int(local_error is None), n, m, d, dtype_code, rows], dtype=torch.int64,
-                        device=device)
+    # 1. Metadata of every rank, checked identically everywhere.
+    fields = dict(n=n, m=m, d=d, rows=rows,
+                  dtype=_DTYPE_CODES.get(getattr(embeddings, "dtype", None), -1),
+                  grad=-1, method=-1, reduction=-1, min_cosine=-1, w=-1, b=-1)
+    if local_error is None:
+        try:
+            fields.update(
+                grad=int(bool(options.get("grad", False))),
+                method=_METHOD_CODES.get(options.get("loss_method"), -1),
+                reduction=_REDUCTION_CODES.get(options.get("reduction"), -1),
+                min_cosine=_float_bits(options.get("min_cosine")),
+                w=_float_bits(options["w"]) if "w" in options else -1,
+                b=_float_bits(options["b"]) if "b" in options else -1)
+        except (TypeError, ValueError, RuntimeError) as error:
+            local_error = error
+    meta = torch.tensor([int(local_error is None)] + [fields[key] for key in _FIELDS],
+                        dtype=torch.int64, device=device)
     gathered_meta = [torch.empty_like(meta) for _ in range(world)]
     dist.all_gather(gathered_meta, meta, group=group)
     table = torch.stack(gathered_meta).cpu().tolist()
@@ -208,9 +269,9 @@ def gather_speaker_sums(embeddings: torch.Tensor, group=None, local_error=None, 
             f"ge2e_loss(distributed=True): the inputs of rank(s) {failed} of the process group "
             "failed their checks (see the error raised there); no rank computes the loss"
         )
-    table = [row[1:] for row in table]
+    table = [dict(zip(_FIELDS, row[1:])) for row in table]
     _check_table(table)
-    counts = [row[0] for row in table]
+    counts = [row["n"] for row in table]
     _check_total_speakers(counts)
     if grouping is not None:
         # The speakers' labels of every rank (padded to the most speakers).
@@ -226,4 +287,4 @@ def gather_speaker_sums(embeddings: torch.Tensor, group=None, local_error=None, 
     padded = torch.nn.functional.pad(local_sums.to(device), (0, 0, 0, max(counts) - n))
     gathered = _AllGatherSums.apply(padded, group)  # (W, N_max, D)
     sums = torch.cat([gathered[q, :count] for q, count in enumerate(counts)])
-    return sums.to(embeddings.device), sum(counts[:rank]), sum(row[4] for row in table)
+    return sums.to(embeddings.device), sum(counts[:rank]), sum(row["rows"] for row in table)

@@ -310,17 +310,20 @@ def ge2e_loss(embeddings: torch.Tensor, w: torch.Tensor | float, b: torch.Tensor
             check_labels(labels, embeddings)
             grouping = group_by_label(labels, num_speakers)
             if grouping.speakers < (1 if distributed else 2):
-                raise ValueError(f"GE2E needs at least 2 speakers, got {grouping.speakers} "
-                                 "distinct label(s)")
+                raise ValueError(
+                    "GE2E needs at least "
+                    + ("1 speaker per rank (and 2 across ranks)" if distributed else "2 speakers")
+                    + f", got {grouping.speakers} distinct label(s) in {embeddings.shape[0]} "
+                    "row(s)")
         acc = _ops.accumulation_dtype(embeddings.dtype)
         w = _as_scalar(w, "w", embeddings, acc)
         b = _as_scalar(b, "b", embeddings, acc)
         use_extension = _use_extension(backend, embeddings)
+        min_cosine = None if min_cosine is None else float(min_cosine)
     except (TypeError, ValueError, RuntimeError) as error:
         if not distributed:
             raise
         local_error = error
-    min_cosine = None if min_cosine is None else float(min_cosine)
 
     offsets = None
     if grouping is not None:
@@ -334,8 +337,18 @@ def ge2e_loss(embeddings: torch.Tensor, w: torch.Tensor | float, b: torch.Tensor
     if distributed:
         from . import distributed as dist_impl
 
+        options = None
+        if local_error is None:
+            # What must agree across ranks besides the shapes: a rank whose loss
+            # has a backward would wait in its collective for one without.
+            needs_grad = torch.is_grad_enabled() and embeddings.requires_grad
+            with torch.no_grad():
+                options = dict(loss_method=loss_method, reduction=reduction,
+                               min_cosine=min_cosine, grad=needs_grad,
+                               w=w.detach().double().cpu().item(),
+                               b=b.detach().double().cpu().item())
         sums, offset, total_utterances = dist_impl.gather_speaker_sums(
-            embeddings, group, local_error=local_error, grouping=grouping)
+            embeddings, group, local_error=local_error, grouping=grouping, options=options)
 
     reduce = reduction != "none"
     scale = 1.0 / total_utterances if reduction == "mean" else 1.0

@@ -62,26 +62,41 @@ def check_labels(labels, embeddings) -> None:
                            f"{embeddings.device}")
 
 
+def _compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    return compiler is not None and compiler.is_compiling()
+
+
 def group_by_label(labels: torch.Tensor, num_speakers: Optional[int] = None) -> Grouping:
     """Groups the rows by label.
 
     The number of speakers is read from the labels (on an accelerator, one wait
     for the device: it sets the shapes), and a speaker with fewer than 2
-    utterances is an error that names its label. Given num_speakers on an
-    accelerator, nothing waits for the device: a wrong count or a
-    single-utterance speaker makes ``valid`` False (the loss is then NaN). On
-    the CPU, where reading back is free, those are errors either way.
+    utterances is an error that names its label. Given num_speakers, the
+    grouping has static shapes (a stable sort, the speaker boundaries, their
+    cumulative sum, and a search of the speakers 0..num_speakers in it) and
+    reads nothing from the device: on an accelerator and under torch.compile a
+    wrong count or a single-utterance speaker makes ``valid`` False (the loss
+    is then NaN). On the CPU outside torch.compile, where reading back is
+    free, those are errors either way.
     """
+    if num_speakers is not None and (isinstance(num_speakers, bool)
+                                     or not isinstance(num_speakers, int) or num_speakers < 1):
+        raise ValueError(f"num_speakers must be a positive int, got {num_speakers!r}")
+    compiling = _compiling()
+    if compiling and num_speakers is None:
+        raise ValueError(
+            "ge2e_loss(labels=...) under torch.compile needs num_speakers= (the number of "
+            "distinct labels): without it the number of speakers, which sets the shapes, has "
+            "to be read from the labels' values, which a compiled graph cannot do. Pass "
+            "num_speakers=, or call the loss outside the compiled region.")
     sorted_labels, order = torch.sort(labels, stable=True)
     b = labels.shape[0]
     starts = torch.ones(b, dtype=torch.bool, device=labels.device)
     starts[1:] = sorted_labels[1:] != sorted_labels[:-1]
     speaker_of_row = starts.cumsum(0) - 1
-    if num_speakers is not None and (isinstance(num_speakers, bool)
-                                     or not isinstance(num_speakers, int) or num_speakers < 1):
-        raise ValueError(f"num_speakers must be a positive int, got {num_speakers!r}")
     # On the CPU reading the labels back costs nothing: check them, and raise.
-    if num_speakers is None or labels.device.type == "cpu":
+    if num_speakers is None or (labels.device.type == "cpu" and not compiling):
         speaker_labels, counts = torch.unique_consecutive(sorted_labels, return_counts=True)
         if num_speakers is not None and num_speakers != counts.shape[0]:
             raise ValueError(f"num_speakers={num_speakers}, but the labels name "
@@ -94,15 +109,17 @@ def group_by_label(labels: torch.Tensor, num_speakers: Optional[int] = None) -> 
                 f"GE2E needs at least 2 utterances per speaker (the exclusive centroid of one "
                 f"utterance is empty), but speaker label {label} has {host_counts[short[0]]}"
                 + (f" ({len(short)} such speakers in all)" if len(short) > 1 else ""))
-        valid = None
-    else:
-        index = speaker_of_row.clamp(max=num_speakers - 1)
-        counts = torch.zeros(num_speakers, dtype=torch.int64, device=labels.device)
-        counts.index_add_(0, index, torch.ones_like(index))
-        speaker_labels = torch.zeros(num_speakers, dtype=labels.dtype, device=labels.device)
-        speaker_labels.index_copy_(0, index, sorted_labels)
-        valid = (speaker_of_row[-1] == num_speakers - 1) & (counts >= 2).all()
-        speaker_of_row = index
-    offsets = torch.zeros(counts.shape[0] + 1, dtype=torch.int64, device=labels.device)
-    offsets[1:] = counts.cumsum(0)
-    return Grouping(order, offsets, speaker_of_row, speaker_labels, valid)
+        offsets = torch.zeros(counts.shape[0] + 1, dtype=torch.int64, device=labels.device)
+        offsets[1:] = counts.cumsum(0)
+        return Grouping(order, offsets, speaker_of_row, speaker_labels, None)
+    if b == 0:
+        raise ValueError(f"num_speakers={num_speakers}, but there are no rows (labels of "
+                         "shape (0,))")
+    # Static shapes from here: nothing is read from the device.
+    index = speaker_of_row.clamp(max=num_speakers - 1)
+    speakers = torch.arange(num_speakers + 1, dtype=index.dtype, device=labels.device)
+    offsets = torch.searchsorted(index, speakers)  # speaker j's first row; B past the last
+    counts = offsets[1:] - offsets[:-1]
+    speaker_labels = sorted_labels.index_select(0, offsets[:-1].clamp(max=b - 1))
+    valid = (speaker_of_row[-1] == num_speakers - 1) & (counts >= 2).all()
+    return Grouping(order, offsets, index, speaker_labels, valid)

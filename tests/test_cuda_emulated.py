@@ -114,6 +114,73 @@ def test_speakers_with_different_numbers_of_utterances(emulated, method, block):
 
 
 @pytest.mark.parametrize("method", LOSS_METHODS)
+@pytest.mark.parametrize("block", [-3, -7, -16])
+def test_blocks_that_split_a_speaker(emulated, method, block):
+    """Blocks of 3, 7 or 16 rows (block < 0) cut the 12-row speaker and others in
+    the middle: the row gradients leave out a split speaker's sum over its other
+    rows, added after the last block (split_speaker_q, split_speaker_others)."""
+    sizes = [2, 12, 3, 5, 2]
+    offsets = torch.tensor([0] + torch.tensor(sizes).cumsum(0).tolist())
+    x = make_embeddings(sum(sizes), 70, 1, seed=13, requires_grad=False).reshape(sum(sizes), 70)
+    _assert_same(emulated, x, method, 1e-6, block=block, speaker_offsets=offsets)
+    dense = make_embeddings(4, 5, 9, seed=14, requires_grad=False)
+    _assert_same(emulated, dense, method, 1e-6, block=block)
+
+
+@pytest.mark.parametrize("method", LOSS_METHODS)
+def test_split_blocks_with_sums_given(emulated, method):
+    sizes = [2, 9, 3]
+    offsets = torch.tensor([0] + torch.tensor(sizes).cumsum(0).tolist())
+    x = make_embeddings(sum(sizes), 6, 1, seed=15, requires_grad=False).reshape(sum(sizes), 6)
+    g = torch.Generator().manual_seed(16)
+    own = torch.stack([x[offsets[j]:offsets[j + 1]].sum(0) for j in range(len(sizes))])
+    sums = torch.cat([torch.randn(2, 6, generator=g, dtype=torch.float64), own])
+    _assert_same(emulated, x, method, 1e-6, sums=sums, offset=2, block=-4,
+                 speaker_offsets=offsets)
+
+
+def _step_extra_bytes(rows, speakers, d, dtype, block_rows):
+    """What a fused step allocates beyond the input and its gradient (ge2e_driver.h:
+    make_call, allocate_gradients, row_outputs, sweep), in bytes."""
+    acc = 8 if dtype == torch.float64 else 4
+    k = speakers
+    block = min(block_rows, rows)
+    widened = dtype in (torch.float16, torch.bfloat16)
+    return acc * (2 * speakers * d      # own_sums_hi, own_sums_lo
+                  + k * d + k           # Z (dLoss/ds), 1/|s|
+                  + rows * 4            # own_terms
+                  + rows * 3            # losses, dLoss/dw and dLoss/db parts
+                  + block * k           # one block of cosines
+                  + (block * d if widened else 0)  # T = H S of a half-precision input
+                  + 2 * d) + 8 * rows   # a split speaker's q sums; hardest (int64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+@pytest.mark.parametrize("d", [8, 16, 64, 128, 256, 512, 1024])
+@pytest.mark.parametrize("n, m", [(4096, 10), (1024, 3), (16384, 4), (300, 64)])
+def test_gpu_block_policy_holds_the_step_bound_for_every_d(emulated, dtype, d, n, m):
+    """The GPU's blocks (the driver's rows_per_block with the CUDA policy): a
+    step's peak is at most 1.5x input plus gradient for any D, M >= 3, wherever
+    the blocks are larger than the 2^18-element floor; before, the 128-speaker
+    floor made it 1.65x at D=128 and 2.15x at D=64 (N=4096, M=10)."""
+    rows = n * m
+    block_rows = emulated.block_rows(rows, n, n, d, dtype)
+    assert block_rows >= 1
+    elem = torch.finfo(dtype).bits // 8
+    acc = 8 if dtype == torch.float64 else 4
+    bound = (rows * d * elem + rows * d * elem) // 2  # half of input plus gradient
+    extra = _step_extra_bytes(rows, n, d, dtype, block_rows)
+    fixed = _step_extra_bytes(rows, n, d, dtype, 0)  # everything but the block
+    at_floor = min(block_rows, rows) * n <= 2 ** 18 + n  # the block's minimum, 2^18 cosines
+    if fixed + (2 ** 18 + n) * acc <= bound:
+        assert extra <= bound, (block_rows, extra / bound)
+    else:
+        # Where the sums and per-row statistics alone (nearly) exceed it, as the
+        # README says (small D, M or half precision): the block is at its floor.
+        assert at_floor, (block_rows, extra / bound)
+
+
+@pytest.mark.parametrize("method", LOSS_METHODS)
 def test_external_sums_at_an_offset(emulated, method):
     """The distributed form: 2 local speakers at rows 1-2 of 5 speaker sums."""
     x = make_embeddings(2, 3, 6, seed=5, requires_grad=False)

@@ -131,6 +131,58 @@ def _mismatches(rank, world):
     return messages
 
 
+# The option mismatches run on their own group with a short timeout: a rank
+# left waiting in a collective fails within seconds (and the test with it)
+# instead of hanging until GROUP_TIMEOUT.
+MISMATCH_TIMEOUT = datetime.timedelta(seconds=15)
+
+
+def _option_mismatches(rank, world, group):
+    """Calls whose options or gradient needs differ between ranks, or whose own
+    input is bad on one rank: (exception type, message) per kind and rank, and
+    whether the backward ran (it must not: every rank raises in the forward)."""
+    last = world - 1
+    kinds = {
+        # (requires_grad, kwargs) of this rank
+        "grad": (rank == 0, {}),
+        "grad_labels": (rank != last, {"labels": True}),
+        "min_cosine": (True, {"min_cosine": 1e-6 if rank == 0 else None}),
+        "min_cosine_value": (True, {"min_cosine": 1e-6 if rank == 0 else 1e-3}),
+        "method": (True, {"loss_method": "contrast" if rank == last else "softmax"}),
+        "reduction": (True, {"reduction": "mean" if rank == 0 else "sum"}),
+        "w": (True, {"w": W0 if rank == 0 else W0 + 1}),
+        "b": (True, {"b": B0 if rank == last else B0 - 1}),
+        # one rank's own input is bad: its error there, a RuntimeError naming it elsewhere
+        "min_cosine_type": (True, {"min_cosine": "0.1" if rank == 0 else 1e-6}),
+        "empty_labels": (True, {"labels": True, "rows": 0 if rank == last else None}),
+    }
+    results = {}
+    for kind, (requires_grad, kwargs) in kinds.items():
+        kwargs = dict(kwargs)
+        w = kwargs.pop("w", W0)
+        b = kwargs.pop("b", B0)
+        labels = kwargs.pop("labels", False)
+        rows = kwargs.pop("rows", None)
+        if labels:
+            count = 6 if rows is None else rows
+            x = torch.randn(count, D, dtype=torch.float64)
+            kwargs["labels"] = torch.arange(count) // 2 + 10 * rank
+        else:
+            x = torch.randn(3, M, D, dtype=torch.float64)
+        x.requires_grad_(requires_grad)
+        backward_ran = False
+        try:
+            loss = ge2e_loss(x, w, b, distributed=True, group=group, **kwargs)
+            if loss.requires_grad:
+                loss.sum().backward()
+                backward_ran = True
+        except (TypeError, ValueError, RuntimeError) as error:
+            results[kind] = (type(error).__name__, str(error), backward_ran)
+        else:
+            results[kind] = (None, None, backward_ran)
+    return results
+
+
 def _labelled_rows(world):
     """Each rank's (rows, labels): speakers with 2 to 5 utterances, shuffled; labels
     unique to their rank."""
@@ -222,6 +274,8 @@ def _worker(rank, world, init_file, out_dir):
         results["ddp"] = _ddp_share(rank, world)
         results["labels"] = _labels_share(rank, world)
         results["mismatch"] = _mismatches(rank, world)
+        quick = dist.new_group(list(range(world)), timeout=MISMATCH_TIMEOUT)
+        results["options"] = _option_mismatches(rank, world, quick)
         # The errors left no collective pending: the group still works.
         first = _cases(world)[0]
         results["after_mismatch"] = _rank_share(first, rank, None)
@@ -428,3 +482,49 @@ def test_a_label_on_two_ranks_is_the_same_error_everywhere(runs, world):
     messages = [runs(world)[r]["labels"]["clash"] for r in range(world)]
     assert all(m is not None for m in messages) and len(set(messages)) == 1, messages
     assert "label 7 on ranks" in messages[0] and "one rank" in messages[0]
+
+
+OPTION_HINTS = {
+    "grad": "whether the loss needs a gradient",
+    "grad_labels": "whether the loss needs a gradient",
+    "min_cosine": "differ in min_cosine",
+    "min_cosine_value": "differ in min_cosine",
+    "method": "differ in loss_method",
+    "reduction": "differ in reduction",
+    "w": "differ in w",
+    "b": "differ in b",
+}
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("kind", list(OPTION_HINTS))
+def test_option_and_gradient_mismatches_are_the_same_error_on_every_rank(runs, world, kind):
+    """requires_grad on some ranks only (the backward is a collective: it would
+    hang), or different loss options: the same ValueError on every rank, in the
+    forward, before any collective that could wait (the run's group for these
+    calls times out after 15 s, so a wait would fail the messages below)."""
+    results = [runs(world)[r]["options"][kind] for r in range(world)]
+    assert all(r[0] == "ValueError" for r in results), results
+    assert len({r[1] for r in results}) == 1, results
+    assert OPTION_HINTS[kind] in results[0][1], results[0][1]
+    assert not any(r[2] for r in results)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_a_bad_option_on_one_rank_is_its_error_there_and_named_elsewhere(runs, world):
+    """A min_cosine that is not a number on rank 0: its TypeError there, and a
+    RuntimeError naming rank 0 on the others (not a network error)."""
+    results = [runs(world)[r]["options"]["min_cosine_type"] for r in range(world)]
+    assert results[0][0] == "TypeError" and "min_cosine" in results[0][1], results[0]
+    for r in range(1, world):
+        assert results[r][0] == "RuntimeError" and "rank(s) [0]" in results[r][1], results[r]
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_a_labels_rank_with_no_rows_is_told_one_speaker_per_rank(runs, world):
+    results = [runs(world)[r]["options"]["empty_labels"] for r in range(world)]
+    last = world - 1
+    assert results[last][0] == "ValueError", results[last]
+    assert "1 speaker per rank" in results[last][1] and "0 row(s)" in results[last][1]
+    for r in range(last):
+        assert results[r][0] == "RuntimeError" and f"rank(s) [{last}]" in results[r][1]

@@ -8,7 +8,8 @@ from hypothesis import strategies as st
 import ge2e_ext
 from ge2e_ext.methods import METHODS
 
-from helpers import (DEVICE_BACKENDS, EXTENSION_DEVICES, LOSS_METHODS, assert_close_rel, ge2e,
+from helpers import (CPU_BACKENDS, DEVICE_BACKENDS, EXTENSION_DEVICES, LOSS_METHODS,
+                     assert_close_rel, ge2e,
                      leaf, loss_and_grads, make_embeddings, make_scalars, needs_cpu_extension)
 
 
@@ -207,3 +208,52 @@ def test_bad_offsets_of_a_direct_op_call_are_errors():
     with pytest.raises(ValueError, match="from 0 to B = 6"):
         torch.ops.ge2e_ext.ge2e_forward(rows, None, w, b, 0, "softmax", 1e-6, 0,
                                         torch.tensor([0, 3, 5]))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_compile_fullgraph_with_num_speakers(backend, dynamic):
+    """With num_speakers the grouping has static shapes (sort, boundaries,
+    cumulative sum, searchsorted against arange(num_speakers + 1)): the labels
+    form traces with fullgraph=True, and gives the eager loss and gradients."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    rows, labels = grouped_batch([2, 7, 3, 4], 5, seed=30)
+    w, b = make_scalars()
+
+    def loss_fn(x, labels, w, b):
+        return ge2e_ext.ge2e_loss(x, w, b, labels=labels, num_speakers=4, backend=backend)
+
+    compiled = torch.compile(loss_fn, fullgraph=True, dynamic=dynamic)
+    eager = loss_and_grads(lambda x, w, b: loss_fn(x, labels, w, b), leaf(rows), w, b)
+    got = loss_and_grads(lambda x, w, b: compiled(x, labels, w, b), leaf(rows), w, b)
+    assert_close_rel(got[0], eager[0], 1e-12, "loss")
+    for g, r in zip(got[1], eager[1]):
+        assert_close_rel(g, r, 1e-12, "grad")
+    if dynamic:  # another batch size, another speaker count's values: the same graph
+        rows2, labels2 = grouped_batch([3, 2, 5, 2], 5, seed=31)
+        x2 = leaf(rows2)
+        assert_close_rel(compiled(x2, labels2, w, b), loss_fn(x2, labels2, w, b), 1e-12, "loss")
+        # A wrong count (3 speakers, not 4): under compile nothing is read back, so
+        # the PyTorch path gives a NaN loss; the CPU op still checks its offsets.
+        bad = torch.where(labels2 == labels2[0], labels2[-1], labels2)
+        if backend == "torch":
+            assert torch.isnan(compiled(x2, bad, w, b))
+        else:
+            with pytest.raises(ValueError, match="utterances per speaker"):
+                compiled(x2, bad, w, b)
+
+
+def test_compile_without_num_speakers_says_to_pass_it():
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    rows, labels = grouped_batch([2, 3], 4, seed=32)
+
+    @torch.compile(fullgraph=True)
+    def loss_fn(x, labels):
+        return ge2e_ext.ge2e_loss(x, 1.0, 0.0, labels=labels, backend="torch")
+
+    with pytest.raises(Exception, match="num_speakers"):
+        loss_fn(rows, labels)

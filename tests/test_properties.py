@@ -78,3 +78,28 @@ def test_loss_ranges(shape, seed, backend, dtype):
     slack = 1e-5 if dtype == torch.float32 else 1e-12
     assert (softmax >= -slack).all()
     assert ((contrast >= -slack) & (contrast <= 2 + slack)).all()
+
+
+def test_ci_runs_hypothesis_derandomized_without_a_database():
+    """With CI=true (as .ci/run sets it) tests/conftest.py loads the "ci" profile
+    before the test modules build their settings: every hypothesis test then
+    draws the same examples on every clean clone."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    tests = pathlib.Path(__file__).parent
+    code = ("import conftest, test_properties, test_numerics\n"
+            "from hypothesis import settings\n"
+            "s = test_properties.PROPERTY_SETTINGS\n"
+            "t = test_numerics.test_hard_batches_match_the_reference"
+            "._hypothesis_internal_use_settings\n"
+            "print(settings.default.derandomize, s.derandomize, t.derandomize, "
+            "settings.default.database is None, t.database is None)")
+    env = dict(os.environ, CI="true")
+    env.pop("HYPOTHESIS_PROFILE", None)
+    out = subprocess.run([sys.executable, "-c", code], cwd=tests, env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True"] * 5, out.stdout

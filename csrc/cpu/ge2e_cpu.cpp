@@ -110,7 +110,8 @@ struct CpuDevice {
   // Cosine blocks up to an eighth of the input: at N=2048, M=10, D=256 a
   // sixteenth made a step 4% slower (smaller matrix products).
   static constexpr int64_t kBlockInputShare = 8;
-  static constexpr int64_t kMinBlockSpeakers = 1;
+  // The cosines are the only budget (the sums and per-row buffers come on top).
+  static constexpr bool kBoundStepPeak = false;
   // The contrast loss's gradient has two non-zero entries per row, so its
   // products are a gather and a bucketed sum: O(B D) instead of O(B K D).
   static constexpr bool kSparseProducts = true;
@@ -131,7 +132,7 @@ struct CpuDevice {
   static void rows(const Problem& p, const RowBuffers& rb, RowPass pass, Block blk,
                    void* cosines) {
     const auto& k = kernels(p);
-    parallel_over(p, blk.count, cpu::rows_scratch(p), [&](int64_t lo, int64_t hi, void* scratch) {
+    parallel_over(p, blk.rows, cpu::rows_scratch(p), [&](int64_t lo, int64_t hi, void* scratch) {
       k.rows(p, rb, pass, blk, cosines, scratch, lo, hi);
     });
   }
@@ -171,6 +172,17 @@ struct CpuDevice {
                   [&](int64_t lo, int64_t hi, void* scratch) {
                     k.row_gradients(p, blk, t_rows, cosines, hardest, z_to_fold, grad, scratch,
                                     lo, hi);
+                  });
+  }
+
+  static void split_speaker_others(const Problem& p, Block speaker, void*, void* grad) {
+    const auto& k = kernels(p);
+    // Over coordinates (in runs of 16), each summed over the rows in order.
+    const int64_t runs = (p.dim + 15) / 16;
+    parallel_over(p, runs, cpu::split_speaker_others_scratch(p),
+                  [&](int64_t lo, int64_t hi, void* scratch) {
+                    k.split_speaker_others(p, speaker.first, grad, scratch, lo * 16,
+                                           std::min(hi * 16, p.dim));
                   });
   }
 

@@ -13,6 +13,7 @@
 // reorder); and ge2e_math.h's inlined exp.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 
 #include "../ge2e_math.h"
@@ -182,6 +183,7 @@ void impostor_grads(acc_t* __restrict__ row, const acc_t* __restrict__ inv_sums,
 template <class Method, bool kSparse, typename acc_t>
 void rows(const Problem& p, const RowBuffers& rb, RowPass pass, Block blk, acc_t* cosines,
           acc_t* scratch, int64_t lo, int64_t hi) {
+  // lo, hi: rows of the block (a block may hold part of a speaker's rows).
   const auto params = params_of<acc_t>(p);
   const auto* inv_sums = static_cast<const acc_t*>(p.inv_sums);
   auto* own_terms = static_cast<acc_t*>(p.own_terms);
@@ -191,10 +193,16 @@ void rows(const Problem& p, const RowBuffers& rb, RowPass pass, Block blk, acc_t
   auto* b_part = static_cast<acc_t*>(rb.b_grad_part);
   acc_t* values = scratch;
   const int64_t K = p.total_speakers;
-  for (int64_t jb = lo; jb < hi; ++jb) {
-    const int64_t j = blk.first + jb, own = p.speaker_offset + j;
-    const int64_t begin = first_row(p, j), end = first_row(p, j + 1);
-    for (int64_t r = begin; r < end; ++r) {
+  int64_t j = speaker_of(p, blk.first_row + lo);
+  int64_t begin = first_row(p, j), end = first_row(p, j + 1);
+  for (int64_t r = blk.first_row + lo; r < blk.first_row + hi; ++r) {
+    while (r >= end) {  // the next speaker (skipping any empty one)
+      ++j;
+      begin = end;
+      end = first_row(p, j + 1);
+    }
+    const int64_t own = p.speaker_offset + j;
+    {
       acc_t* row = cosines + (r - blk.first_row) * K;
       const OwnCosine<acc_t> exclusive = load_own_cosine(own_terms + r * kOwnTermsSize);
       const RowView<acc_t> view{clamp_cosine(exclusive.raw_cos, params), params};
@@ -292,8 +300,17 @@ inline void sum_grad(const Problem& p, int64_t k, const acc_t* z, acc_t* out) {
                      static_cast<const acc_t*>(p.inv_sums)[k], out, p.dim);
 }
 
+// A speaker's rows whose q row_gradients keeps (a speaker with more computes
+// each q twice instead), so that its scratch is O(D) per task: it does not
+// grow with the largest speaker.
+constexpr int64_t kStoredQRows = 16;
+
 // Scratch of one row_gradients range, in acc_t elements.
-inline int64_t row_gradients_scratch(const Problem& p) { return (p.max_utterances + 5) * p.dim; }
+inline int64_t row_gradients_scratch(const Problem& p) {
+  const int64_t stored = p.max_utterances > 0 && p.max_utterances < kStoredQRows
+                             ? p.max_utterances : kStoredQRows;
+  return (stored + 8) * p.dim;
+}
 
 // A row's q = h dcos(e, u)/du, and q added to the compensated sum (q_hi, q_lo).
 template <typename scalar_t, typename acc_t>
@@ -341,7 +358,8 @@ void scaled_copy(acc_t factor, const acc_t* __restrict__ in, acc_t* __restrict__
 //   cross part   T_r - e_r (e_r . T_r)/|e_r|^2, T = H S (`t_rows`, or with
 //                kSparse H_{r,k*} s_k* from the hardest entry of `cosines`)
 //   own part     h (dcos(e, u)/de), and the other rows' q = h dcos(e, u)/du
-//                summed without subtraction (CompensatedSum)
+//                summed without subtraction (CompensatedSum); for a speaker
+//                the block splits, that sum is left to split_speaker_others
 //   z_to_fold    when given, dLoss/ds_j of every speaker j, added to its rows.
 // `t_rows` may be the gradient's own memory: each row is computed into scratch
 // first.
@@ -355,22 +373,38 @@ void row_gradients(const Problem& p, Block blk, const acc_t* t_rows, const acc_t
   const auto* sums_lo = static_cast<const acc_t*>(p.own_sums_lo);
   const auto* own_terms = static_cast<const acc_t*>(p.own_terms);
   const int64_t K = p.total_speakers, D = p.dim;
-  acc_t* q = scratch;                              // (M_j, D): each row's q
-  acc_t* q_hi = scratch + p.max_utterances * D;    // (D,): their compensated sum
+  const int64_t stored = row_gradients_scratch(p) / D - 8;
+  acc_t* q_stored = scratch;                 // (stored, D): the rows' q, small speakers
+  acc_t* q_hi = scratch + stored * D;        // (D,): their compensated sum
   acc_t* q_lo = q_hi + D;
   acc_t* fold = q_lo + D;              // (D,): dLoss/ds_j
   acc_t* sparse_cross = fold + D;      // (D,): H_{r,k*} s_k*
   acc_t* out = sparse_cross + D;       // (D,): the row's gradient
+  acc_t* q_row = out + D;              // (D,): one row's q, large speakers
+  acc_t* unused_hi = q_row + D;        // (2 D): where a recomputed q's sum goes
+  acc_t* unused_lo = unused_hi + D;
+  const int64_t block_end = blk.first_row + blk.rows;
   for (int64_t jb = lo; jb < hi; ++jb) {
     const int64_t j = blk.first + jb;
     const acc_t* s_hi = sums_hi + j * D;
     const acc_t* s_lo = sums_lo + j * D;
-    const int64_t begin = first_row(p, j), end = first_row(p, j + 1);
-    for (int64_t d = 0; d < D; ++d) q_hi[d] = q_lo[d] = acc_t(0);
-    for (int64_t r = begin; r < end; ++r) {
+    const int64_t speaker_begin = first_row(p, j), speaker_end = first_row(p, j + 1);
+    const int64_t begin = std::max(speaker_begin, blk.first_row);
+    const int64_t end = std::min(speaker_end, block_end);
+    const bool whole = begin == speaker_begin && end == speaker_end;
+    const bool keep_q = end - begin <= stored;
+    const auto q_of = [&](int64_t r, acc_t* q, acc_t* sum_hi, acc_t* sum_lo) {
       own_grads_through_others(emb + r * D, s_hi, s_lo, own_terms[r * kOwnTermsSize + kOwnGradSlot],
-                               load_own_cosine(own_terms + r * kOwnTermsSize),
-                               q + (r - begin) * D, q_hi, q_lo, D);
+                               load_own_cosine(own_terms + r * kOwnTermsSize), q, sum_hi, sum_lo,
+                               D);
+    };
+    for (int64_t d = 0; d < D; ++d) q_hi[d] = q_lo[d] = acc_t(0);
+    if (whole) {
+      for (int64_t r = begin; r < end; ++r) {
+        q_of(r, keep_q ? q_stored + (r - begin) * D : q_row, q_hi, q_lo);
+      }
+    } else {
+      for (int64_t d = 0; d < D; ++d) q_row[d] = acc_t(0);  // q_hi = q_lo = q = 0: no sum
     }
     if (z_to_fold != nullptr) {
       sum_grad(p, p.speaker_offset + j, z_to_fold, fold);
@@ -388,10 +422,54 @@ void row_gradients(const Problem& p, Block blk, const acc_t* t_rows, const acc_t
                     sparse_cross, D);
         t_row = sparse_cross;
       }
-      row_gradient(e, t_row, s_hi, s_lo, q + (r - begin) * D, q_hi, q_lo, fold,
+      const acc_t* q = q_row;
+      if (whole && keep_q) {
+        q = q_stored + (r - begin) * D;
+      } else if (whole) {
+        q_of(r, q_row, unused_hi, unused_lo);  // the same q as in the sum, computed again
+      }
+      row_gradient(e, t_row, s_hi, s_lo, q, q_hi, q_lo, fold,
                    own_terms[r * kOwnTermsSize + kOwnGradSlot],
                    load_own_cosine(own_terms + r * kOwnTermsSize), dot<acc_t>(e, t_row, D), out, D);
       store_row(out, grad + r * D, D);
+    }
+  }
+}
+
+// Scratch of one split_speaker_others range, in acc_t elements.
+inline int64_t split_speaker_others_scratch(const Problem& p) { return 5 * p.dim; }
+
+// Coordinates [lo, hi) of the rows of speaker j, which the blocks split: adds
+// the sum over the speaker's other rows of their q (the compensated sum of
+// all its rows' q, without the row's own), once every block has written its
+// rows' own gradients. Each q is computed twice, by the same code.
+template <typename scalar_t, typename acc_t>
+void split_speaker_others(const Problem& p, int64_t j, scalar_t* grad, acc_t* scratch,
+                          int64_t lo, int64_t hi) {
+  const auto* emb = static_cast<const scalar_t*>(p.embeddings);
+  const auto* own_terms = static_cast<const acc_t*>(p.own_terms);
+  const int64_t D = p.dim, width = hi - lo;
+  const acc_t* s_hi = static_cast<const acc_t*>(p.own_sums_hi) + j * D + lo;
+  const acc_t* s_lo = static_cast<const acc_t*>(p.own_sums_lo) + j * D + lo;
+  acc_t* q_hi = scratch;
+  acc_t* q_lo = q_hi + width;
+  acc_t* q = q_lo + width;
+  acc_t* unused_hi = q + width;
+  acc_t* unused_lo = unused_hi + width;
+  const int64_t begin = first_row(p, j), end = first_row(p, j + 1);
+  for (int64_t d = 0; d < width; ++d) q_hi[d] = q_lo[d] = unused_hi[d] = unused_lo[d] = acc_t(0);
+  for (int pass = 0; pass < 2; ++pass) {
+    for (int64_t r = begin; r < end; ++r) {
+      own_grads_through_others(emb + r * D + lo, s_hi, s_lo,
+                               own_terms[r * kOwnTermsSize + kOwnGradSlot],
+                               load_own_cosine(own_terms + r * kOwnTermsSize), q,
+                               pass == 0 ? q_hi : unused_hi, pass == 0 ? q_lo : unused_lo, width);
+      if (pass == 0) continue;
+      scalar_t* row = grad + r * D + lo;
+      for (int64_t d = 0; d < width; ++d) {
+        row[d] = static_cast<scalar_t>(static_cast<acc_t>(row[d]) +
+                                       sum_without(q_hi[d], q_lo[d], q[d]));
+      }
     }
   }
 }

@@ -26,6 +26,8 @@ struct KernelTable {
   void (*row_gradients)(const Problem&, Block, const void* t_rows, const void* cosines,
                         const int64_t* hardest, const void* z_to_fold, void* grad, void* scratch,
                         int64_t lo, int64_t hi);
+  void (*split_speaker_others)(const Problem&, int64_t j, void* grad, void* scratch, int64_t lo,
+                               int64_t hi);
   void (*fold)(const Problem&, const void* z, void* grad, void* scratch, int64_t lo, int64_t hi);
   void (*sum_grads)(const Problem&, void* z, int64_t lo, int64_t hi);
   void (*scalars)(const Problem&, const void* w_part, const void* b_part, const void* loss_rows,
@@ -109,6 +111,14 @@ struct Entries {
       });
     });
   }
+  static void split_speaker_others(const Problem& p, int64_t j, void* grad, void* scratch,
+                                   int64_t lo, int64_t hi) {
+    dispatch_table_dtype<Types>(p.dtype, [&](auto s, auto a) {
+      using acc_t = decltype(a);
+      cpu::split_speaker_others<decltype(s), acc_t>(p, j, static_cast<decltype(s)*>(grad),
+                                                    static_cast<acc_t*>(scratch), lo, hi);
+    });
+  }
   static void fold(const Problem& p, const void* z, void* grad, void* scratch, int64_t lo,
                    int64_t hi) {
     dispatch_table_dtype<Types>(p.dtype, [&](auto s, auto a) {
@@ -141,7 +151,7 @@ template <class Types>
 constexpr KernelTable make_kernel_table(const char* name) {
   using E = Entries<Types>;
   return KernelTable{name,          E::speaker_stats, E::sum_inverse_norms, E::rows,
-                     E::sparse_sum_grads, E::row_gradients, E::fold,  E::sum_grads,
+                     E::sparse_sum_grads, E::row_gradients, E::split_speaker_others, E::fold,  E::sum_grads,
                      E::scalars};
 }
 

@@ -41,6 +41,12 @@ struct CudaDevice : cuda::BlockPolicy {
           failed);
   }
 
+  static void split_speaker_others(const Problem& p, Block speaker, void* q_sums, void* grad) {
+    const char* failed = nullptr;
+    check(cuda::launch_split_speaker_others(p, speaker, q_sums, grad, current_stream(), &failed),
+          failed);
+  }
+
   static void fold(const Problem& p, const void* z, void* grad) {
     const char* failed = nullptr;
     check(cuda::launch_fold(p, z, grad, current_stream(), &failed), failed);

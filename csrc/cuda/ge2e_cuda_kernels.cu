@@ -41,6 +41,11 @@ int launch_row_gradients(const Problem& p, Block blk, const void* t_rows, const 
   return Gpu::row_gradients(p, blk, t_rows, z_to_fold, grad, stream, failed);
 }
 
+int launch_split_speaker_others(const Problem& p, Block speaker, void* q_sums, void* grad,
+                                Stream stream, const char** failed) {
+  return Gpu::split_speaker_others(p, speaker, q_sums, grad, stream, failed);
+}
+
 int launch_fold(const Problem& p, const void* z, void* grad, Stream stream, const char** failed) {
   return Gpu::fold(p, z, grad, stream, failed);
 }

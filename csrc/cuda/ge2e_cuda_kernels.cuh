@@ -26,13 +26,13 @@
 namespace ge2e {
 namespace cuda {
 
-// How the GPU device blocks its speakers (ge2e_driver.h, speakers_per_block):
-// the whole batch while its cosines take at most half the input, else at
-// least 128 speakers per block (efficient cuBLAS products), which keeps a
-// step's peak within 1.5x of input plus gradient.
+// How the GPU device blocks its rows (ge2e_driver.h, rows_per_block): the
+// whole batch while its cosines take at most half the input, else blocks of
+// rows whose cosines, with the sums and per-row buffers, keep a step's peak
+// within 1.5x of input plus gradient (at least 2^18 cosines per block).
 struct BlockPolicy {
   static constexpr int64_t kBlockInputShare = 2;
-  static constexpr int64_t kMinBlockSpeakers = 128;
+  static constexpr bool kBoundStepPeak = true;
   // The contrast loss takes the dense products too: cuBLAS makes them cheap.
   static constexpr bool kSparseProducts = false;
 };
@@ -46,6 +46,8 @@ int launch_rows(const Problem& p, const RowBuffers& rb, RowPass pass, Block blk,
                 Stream stream, const char** failed);
 int launch_row_gradients(const Problem& p, Block blk, const void* t_rows, const void* z_to_fold,
                          void* grad, Stream stream, const char** failed);
+int launch_split_speaker_others(const Problem& p, Block speaker, void* q_sums, void* grad,
+                                Stream stream, const char** failed);
 int launch_fold(const Problem& p, const void* z, void* grad, Stream stream, const char** failed);
 int launch_finish(const Problem& p, void* z, const void* w_part, const void* b_part,
                   const void* loss_rows, double loss_scale, void* grad_w, void* grad_b,
@@ -289,7 +291,8 @@ __device__ __forceinline__ acc_t sum_grad(const Problem& p, int64_t k, int64_t d
 // cross-speaker part from T = H S (`t_rows`, which may be the gradient's own memory:
 // each thread reads its elements before it writes them, after the barriers of
 // the reduction), the own part, the other rows' q summed directly over the
-// speaker's other utterances (no subtraction), and with z_to_fold the
+// speaker's other utterances (no subtraction; for a speaker the block splits,
+// split_speaker_others adds it after the last block), and with z_to_fold the
 // speaker's dLoss/ds.
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kMaxThreads)
@@ -316,10 +319,11 @@ __global__ void __launch_bounds__(kMaxThreads)
   const auto dots = block_reduce(part, scratch);
   const OwnCosine<acc_t> exclusive = load_own_cosine(own_terms + r * kOwnTermsSize);
   const acc_t own_grad = own_terms[r * kOwnTermsSize + kOwnGradSlot];
+  const bool split = begin < blk.first_row || end > blk.first_row + blk.rows;
   for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
     const acc_t ev = to_acc(e[d]);
     acc_t others = 0;  // sum over the speaker's other rows r2 of their q
-    for (int64_t r2 = begin; r2 < end; ++r2) {
+    for (int64_t r2 = begin; r2 < (split ? begin : end); ++r2) {
       if (r2 == r) continue;
       const acc_t e2 = to_acc(emb[r2 * D + d]);
       others += own_grad_through_others(own_terms[r2 * kOwnTermsSize + kOwnGradSlot],
@@ -331,6 +335,51 @@ __global__ void __launch_bounds__(kMaxThreads)
               own_grad_through_embedding(own_grad, exclusive, ev, uv) + others;
     if (z_to_fold != nullptr) g += sum_grad(p, own, d, z_to_fold, dots.v[1]);
     store(grad + r * D + d, g);
+  }
+}
+
+// Speaker j, which the blocks split, one thread per coordinate d: the
+// compensated sum (q_sums[d], q_sums[D + d]) of its rows' q.
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kMaxThreads)
+    split_speaker_q_kernel(Problem p, int64_t j, acc_t* q_sums) {
+  const int64_t D = p.dim;
+  const int64_t d = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (d >= D) return;
+  const auto* emb = static_cast<const scalar_t*>(p.embeddings);
+  const auto* own_terms = static_cast<const acc_t*>(p.own_terms);
+  const acc_t s_hi = static_cast<const acc_t*>(p.own_sums_hi)[j * D + d];
+  const acc_t s_lo = static_cast<const acc_t*>(p.own_sums_lo)[j * D + d];
+  acc_t hi = 0, lo = 0;
+  for (int64_t r = first_row(p, j); r < first_row(p, j + 1); ++r) {
+    const acc_t ev = to_acc(emb[r * D + d]);
+    add_compensated(hi, lo,
+                    own_grad_through_others(own_terms[r * kOwnTermsSize + kOwnGradSlot],
+                                            load_own_cosine(own_terms + r * kOwnTermsSize), ev,
+                                            sum_without(s_hi, s_lo, ev)));
+  }
+  q_sums[d] = hi;
+  q_sums[D + d] = lo;
+}
+
+// One block per row of speaker j (split by the blocks), threads over D: adds
+// the sum of the speaker's other rows' q, all of them without the row's own.
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kMaxThreads)
+    split_speaker_others_kernel(Problem p, int64_t j, const acc_t* q_sums, scalar_t* grad) {
+  const int64_t D = p.dim;
+  const int64_t r = first_row(p, j) + blockIdx.x;
+  const auto* emb = static_cast<const scalar_t*>(p.embeddings);
+  const auto* own_terms = static_cast<const acc_t*>(p.own_terms);
+  const acc_t* s_hi = static_cast<const acc_t*>(p.own_sums_hi) + j * D;
+  const acc_t* s_lo = static_cast<const acc_t*>(p.own_sums_lo) + j * D;
+  const OwnCosine<acc_t> exclusive = load_own_cosine(own_terms + r * kOwnTermsSize);
+  const acc_t own_grad = own_terms[r * kOwnTermsSize + kOwnGradSlot];
+  for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
+    const acc_t ev = to_acc(emb[r * D + d]);
+    const acc_t q = own_grad_through_others(own_grad, exclusive, ev, sum_without(s_hi[d], s_lo[d], ev));
+    scalar_t* g = grad + r * D + d;
+    store(g, to_acc(*g) + sum_without(q_sums[d], q_sums[D + d], q));
   }
 }
 
@@ -453,6 +502,26 @@ struct Launchers {
                          threads_for(p.dim), stream, p, blk, static_cast<const acc_t*>(t_rows),
                          static_cast<const acc_t*>(z_to_fold), static_cast<scalar_t*>(grad)),
              "row_gradients");
+    });
+    *failed = status.failed;
+    return status.error;
+  }
+
+  // speaker: one speaker (first) and its rows.
+  static int split_speaker_others(const Problem& p, Block speaker, void* q_sums, void* grad,
+                                  Stream stream, const char** failed) {
+    Status status;
+    dispatch_dtype<CudaTypes>(p.dtype, [&](auto scalar_zero, auto acc_zero) {
+      using scalar_t = decltype(scalar_zero);
+      using acc_t = decltype(acc_zero);
+      const int threads = threads_for(p.dim);
+      status(Launch::run(split_speaker_q_kernel<scalar_t, acc_t>, (p.dim + threads - 1) / threads,
+                         threads, stream, p, speaker.first, static_cast<acc_t*>(q_sums)),
+             "split_speaker_q");
+      status(Launch::run(split_speaker_others_kernel<scalar_t, acc_t>,
+                         speaker.rows, threads, stream, p, speaker.first,
+                         static_cast<const acc_t*>(q_sums), static_cast<scalar_t*>(grad)),
+             "split_speaker_others");
     });
     *failed = status.failed;
     return status.error;

@@ -54,6 +54,10 @@ struct EmulatedDevice : ge2e::cuda::BlockPolicy {
     const char* failed;
     Emulated::row_gradients(p, blk, t_rows, z_to_fold, grad, nullptr, &failed);
   }
+  static void split_speaker_others(const Problem& p, Block speaker, void* q_sums, void* grad) {
+    const char* failed;
+    Emulated::split_speaker_others(p, speaker, q_sums, grad, nullptr, &failed);
+  }
   static void fold(const Problem& p, const void* z, void* grad) {
     const char* failed;
     Emulated::fold(p, z, grad, nullptr, &failed);
@@ -67,6 +71,22 @@ struct EmulatedDevice : ge2e::cuda::BlockPolicy {
   }
 };
 
+// The rows per block the driver takes with the CUDA device's policy, for a
+// (rows, D) input of `dtype` with `speakers` local speakers among
+// `total_speakers` (tests check the step's allocations against the bound).
+int64_t block_rows(int64_t rows, int64_t speakers, int64_t total_speakers, int64_t dim,
+                   at::ScalarType dtype) {
+  ge2e::Call c;
+  Problem& p = c.problem;
+  p.total_rows = rows;
+  p.speakers = speakers;
+  p.total_speakers = total_speakers;
+  p.dim = dim;
+  c.embeddings = at::empty({0}, at::TensorOptions().dtype(dtype));
+  c.sums = at::empty({0}, at::TensorOptions().dtype(ge2e::accumulation_type(dtype)));
+  return ge2e::rows_per_block<EmulatedDevice>(c);
+}
+
 // Kernel launches since the last call (and resets the count).
 int64_t kernel_launches() { return launches.exchange(0); }
 
@@ -77,6 +97,8 @@ TORCH_LIBRARY(ge2e_emu, m) {
   m.def(ge2e::kBackwardSchema);
   m.def(ge2e::kForwardBackwardSchema);
   m.def("kernel_launches() -> int", &kernel_launches);
+  m.def("block_rows(int rows, int speakers, int total_speakers, int dim, ScalarType dtype) -> int",
+        &block_rows);
 }
 
 TORCH_LIBRARY_IMPL(ge2e_emu, CPU, m) {
