@@ -11,6 +11,7 @@ tests run the real thing where a GPU exists."""
 import importlib.util
 import os
 import pathlib
+import shlex
 
 import pytest
 import torch
@@ -39,10 +40,18 @@ def _emulation_build():
 def _load_emulation(tmp_path_factory, threads, namespace):
     """The emulation built at `threads` threads per block (tests/cuda_emulation/
     build.py: __shared__ poisoned before each block), loaded as torch.ops.<namespace>,
-    blocks in shuffled order (GE2E_EMU_BLOCK_ORDER may choose another)."""
-    library = _emulation_build().build(tmp_path_factory.mktemp(f"cuda_emulation_{threads}"),
-                                       threads=threads, namespace=namespace,
-                                       verbose=bool(os.environ.get("GE2E_VERBOSE_BUILD")))
+    blocks in shuffled order (GE2E_EMU_BLOCK_ORDER may choose another).
+    scripts/sanitize.sh builds it beforehand with the sanitizers' flags and says
+    where (GE2E_EMU_BUILD_DIR, GE2E_EMU_CFLAGS, GE2E_EMU_LDFLAGS, GE2E_EMU_PREBUILT)."""
+    env = os.environ
+    build_dir = (pathlib.Path(env["GE2E_EMU_BUILD_DIR"]) / f"threads{threads}"
+                 if env.get("GE2E_EMU_BUILD_DIR")
+                 else tmp_path_factory.mktemp(f"cuda_emulation_{threads}"))
+    library = _emulation_build().build(
+        build_dir, threads=threads, namespace=namespace,
+        cflags=shlex.split(env.get("GE2E_EMU_CFLAGS", "-O1")),
+        ldflags=shlex.split(env.get("GE2E_EMU_LDFLAGS", "")),
+        verbose=bool(env.get("GE2E_VERBOSE_BUILD")), prebuilt=bool(env.get("GE2E_EMU_PREBUILT")))
     torch.ops.load_library(str(library))
     return getattr(torch.ops, namespace)
 

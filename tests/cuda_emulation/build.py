@@ -84,9 +84,11 @@ def copy_sources(src: pathlib.Path, namespace: str) -> list[pathlib.Path]:
 
 
 def build(build_dir, threads: int = 64, namespace: str = DEFAULT_NAMESPACE, cflags=("-O1",),
-          ldflags=(), jobs: int | None = None, verbose: bool = False) -> pathlib.Path:
+          ldflags=(), jobs: int | None = None, verbose: bool = False,
+          prebuilt: bool = False) -> pathlib.Path:
     """Compiles the emulation into build_dir/lib<namespace>.so (again only when
-    its sources or flags changed) and returns its path; does not load it."""
+    its sources or flags changed) and returns its path; does not load it. With
+    prebuilt, raises instead of compiling (a sanitized process must not compile)."""
     import torch
     from torch.utils import cpp_extension
 
@@ -105,6 +107,10 @@ def build(build_dir, threads: int = 64, namespace: str = DEFAULT_NAMESPACE, cfla
     stamp_file = build_dir / f"lib{namespace}.stamp"
     if library.exists() and stamp_file.exists() and stamp_file.read_text() == stamp:
         return library
+    if prebuilt:
+        raise RuntimeError(f"the prebuilt CUDA emulation {library} is missing or was built from "
+                           "other sources or flags (build it with tests/cuda_emulation/build.py "
+                           "and the same flags)")
     objects = [build_dir / f"{namespace}-{s.stem}.o" for s in sources]
     commands = [[compiler, *common, "-c", str(s), "-o", str(o)] for s, o in zip(sources, objects)]
     jobs = jobs or int(os.environ.get("MAX_JOBS", "2"))
