@@ -69,6 +69,13 @@ export MAX_JOBS=${MAX_JOBS:-16}
 export FORCE_CUDA=1
 NVCC=$(command -v nvcc || echo "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc")
 export NVCC
+# compute-sanitizer: on PATH, else next to nvcc or in the toolkit.
+SANITIZER=$(command -v compute-sanitizer || true)
+for dir in "$(dirname "$NVCC")" "${CUDA_HOME:-/usr/local/cuda}/bin" /usr/local/cuda/bin \
+    /usr/local/cuda/compute-sanitizer; do
+  [[ -z $SANITIZER && -x $dir/compute-sanitizer ]] && SANITIZER=$dir/compute-sanitizer
+done
+export SANITIZER
 REPORT="$OUTDIR/report.txt"
 : > "$REPORT"
 
@@ -91,10 +98,10 @@ step_env() {
   else
     echo "nvidia-smi: not found"
   fi
-  if command -v compute-sanitizer > /dev/null; then
-    compute-sanitizer --version | grep -iE "version|compute-sanitizer" | tail -1
+  if [[ -n $SANITIZER ]]; then
+    echo "compute-sanitizer $SANITIZER: $("$SANITIZER" --version | grep -i version | tail -1)"
   else
-    echo "compute-sanitizer: not found"
+    echo "compute-sanitizer: not found (PATH, $(dirname "$NVCC"), /usr/local/cuda/bin)"
   fi
   "$PY" - <<'PYTHON'
 import sys, torch
@@ -145,10 +152,10 @@ step_tests() {
 }
 
 sanitize() {
-  command -v compute-sanitizer > /dev/null || { echo "n/a: compute-sanitizer not found"; return 0; }
+  [[ -n $SANITIZER ]] || { echo "n/a: compute-sanitizer not found"; return 0; }
   # Without the caching allocator every tensor is its own cudaMalloc, so an access
   # past a tensor's end is outside any allocation (memcheck sees it).
-  PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool "$1" --error-exitcode 3 \
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool "$1" --error-exitcode 3 \
     --print-limit 20 "$PY" benchmarks/gpu_sanitize.py
 }
 step_memcheck() { sanitize memcheck; }

@@ -129,7 +129,7 @@ build_emulation() {  # DIR CFLAGS LDFLAGS
   local threads namespace
   for threads in 64 256; do
     namespace=ge2e_emu; [[ $threads == 256 ]] && namespace=ge2e_emu256
-    "$PY" tests/cuda_emulation/build.py "$1/threads$threads" --threads $threads \
+    "$PY" tests/cuda_emulation/build.py "$1/$namespace" --threads $threads \
       --namespace $namespace --cflags="$2" --ldflags="$3" || return 1
   done
 }

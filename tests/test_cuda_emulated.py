@@ -23,7 +23,8 @@ HERE = pathlib.Path(__file__).parent
 # cross-warp reduction runs, and K or D above 64 exercises the striding, in
 # seconds. The GPU build's 256 threads (eight warps: the last stage of the block
 # reduction over all of its slots) run in test_every_kernel_at_256_threads.
-EMULATED_THREADS = 64
+# GE2E_EMU_THREADS=256 runs the bulk at the GPU's count too (minutes more).
+EMULATED_THREADS = int(os.environ.get("GE2E_EMU_THREADS", "64"))
 GPU_THREADS = 256
 
 pytestmark = needs_cpu_extension  # the comparison needs the compiled CPU op
@@ -44,7 +45,7 @@ def _load_emulation(tmp_path_factory, threads, namespace):
     scripts/sanitize.sh builds it beforehand with the sanitizers' flags and says
     where (GE2E_EMU_BUILD_DIR, GE2E_EMU_CFLAGS, GE2E_EMU_LDFLAGS, GE2E_EMU_PREBUILT)."""
     env = os.environ
-    build_dir = (pathlib.Path(env["GE2E_EMU_BUILD_DIR"]) / f"threads{threads}"
+    build_dir = (pathlib.Path(env["GE2E_EMU_BUILD_DIR"]) / namespace
                  if env.get("GE2E_EMU_BUILD_DIR")
                  else tmp_path_factory.mktemp(f"cuda_emulation_{threads}"))
     library = _emulation_build().build(
