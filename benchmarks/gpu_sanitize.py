@@ -64,7 +64,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda",
                         help="cuda (default), or cpu for a dry run of the cases on the CPU op")
-    device = parser.parse_args(argv).device
+    device = parser.parse_args([] if argv is None else argv).device
     if device == "cpu":
         pass
     elif not torch.cuda.is_available() or "cuda" not in ge2e_ext.extension_devices():
@@ -90,4 +90,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))
