@@ -4,24 +4,31 @@
 #   benchmarks/gpu_check.sh [OUTDIR]      (default: $OUT, the device tool's folder)
 #
 # Steps, each under `timeout` with its own budget (seconds, BUDGETS below; they add
-# up to 405 s and the script refuses to start if an edit takes them past 420):
-#   env        15  nvidia-smi, python/torch/CUDA versions, commit (GE2E_COMMIT, else
-#                  git; the device tool copies no .git) and a hash of the sources
+# up to 415 s and the script refuses to start if an edit takes them past 420):
+#   env        15  which runtime this is: GPU, driver, compute-sanitizer version,
+#                  python/torch/CUDA versions, commit (GE2E_COMMIT, else git; the
+#                  device tool copies no .git) and a hash of the sources
 #   build      90  TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 FORCE_CUDA=1
 #                  pip install --no-build-isolation --no-deps --no-index -e .; if pip
 #                  fails before compiling anything, python setup.py build_ext --inplace
 #                  (a cold build took 55 s on 2 CPU cores)
 #   ptxas      15  nvcc -Xptxas -v -arch=sm_90 on csrc/cuda/*.cu: registers, spills
-#   tests      80  pytest -q -rfE tests -k "cuda and not emulated" (the CPU emulation
+#   tests      75  pytest -q -rfE tests -k "cuda and not emulated" (the CPU emulation
 #                  of the kernels runs in CI; here it would cost a cold C++ build),
 #                  with --junitxml, --durations and, where pytest-timeout is
 #                  installed, 60 s a test
 #   memcheck   35  compute-sanitizer --tool memcheck  benchmarks/gpu_sanitize.py
-#   racecheck  35  compute-sanitizer --tool racecheck benchmarks/gpu_sanitize.py
+#   racecheck  30  compute-sanitizer --tool racecheck benchmarks/gpu_sanitize.py
+#   initcheck  25  compute-sanitizer --tool initcheck benchmarks/gpu_sanitize.py
+#   synccheck  20  compute-sanitizer --tool synccheck benchmarks/gpu_sanitize.py
+#                  (each with PYTORCH_NO_CUDA_MEMORY_CACHING=1: inside the caching
+#                  allocator's segments memcheck cannot see an access out of a tensor;
+#                  forward and backward of both methods, dense and labels, float32,
+#                  float64, float16, bfloat16)
 #   floors     20  benchmarks/gpu_floors.py: launch, bandwidth, cuBLAS, ge2e_ext vs them
-#   paper      90  benchmarks/bench_paper.py --quick: 64x10x256, every provider (a cold
+#   paper      70  benchmarks/bench_paper.py --quick: 64x10x256, every provider (a cold
 #                  torch.compile per loss method), every mode, GPU memory of fwd+bwd
-#   sweep      25  benchmarks/bench_sweep.py --quick, N = 8, 64, 256, 1024, 4096 at
+#   sweep      20  benchmarks/bench_sweep.py --quick, N = 8, 64, 256, 1024, 4096 at
 #                  M=10 D=256 and 1024x10x512, fwd+bwd, eager, ge2e_ext and the floor
 #                  (no torch.compile, which would compile afresh at every size)
 # tests and the sanitizers are skipped when the build fails; floors and benchmarks
@@ -33,16 +40,17 @@
 # full log), results.tar.gz (CSVs, PNGs, floors.csv, the tests' junit XML) and the two
 # PNGs of the benchmarks. The summary table is printed last.
 #
-# Exit status: 0 when the build, the tests and both sanitizers passed (a sanitizer
+# Exit status: 0 when the build, the tests and the four sanitizers passed (a sanitizer
 # that cannot run here counts as n/a, not as a failure), else 1. The floors and
 # benchmarks are reported in the summary but do not change it.
 # PYTHON (default python3) is the interpreter; MAX_JOBS, TORCH_CUDA_ARCH_LIST and, for
 # dry runs, GPU_CHECK_BUDGETS (same form as BUDGETS) may be overridden.
 set -uo pipefail
 
-BUDGETS=${GPU_CHECK_BUDGETS:-"env:15 build:90 ptxas:15 tests:80 memcheck:35 racecheck:35 floors:20 paper:90 sweep:25"}
+BUDGETS=${GPU_CHECK_BUDGETS:-"env:15 build:90 ptxas:15 tests:75 memcheck:35 racecheck:30 initcheck:25 synccheck:20 floors:20 paper:70 sweep:20"}
 TOTAL_LIMIT_S=420
-GATING_STEPS=" build tests memcheck racecheck "  # their failure fails the whole check
+SANITIZERS="memcheck racecheck initcheck synccheck"
+GATING_STEPS=" build tests $SANITIZERS "  # their failure fails the whole check
 
 OUTDIR=${1:-${OUT:-}}
 if [[ -z $OUTDIR ]]; then
@@ -61,6 +69,13 @@ export MAX_JOBS=${MAX_JOBS:-16}
 export FORCE_CUDA=1
 NVCC=$(command -v nvcc || echo "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc")
 export NVCC
+# compute-sanitizer: on PATH, else next to nvcc or in the toolkit.
+SANITIZER=$(command -v compute-sanitizer || true)
+for dir in "$(dirname "$NVCC")" "${CUDA_HOME:-/usr/local/cuda}/bin" /usr/local/cuda/bin \
+    /usr/local/cuda/compute-sanitizer; do
+  [[ -z $SANITIZER && -x $dir/compute-sanitizer ]] && SANITIZER=$dir/compute-sanitizer
+done
+export SANITIZER
 REPORT="$OUTDIR/report.txt"
 : > "$REPORT"
 
@@ -82,6 +97,11 @@ step_env() {
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
   else
     echo "nvidia-smi: not found"
+  fi
+  if [[ -n $SANITIZER ]]; then
+    echo "compute-sanitizer $SANITIZER: $("$SANITIZER" --version | grep -i version | tail -1)"
+  else
+    echo "compute-sanitizer: not found (PATH, $(dirname "$NVCC"), /usr/local/cuda/bin)"
   fi
   "$PY" - <<'PYTHON'
 import sys, torch
@@ -132,12 +152,16 @@ step_tests() {
 }
 
 sanitize() {
-  command -v compute-sanitizer > /dev/null || { echo "n/a: compute-sanitizer not found"; return 0; }
-  compute-sanitizer --tool "$1" --error-exitcode 3 --print-limit 20 \
-    "$PY" benchmarks/gpu_sanitize.py
+  [[ -n $SANITIZER ]] || { echo "n/a: compute-sanitizer not found"; return 0; }
+  # Without the caching allocator every tensor is its own cudaMalloc, so an access
+  # past a tensor's end is outside any allocation (memcheck sees it).
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool "$1" --error-exitcode 3 \
+    --print-limit 20 "$PY" benchmarks/gpu_sanitize.py
 }
 step_memcheck() { sanitize memcheck; }
 step_racecheck() { sanitize racecheck; }
+step_initcheck() { sanitize initcheck; }
+step_synccheck() { sanitize synccheck; }
 
 step_floors() { "$PY" benchmarks/gpu_floors.py --output "$WORK/results"; }
 
@@ -151,7 +175,7 @@ step_sweep() {
     --reference-limit-s 0 --output "$WORK/results"
 }
 export -f step_env step_build step_ptxas step_tests sanitize step_memcheck step_racecheck \
-  step_floors step_paper step_sweep
+  step_initcheck step_synccheck step_floors step_paper step_sweep
 
 # What of a step's log goes into report.txt (full) and onto stdout (brief).
 digest() {
@@ -170,7 +194,7 @@ digest() {
       fi ;;
     tests) grep -E "^(FAILED|ERROR) |passed|failed|skipped|error" "$log" | tail -n 40
       [[ $2 == full ]] && grep -E "^[0-9.]+s (call|setup|teardown) " "$log" ;;
-    memcheck | racecheck)
+    memcheck | racecheck | initcheck | synccheck)
       grep -E "ERROR SUMMARY|RACECHECK SUMMARY|^n/a|cases finite|not finite|FAILED|rror" "$log" \
         | tail -n 25 ;;
     floors) grep -vE "^\[ *[0-9.]+ s\]" "$log" | tail -n 20 ;;
@@ -206,7 +230,7 @@ run_step() {
     *) status="FAILED (rc $rc)" ;;
   esac
   if [[ $rc == 0 ]] && grep -q "^n/a" "$WORK/logs/$name.log"; then status=n/a; fi
-  if [[ $name == memcheck || $name == racecheck ]] \
+  if [[ " $SANITIZERS " == *" $name "* ]] \
       && grep -qE "Device not supported|terminated before first instrumented API call" \
         "$WORK/logs/$name.log"; then
     status="n/a (sanitizer cannot run here)"
@@ -236,7 +260,7 @@ echo "gpu_check: work folder $WORK, results to $OUTDIR; step budgets $BUDGETS" \
 run_step env
 run_step build
 run_step ptxas
-for name in tests memcheck racecheck; do
+for name in tests $SANITIZERS; do
   if ((BUILD_OK)); then run_step "$name"; else skip_step "$name" "build failed"; FAILED=1; fi
 done
 run_step floors
@@ -252,7 +276,7 @@ run_step sweep
   if ((FAILED)); then
     echo "exit status 1: the build, the tests or a sanitizer failed (see above and logs.tar.gz)"
   else
-    echo "exit status 0: build, tests and sanitizers passed"
+    echo "exit status 0: build, tests and the four sanitizers passed"
   fi
 } | tee -a "$REPORT"
 exit $FAILED

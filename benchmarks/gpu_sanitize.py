@@ -1,19 +1,26 @@
 #!/usr/bin/env python
-"""A short run of every CUDA kernel path, for compute-sanitizer (memcheck, racecheck).
+"""A short run of every CUDA kernel path, for compute-sanitizer (memcheck,
+racecheck, initcheck, synccheck: benchmarks/gpu_check.sh).
 
 ge2e_loss forward and backward once per loss method (ge2e_ext.LOSS_METHODS),
-embeddings dtype (float32, float64, float16, bfloat16) and reduction ("sum",
-"none"), on small CUDA inputs with backend="extension": shapes with D not a
-multiple of 32, K beyond one 256-thread sweep, M=2, and the labels form's
-speaker segments of unequal sizes. Exits 1 if a loss or gradient
+embeddings dtype (float32, float64, float16, bfloat16) and reduction ("sum":
+the fused forward that computes the gradient; "none": the forward, then the
+backward op), plus a forward under no_grad (the loss alone), on small CUDA
+inputs with backend="extension": shapes with D not a multiple of 32, K beyond
+one 256-thread sweep, M=2, and the labels form's speaker segments of unequal
+sizes. Exits 1 if a loss or gradient
 is not finite (or a call raises), 2 where torch sees no CUDA device or ge2e_ext
 has no CUDA kernel. Under the sanitizer:
 
-    compute-sanitizer --tool memcheck --error-exitcode 3 python3 benchmarks/gpu_sanitize.py
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 3 \
+        python3 benchmarks/gpu_sanitize.py
+
+(without the caching allocator, memcheck sees an access past a tensor's end)
 """
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import sys
 
@@ -44,13 +51,23 @@ def one_case(shape, method: str, dtype: torch.dtype, reduction: str, device: str
     loss = ge2e_ext.ge2e_loss(x, w, b, method, labels=labels, reduction=reduction,
                               backend="extension")
     loss.sum().backward()
-    tensors = {"loss": loss, "x.grad": x.grad, "w.grad": w.grad, "b.grad": b.grad}
+    with torch.no_grad():  # inference: the loss alone
+        loss_only = ge2e_ext.ge2e_loss(x, w, b, method, labels=labels, reduction=reduction,
+                                       backend="extension")
+    tensors = {"loss": loss, "x.grad": x.grad, "w.grad": w.grad, "b.grad": b.grad,
+               "no_grad loss": loss_only}
     return [name for name, tensor in tensors.items()
             if tensor is None or not bool(torch.isfinite(tensor.float()).all())]
 
 
-def main() -> int:
-    if not torch.cuda.is_available() or "cuda" not in ge2e_ext.extension_devices():
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda",
+                        help="cuda (default), or cpu for a dry run of the cases on the CPU op")
+    device = parser.parse_args([] if argv is None else argv).device
+    if device == "cpu":
+        pass
+    elif not torch.cuda.is_available() or "cuda" not in ge2e_ext.extension_devices():
         print("gpu_sanitize.py: needs a CUDA device and ge2e_ext's CUDA kernels "
               f"(cuda available: {torch.cuda.is_available()}, kernels for: "
               f"{sorted(ge2e_ext.extension_devices())})", file=sys.stderr)
@@ -60,8 +77,9 @@ def main() -> int:
                                                              DTYPES, REDUCTIONS):
         label = f"{shape} {method} {dtype} {reduction}"
         try:
-            bad = one_case(shape, method, dtype, reduction)
-            torch.cuda.synchronize()
+            bad = one_case(shape, method, dtype, reduction, device)
+            if device == "cuda":
+                torch.cuda.synchronize()
         except Exception as error:  # noqa: BLE001 (reported, counted)
             bad = [f"raised {type(error).__name__}: {error}"]
         failures += bool(bad)
@@ -72,4 +90,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

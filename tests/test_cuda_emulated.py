@@ -8,8 +8,10 @@ block's threads), reductions, half-precision loads and stores, and how many
 kernels a step launches, on machines without a GPU; the device-parametrized
 tests run the real thing where a GPU exists."""
 
+import importlib.util
 import os
 import pathlib
+import shlex
 
 import pytest
 import torch
@@ -17,23 +19,52 @@ import torch
 from helpers import LOSS_METHODS, assert_close_rel, make_embeddings, needs_cpu_extension
 
 HERE = pathlib.Path(__file__).parent
-# 64 threads per emulated block at most (the GPU build uses 256): two warps, so
-# the cross-warp reduction runs, and K or D above 64 exercises the striding.
-EMULATED_THREADS = 64
+# The bulk runs 64 threads per emulated block at most: two warps, so the
+# cross-warp reduction runs, and K or D above 64 exercises the striding, in
+# seconds. The GPU build's 256 threads (eight warps: the last stage of the block
+# reduction over all of its slots) run in test_every_kernel_at_256_threads.
+# GE2E_EMU_THREADS=256 runs the bulk at the GPU's count too (minutes more).
+EMULATED_THREADS = int(os.environ.get("GE2E_EMU_THREADS", "64"))
+GPU_THREADS = 256
 
 pytestmark = needs_cpu_extension  # the comparison needs the compiled CPU op
 
 
+def _emulation_build():
+    spec = importlib.util.spec_from_file_location("cuda_emulation_build",
+                                                  HERE / "cuda_emulation" / "build.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _load_emulation(tmp_path_factory, threads, namespace):
+    """The emulation built at `threads` threads per block (tests/cuda_emulation/
+    build.py: __shared__ poisoned before each block), loaded as torch.ops.<namespace>,
+    blocks in shuffled order (GE2E_EMU_BLOCK_ORDER may choose another).
+    scripts/sanitize.sh builds it beforehand with the sanitizers' flags and says
+    where (GE2E_EMU_BUILD_DIR, GE2E_EMU_CFLAGS, GE2E_EMU_LDFLAGS, GE2E_EMU_PREBUILT)."""
+    env = os.environ
+    build_dir = (pathlib.Path(env["GE2E_EMU_BUILD_DIR"]) / namespace
+                 if env.get("GE2E_EMU_BUILD_DIR")
+                 else tmp_path_factory.mktemp(f"cuda_emulation_{threads}"))
+    library = _emulation_build().build(
+        build_dir, threads=threads, namespace=namespace,
+        cflags=shlex.split(env.get("GE2E_EMU_CFLAGS", "-O1")),
+        ldflags=shlex.split(env.get("GE2E_EMU_LDFLAGS", "")),
+        verbose=bool(env.get("GE2E_VERBOSE_BUILD")), prebuilt=bool(env.get("GE2E_EMU_PREBUILT")))
+    torch.ops.load_library(str(library))
+    return getattr(torch.ops, namespace)
+
+
 @pytest.fixture(scope="module")
 def emulated(tmp_path_factory):
-    from torch.utils.cpp_extension import load
+    return _load_emulation(tmp_path_factory, EMULATED_THREADS, "ge2e_emu")
 
-    build = tmp_path_factory.mktemp("cuda_emulation")
-    load(name="ge2e_cuda_emulation", sources=[str(HERE / "cuda_emulation" / "emulated_ops.cpp")],
-         extra_cflags=["-O1", "-std=c++20", f"-DGE2E_CUDA_THREADS={EMULATED_THREADS}"],
-         build_directory=str(build), is_python_module=False,
-         verbose=bool(os.environ.get("GE2E_VERBOSE_BUILD")))
-    return torch.ops.ge2e_emu
+
+@pytest.fixture(scope="module")
+def emulated_256(tmp_path_factory):
+    return _load_emulation(tmp_path_factory, GPU_THREADS, "ge2e_emu256")
 
 
 def _scalars(x, w, b):
@@ -42,9 +73,13 @@ def _scalars(x, w, b):
 
 
 def _all_ops(ops, x, method, min_cosine, sums=None, offset=0, block=0, w=3.0, b=-1.0,
-             scale=0.5, speaker_offsets=None):
-    """Every op of a library on one input: forward, backward, forward_backward."""
+             scale=0.5, speaker_offsets=None, fused_only=False):
+    """Every op of a library on one input: forward, backward, forward_backward
+    (or forward_backward's outputs alone)."""
     w, b = _scalars(x, w, b)
+    if fused_only:
+        return ops.ge2e_forward_backward(x, sums, w, b, offset, method, min_cosine, scale, block,
+                                         speaker_offsets)
     acc = w.dtype
     rows = x.shape[:1] if speaker_offsets is not None else x.shape[:2]
     grad = torch.randn(rows, dtype=acc, generator=torch.Generator().manual_seed(1))
@@ -70,6 +105,114 @@ def _assert_same(emulated, x, method, min_cosine, rtol=1e-12, **kwargs):
             assert_close_rel(e.float() if e.dtype != c.dtype else e, c, rtol,
                              f"{which} grad {name}")
     assert_close_rel(emu[3][0], cpu[3][0], rtol, "fused loss")
+
+
+def _offsets(sizes):
+    return torch.tensor([0] + torch.tensor(sizes).cumsum(0).tolist())
+
+
+def _given_sums(x, before, after, seed):
+    """Speaker sums of the distributed form: `before` and `after` other ranks'
+    random rows around x's own (x: (N, M, D))."""
+    g = torch.Generator().manual_seed(seed)
+    d = x.shape[-1]
+    return torch.cat([torch.randn(before, d, generator=g, dtype=torch.float64), x.sum(1),
+                      torch.randn(after, d, generator=g, dtype=torch.float64)])
+
+
+def _kernels_and_threads(ops):
+    kernels, threads = ops.launch_log()
+    return list(zip(kernels, threads))
+
+
+@pytest.mark.parametrize("method", LOSS_METHODS)
+def test_every_kernel_at_256_threads(emulated_256, method):
+    """The GPU build's 256 threads per block, in float64 to 1e-12 against the CPU
+    kernel: D = 260 and K = 230 (above 224) give every kernel eight warps, so the
+    block reduction's last stage reads all eight slots; the labels form with
+    blocks of speakers adds the fold. Every kernel that ran, ran at least once
+    at 256 threads."""
+    emulated_256.launch_log()  # forget earlier launches
+    x = make_embeddings(3, 2, 260, seed=31, requires_grad=False)
+    _assert_same(emulated_256, x, method, 1e-6)
+    sizes = [2, 5, 3]
+    labelled = make_embeddings(sum(sizes), 1, 260, seed=32, requires_grad=False).squeeze(1)
+    _assert_same(emulated_256, labelled, method, 1e-6, block=2, speaker_offsets=_offsets(sizes))
+    # The rows kernel's threads run over K: 230 speaker sums, of which 2 are local
+    # (one fused step only: 230-block kernels at 256 threads take seconds).
+    local = make_embeddings(2, 2, 260, seed=33, requires_grad=False)
+    sums = _given_sums(local, 100, 128, seed=34)
+    kwargs = dict(sums=sums, offset=100)
+    emu = _all_ops(emulated_256, local, method, 1e-6, fused_only=True, **kwargs)
+    cpu = _all_ops(torch.ops.ge2e_ext, local, method, 1e-6, fused_only=True, **kwargs)
+    for name, e, c in zip(("loss", "embeddings", "sums", "w", "b"), emu, cpu):
+        assert_close_rel(e, c, 1e-12, f"fused {name}")
+    launches = _kernels_and_threads(emulated_256)
+    assert launches and all(threads <= GPU_THREADS for _, threads in launches)
+    below = {kernel for kernel, _ in launches} - {k for k, t in launches if t == GPU_THREADS}
+    assert not below, f"{len(below)} kernel(s) never ran at {GPU_THREADS} threads here"
+
+
+def test_results_do_not_depend_on_the_block_order(emulated):
+    """The same outputs, bitwise, whichever order the blocks run in (each kernel
+    has several blocks here: rows, speakers, blocks of speakers, given sums); the
+    other tests run shuffled blocks against the CPU kernel."""
+    sizes = [2, 3, 2]
+    labelled = make_embeddings(sum(sizes), 1, 40, seed=35, requires_grad=False).squeeze(1)
+    dense = make_embeddings(3, 2, 20, seed=36, requires_grad=False)
+    cases = [(labelled, dict(block=2, speaker_offsets=_offsets(sizes))),
+             (dense, dict(sums=_given_sums(dense, 1, 2, seed=37), offset=1, block=2))]
+    orders = ("forward", "reverse", "shuffled:1")
+    results = {}
+    try:
+        for order in orders:
+            emulated.set_block_order(order)
+            results[order] = torch.utils._pytree.tree_leaves(
+                [_all_ops(emulated, case, method, 1e-6, **kwargs)
+                 for case, kwargs in cases for method in LOSS_METHODS])
+    finally:
+        emulated.set_block_order(os.environ.get("GE2E_EMU_BLOCK_ORDER", "shuffled"))
+    for order in orders[1:]:
+        assert len(results[order]) == len(results["forward"])
+        for first, other in zip(results["forward"], results[order]):
+            assert torch.equal(first, other) or (first.isnan() & other.isnan()).all(), order
+
+
+def test_shared_memory_is_garbage_at_each_block(emulated):
+    """Each block finds its __shared__ memory filled with 0xff bytes (NaN as a
+    float, -1 as an int), though the block before it wrote 1.0 and 7 there."""
+    seen, ran = emulated.probe_shared(12, 64)
+    assert seen[:, 0].isnan().all() and (seen[:, 1] == -1).all()
+    assert sorted(ran.tolist()) == list(range(12))
+
+
+def test_block_orders(emulated):
+    try:
+        emulated.set_block_order("forward")
+        assert emulated.probe_shared(9, 32)[1].tolist() == list(range(9))
+        emulated.set_block_order("reverse")
+        assert emulated.probe_shared(9, 32)[1].tolist() == list(range(8, -1, -1))
+        emulated.set_block_order("shuffled:5")
+        first, second = (emulated.probe_shared(16, 32)[1].tolist() for _ in range(2))
+        assert sorted(first) == sorted(second) == list(range(16))
+        assert first != list(range(16)) and first != second  # a new permutation per launch
+        emulated.set_block_order("shuffled:5")
+        assert emulated.probe_shared(16, 32)[1].tolist() == first  # reproducible
+        with pytest.raises(ValueError, match="expected forward, reverse, shuffled"):
+            emulated.set_block_order("sideways")
+    finally:
+        emulated.set_block_order(os.environ.get("GE2E_EMU_BLOCK_ORDER", "shuffled"))
+
+
+@pytest.mark.parametrize("threads", [0, 16, 48, 1056])
+def test_a_block_of_partial_warps_is_refused(emulated, threads):
+    with pytest.raises(ValueError, match=f"a block of {threads} threads; expected whole warps"):
+        emulated.probe_launch(2, threads)
+
+
+def test_a_grid_beyond_cudas_limit_is_refused(emulated):
+    with pytest.raises(ValueError, match="CUDA's limit in x is 2"):
+        emulated.probe_launch(2**31, 32)
 
 
 @pytest.mark.parametrize("method", LOSS_METHODS)

@@ -29,7 +29,8 @@ struct EmulatedLaunch {
                  Args... args) {
     if (blocks == 0) return 0;
     ++launches;
-    ge2e_emulation::launch(blocks, threads, [=] { kernel(args...); });
+    ge2e_emulation::launch(blocks, threads, [=] { kernel(args...); },
+                           reinterpret_cast<const void*>(kernel));
     return 0;
   }
 };
