@@ -173,6 +173,8 @@ inline void check_layout(const at::Tensor& embeddings, const c10::optional<at::T
     }
     for (int64_t j = 0; j < p.speakers; ++j) {
       const int64_t count = off[j + 1] - off[j];
+      TORCH_CHECK_VALUE(count >= 0, "ge2e_ext: speaker_offsets must be increasing, but offset ",
+                        j + 1, " (", off[j + 1], ") is below offset ", j, " (", off[j], ")");
       TORCH_CHECK_VALUE(count >= 2,
                         "ge2e_ext: GE2E needs at least 2 utterances per speaker (the exclusive "
                         "centroid of one utterance is empty), but speaker ", j, " has ", count);
