@@ -144,6 +144,12 @@ void scaled_copy(acc_t factor, const acc_t* __restrict__ in, acc_t* __restrict__
   for (int64_t d = 0; d < dim; ++d) out[d] = factor * in[d];
 }
 
+// v *= factor.
+template <typename acc_t>
+void scale_in_place(acc_t factor, acc_t* __restrict__ v, int64_t dim) {
+  for (int64_t d = 0; d < dim; ++d) v[d] *= factor;
+}
+
 // Speakers [lo, hi): their scale sigma_j (from the largest |x| of their
 // utterances), the compensated sums of their utterances times sigma_j (hi/lo),
 // when the sums are the call's own s''_j (hi once more scaled) with its scale
@@ -180,7 +186,7 @@ void speaker_stats(const Problem& p, int64_t lo, int64_t hi) {
       scaled_copy(beta, s_hi, s, D);
       const acc_t ss = dot<acc_t>(s, s, D);
       const acc_t beta_norm = power_of_two_scale(sqrt_(ss));
-      if (beta_norm != acc_t(1)) scaled_copy(beta_norm, s, s, D);
+      if (beta_norm != acc_t(1)) scale_in_place(beta_norm, s, D);
       beta *= beta_norm;
       inv_sums[j] = inverse_norm(ss * beta_norm * beta_norm);
       static_cast<acc_t*>(p.sum_scales)[j] = sigma * beta;
