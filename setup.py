@@ -136,7 +136,12 @@ def cxx_flags(env=None):
     # The C++ standard is the one torch requires (it adds it). -fno-math-errno
     # lets sqrt inline (errno is never read). -Werror=switch: a loss method or
     # dtype missing from a switch is an error.
-    return ["-O3", "-fno-math-errno", "-Werror=switch"] + cpu_arch_flags(env)
+    # -ffp-contract=off: the softmax gradient subtracts a row's rounded largest
+    # difference from each rounded difference w (c_k - c_own); a fused
+    # multiply-add (AVX2, AVX-512, any aarch64 build) would subtract it from the
+    # unrounded product instead, which at w = 1e8 is off by more than 1.
+    return (["-O3", "-fno-math-errno", "-ffp-contract=off", "-Werror=switch"]
+            + cpu_arch_flags(env))
 
 
 def is_x86_64(machine=None):

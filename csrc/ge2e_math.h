@@ -71,6 +71,24 @@ GE2E_HD double frexp_(double x, int* e) { return ::frexp(x, e); }
 GE2E_HD float ldexp_(float x, int e) { return ::ldexpf(x, e); }
 GE2E_HD double ldexp_(double x, int e) { return ::ldexp(x, e); }
 GE2E_HD float abs_(float x) { return ::fabsf(x); }
+// a * b rounded, never fused into a later addition (a multiply-add would
+// change a value that must equal, bit for bit, one computed elsewhere). The
+// host code is compiled with -ffp-contract=off (setup.py); nvcc contracts by
+// default, so the device takes the intrinsics that it never contracts.
+GE2E_HD float mul_rounded(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+GE2E_HD double mul_rounded(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return __dmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
 GE2E_HD double abs_(double x) { return ::fabs(x); }
 
 // exp for float. On the device: the CUDA library's expf. On the host: a
@@ -448,7 +466,7 @@ struct SoftmaxLoss {
 
   template <typename T>
   GE2E_HD static T value(T cos_k, const RowView<T>& row) {
-    return row.params.w * (cos_k - row.own_cos);
+    return mul_rounded(row.params.w, cos_k - row.own_cos);
   }
 
   // Online log-sum-exp of the differences d_k (flash-attention style), the
