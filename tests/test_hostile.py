@@ -36,6 +36,9 @@ def emulated(tmp_path_factory):
     """The CUDA kernels compiled for the CPU under the emulation (as test_cuda_emulated)."""
     from torch.utils.cpp_extension import load
 
+    # One copy per process: a second would register the ge2e_emu ops twice.
+    if hasattr(torch.ops.ge2e_emu, "ge2e_forward"):
+        return torch.ops.ge2e_emu
     build = tmp_path_factory.mktemp("cuda_emulation_hostile")
     load(name="ge2e_cuda_emulation", sources=[str(HERE / "cuda_emulation" / "emulated_ops.cpp")],
          extra_cflags=["-O1", "-std=c++20", "-DGE2E_CUDA_THREADS=64"],
