@@ -472,3 +472,46 @@ def test_autograd_nodes_are_named_as_pytorch_names_its_own():
     assert repr(rows.grad_fn).startswith("<Ge2eLossBackward1 object at ")
     # still a full autograd node
     assert reduced.grad_fn.next_functions
+
+
+# ------------------------------------------------------------- every CPU instruction set
+
+_LARGE_W_SCRIPT = """
+import torch, ge2e_ext
+g = torch.Generator().manual_seed(3)
+x = torch.randn(4, 3, 8, generator=g, dtype=torch.float64)
+x[1] = x[0] + 1e-3 * torch.randn(3, 8, generator=g, dtype=torch.float64)
+assert ge2e_ext.cpu_capability() == {capability!r}, ge2e_ext.cpu_capability()
+for w in (1e5, 1e8, 1e30):
+    out = []
+    for backend, dtype in (("extension", torch.float32), ("torch", torch.float64)):
+        xx = x.to(dtype).requires_grad_()
+        wt = torch.tensor(w, dtype=dtype, requires_grad=True)
+        loss = ge2e_ext.ge2e_loss(xx, wt, -5.0, backend=backend)
+        out.append([t.double() for t in torch.autograd.grad(loss, (xx, wt))])
+    (gx, gw), (rx, rw) = out
+    err = ((gx - rx).abs().max() / rx.abs().max()).item()
+    assert err < 2e-5, (w, err)
+    assert abs(gw - rw) <= 2e-5 * abs(rw), (w, gw.item(), rw.item())
+"""
+
+
+def _runnable_capabilities():
+    """The CPU kernels this build has and this CPU runs (the best, and all below it)."""
+    if "cpu" not in ge2e_ext.extension_devices():
+        return []
+    built = list(torch.ops.ge2e_ext.cpu_capabilities_built())  # best first
+    return built[built.index(ge2e_ext.cpu_capability()):]
+
+
+@pytest.mark.parametrize("capability", _runnable_capabilities())
+def test_large_w_with_every_instruction_set(capability):
+    """The kernels of every instruction set (compiled with FMA for AVX2/AVX-512,
+    where a fused multiply-add once broke the softmax state's exactness)."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, GE2E_EXT_CPU_CAPABILITY=capability)
+    result = subprocess.run([sys.executable, "-c", _LARGE_W_SCRIPT.format(capability=capability)],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
