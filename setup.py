@@ -54,9 +54,13 @@ def torch_requirement(torch_version=None):
 
 def cxx_flags(env=os.environ):
     """Every C++ file's flags: -fno-math-errno inlines sqrt; -Werror=switch catches a loss
-    method or dtype missing from a switch; GE2E_EXT_MARCH gives -march (none: portable)."""
+    method or dtype missing from a switch; -ffp-contract=off keeps the softmax gradient's
+    w (c_k - c_own) - max rounded as written (a fused multiply-add would subtract the
+    rounded max from the unrounded product: off by more than 1 at w = 1e8);
+    GE2E_EXT_MARCH gives -march (none: portable)."""
     march = env.get("GE2E_EXT_MARCH", "").strip()
-    return ["-O3", "-fno-math-errno", "-Werror=switch"] + ([f"-march={march}"] if march else [])
+    return (["-O3", "-fno-math-errno", "-ffp-contract=off", "-Werror=switch"]
+            + ([f"-march={march}"] if march else []))
 
 
 def sources(root=HERE, env=os.environ, machine=None):
@@ -123,12 +127,11 @@ def _build_kwargs():
     openmp = ["-fopenmp"] if torch.backends.openmp.is_available() else []  # at::parallel_for
     print(f"ge2e_ext: C++ flags {' '.join(cxx_flags() + openmp)}; instruction-set files: "
           f"{', '.join(f'{isa} ({len(f)})' for isa, f in isa_groups.items()) or 'none'}")
-    # _C is a bare module stub (csrc/ge2e_ops.cpp; the ops go through torch's dispatcher):
-    # CPython's stable ABI, from the oldest Python this torch supports, suffices (abi3).
-    abi3 = getattr(cpp_extension, "min_supported_cpython", None)
+    # Not py_limited_api: the ops go through torch's dispatcher, but the autograd nodes'
+    # Python names (Ge2eLossBackward0, csrc/autograd/ge2e_autograd.cpp) take torch's
+    # Python C++ API, which needs CPython's full headers: one wheel per Python version.
     kwargs = dict(define_macros=[(f"GE2E_ISA_{isa.upper()}", "1") for isa in isa_groups],
-                  extra_compile_args={"cxx": cxx_flags() + openmp}, extra_link_args=openmp,
-                  py_limited_api=abi3 is not None)
+                  extra_compile_args={"cxx": cxx_flags() + openmp}, extra_link_args=openmp)
     problem = cuda_problem(torch.__version__, torch.version.cuda, cpp_extension.CUDA_HOME)
     if problem is None:
         print(f"ge2e_ext: building CPU and CUDA kernels (CUDA_HOME={cpp_extension.CUDA_HOME})")
@@ -159,14 +162,13 @@ def _build_kwargs():
                 super().build_extension(ext)
             finally:
                 ext.extra_objects, ext.depends = extra_objects, depends
-            built = os.path.basename(self.get_ext_filename(ext.name))  # _C.abi3.so
+            built = os.path.basename(self.get_ext_filename(ext.name))  # _C.cpython-*.so
             for path in glob.glob(os.path.join(HERE, "ge2e_ext", "_C.*.so")):
-                if os.path.basename(path) != built:  # an older _C.cpython-*.so, imported first
+                if os.path.basename(path) != built:  # another build's _C.*.so, imported first
                     os.remove(path)
 
-    wheel_tag = {"py_limited_api": f"cp3{int(abi3, 16) >> 16 & 255}"} if abi3 else {}  # cp310
-    return {"ext_modules": [ext], "cmdclass": {"build_ext": BuildExtension}, "options": {
-        "bdist_wheel": wheel_tag}, "install_requires": [torch_requirement(torch.__version__)]}
+    return {"ext_modules": [ext], "cmdclass": {"build_ext": BuildExtension},
+            "install_requires": [torch_requirement(torch.__version__)]}
 
 
 def main(argv=sys.argv):

@@ -32,7 +32,10 @@
 #include <c10/core/DeviceGuard.h>
 #include <c10/util/Optional.h>
 
+#include <c10/util/safe_numerics.h>
+
 #include <algorithm>
+#include <limits>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -86,10 +89,31 @@ inline void check_scalar(const at::Tensor& t, const char* name, const at::Tensor
               " but the embeddings are on ", emb.device());
 }
 
+// a * b for sizes (>= 0), or an error naming `what` when it does not fit in int64.
+inline int64_t checked_size(int64_t a, int64_t b, const char* what) {
+  uint64_t product = 0;
+  TORCH_CHECK_VALUE(a >= 0 && b >= 0 && !c10::mul_overflows(static_cast<uint64_t>(a),
+                                                              static_cast<uint64_t>(b),
+                                                              &product) &&
+                        product <= static_cast<uint64_t>(std::numeric_limits<int64_t>::max()),
+                    "ge2e_ext: ", what, " = ", a, " x ", b, " does not fit in int64");
+  return static_cast<int64_t>(product);
+}
+
+// block_speakers: 0 (automatic), a positive number of speakers per block, or
+// minus a number of rows per block (a test knob: blocks that split a speaker).
+inline void check_block_speakers(int64_t block_speakers) {
+  TORCH_CHECK_VALUE(block_speakers > std::numeric_limits<int64_t>::min(),
+                    "ge2e_ext: block_speakers must be 0 (automatic), a positive number of "
+                    "speakers per block or minus a number of rows per block, got ",
+                    block_speakers);
+}
+
 // The tensors of one call, and the Problem that points into them.
 struct Call {
   at::Tensor embeddings;  // contiguous, viewed as (B, D)
-  at::Tensor speaker_offsets, sums, own_sums_hi, own_sums_lo, inv_sums, own_terms, w, b;
+  at::Tensor speaker_offsets, sums, sum_scales, own_sums_hi, own_sums_lo, speaker_scales,
+      inv_sums, own_terms, w, b;
   at::TensorOptions acc_options;
   std::vector<int64_t> row_shape;  // of the per-row outputs: (N, M), or (B,)
   Problem problem;
@@ -145,14 +169,43 @@ inline void check_layout(const at::Tensor& embeddings, const c10::optional<at::T
     TORCH_CHECK_VALUE(off[0] == 0 && off[p.speakers] == p.total_rows,
                       "ge2e_ext: speaker_offsets must run from 0 to B = ", p.total_rows,
                       ", got ", off[0], " .. ", off[p.speakers]);
+    // Every offset in [0, B] first, so that the differences below cannot overflow.
+    for (int64_t j = 0; j <= p.speakers; ++j) {
+      TORCH_CHECK_VALUE(off[j] >= 0 && off[j] <= p.total_rows,
+                        "ge2e_ext: speaker_offsets must be increasing row offsets in [0, B = ",
+                        p.total_rows, "], but offset ", j, " is ", off[j]);
+    }
     for (int64_t j = 0; j < p.speakers; ++j) {
       const int64_t count = off[j + 1] - off[j];
+      TORCH_CHECK_VALUE(count >= 0, "ge2e_ext: speaker_offsets must be increasing, but offset ",
+                        j + 1, " (", off[j + 1], ") is below offset ", j, " (", off[j], ")");
       TORCH_CHECK_VALUE(count >= 2,
                         "ge2e_ext: GE2E needs at least 2 utterances per speaker (the exclusive "
                         "centroid of one utterance is empty), but speaker ", j, " has ", count);
       p.max_utterances = std::max(p.max_utterances, count);
     }
   }
+}
+
+// power_of_two_scale (ge2e_math.h) of each element, as a tensor op.
+inline at::Tensor power_of_two_scales(const at::Tensor& max_abs, int max_exponent) {
+  const at::Tensor exponent = std::get<1>(at::frexp(max_abs));
+  const at::Tensor scale =
+      at::ldexp(at::ones_like(max_abs), exponent.neg().clamp_max(max_exponent));
+  return at::where(max_abs.gt(0).logical_and(max_abs.isfinite()), scale,
+                   at::ones_like(max_abs));
+}
+
+// Given sums (K, D) as the kernels take them: each row times a power of two
+// (its largest coordinate into [0.5, 1), then its norm into [0.5, 1)), and
+// those scales, by tensor ops on any device (K x D is small).
+inline std::tuple<at::Tensor, at::Tensor> scaled_sums(const at::Tensor& sums) {
+  const int max_exponent = sums.scalar_type() == at::kDouble ? 1022 : 126;
+  const at::Tensor sigma = power_of_two_scales(sums.abs().amax(1), max_exponent);
+  const at::Tensor beta =
+      power_of_two_scales(at::linalg_vector_norm(sums * sigma.unsqueeze(1), 2, {1}), max_exponent);
+  const at::Tensor scales = sigma * beta;
+  return {sums * scales.unsqueeze(1), scales};
 }
 
 // Validates the inputs of any of the ops and computes the speaker statistics.
@@ -203,27 +256,33 @@ Call make_call(const at::Tensor& embeddings, const c10::optional<at::Tensor>& su
     p.total_speakers = s.size(0);
     TORCH_CHECK_VALUE(p.total_speakers >= 2, "ge2e_ext: GE2E needs K >= 2 speakers in sums, got ",
                       p.total_speakers);
-    TORCH_CHECK_VALUE(speaker_offset >= 0 && speaker_offset + p.speakers <= p.total_speakers,
+    // Written without speaker_offset + N, which overflows for an offset near INT64_MAX.
+    TORCH_CHECK_VALUE(speaker_offset >= 0 && speaker_offset <= p.total_speakers - p.speakers,
                       "ge2e_ext: speaker_offset + N must lie in [0, K]: got speaker_offset = ",
                       speaker_offset, ", N = ", p.speakers, ", K = ", p.total_speakers);
-    c.sums = s.contiguous();
+    std::tie(c.sums, c.sum_scales) = scaled_sums(s.contiguous());
     p.speaker_offset = speaker_offset;
   } else {
     TORCH_CHECK_VALUE(speaker_offset == 0,
                       "ge2e_ext: speaker_offset must be 0 when sums are not given, got ",
                       speaker_offset);
-    c.sums = c.own_sums_hi;
+    c.sums = at::empty({p.speakers, p.dim}, c.acc_options);
+    c.sum_scales = at::empty({p.speakers}, c.acc_options);
     p.total_speakers = p.speakers;
     p.speaker_offset = 0;
   }
+  c.speaker_scales = at::empty({p.speakers}, c.acc_options);
   c.inv_sums = at::empty({p.total_speakers}, c.acc_options);
-  c.own_terms = at::empty({p.total_rows, kOwnTermsSize}, c.acc_options);
+  c.own_terms = at::empty({checked_size(p.total_rows, kOwnTermsSize, "B x own terms")},
+                          c.acc_options);
   p.embeddings = c.embeddings.data_ptr();
   p.w = c.w.data_ptr();
   p.b = c.b.data_ptr();
   p.sums = c.sums.data_ptr();
+  p.sum_scales = c.sum_scales.data_ptr();
   p.own_sums_hi = c.own_sums_hi.data_ptr();
   p.own_sums_lo = c.own_sums_lo.data_ptr();
+  p.speaker_scales = c.speaker_scales.data_ptr();
   p.inv_sums = c.inv_sums.data_ptr();
   p.own_terms = c.own_terms.data_ptr();
   {
@@ -248,17 +307,18 @@ int64_t rows_per_block(const Call& c) {
   const Problem& p = c.problem;
   const int64_t input_numel = p.total_rows * p.dim;
   const bool widened = c.embeddings.scalar_type() != c.sums.scalar_type();
-  const int64_t row_cost = p.total_speakers + (widened ? p.dim : 0);
+  const int64_t row_cost = checked_size(1, p.total_speakers + (widened ? p.dim : 0), "K + D");
   int64_t budget = input_numel / Device::kBlockInputShare;
   if constexpr (Device::kBoundStepPeak) {
     const int64_t acc_bytes = c.sums.element_size();
     const int64_t input_bytes = input_numel * c.embeddings.element_size();
     const int64_t allowed = input_bytes / acc_bytes;  // (input + gradient) / 2, in acc elements
-    // own_sums_hi/lo (N x D), Z (K x D), 1/|s| (K), a split speaker's q sums (2 x D),
-    // per row: own_terms, loss,
-    // hardest (int64), dLoss/dw and dLoss/db parts.
-    const int64_t others = (2 * p.speakers + p.total_speakers + 2) * p.dim + p.total_speakers +
-                           p.total_rows * (kOwnTermsSize + 1 + 8 / acc_bytes + 2);
+    // own_sums_hi/lo (N x D), Z (K x D), 1/|s| and the sums' scales (2 K), the
+    // speakers' scales (N), a split speaker's q sums (2 x D); per row: own_terms,
+    // loss, state (kRowStateSize float64), hardest (int64), dLoss/dw and dLoss/db parts.
+    const int64_t others =
+        (2 * p.speakers + p.total_speakers + 2) * p.dim + 2 * p.total_speakers + p.speakers +
+        p.total_rows * (kOwnTermsSize + 1 + (8 * kRowStateSize + 8) / acc_bytes + 2);
     budget = std::min(budget, allowed - others);
   }
   budget = std::max(budget, kMinBlockElements);
@@ -353,6 +413,7 @@ void sweep(const Call& c, RowPass pass, const RowBuffers& buffers, Gradients* gr
   int64_t max_rows = 0;
   for (const Block& blk : blocks) max_rows = std::max(max_rows, blk.rows);
   constexpr bool sparse = Device::kSparseProducts && Method::kSparseGradient;
+  checked_size(max_rows, p.total_speakers, "the block of cosines, rows x K");
   at::Tensor cosine_block = at::empty({max_rows, p.total_speakers}, c.acc_options);
   // T = H S is written where the rows' gradient goes when the dtypes agree.
   const bool widened = c.embeddings.scalar_type() != c.sums.scalar_type();
@@ -411,15 +472,21 @@ void sweep(const Call& c, RowPass pass, const RowBuffers& buffers, Gradients* gr
   }
 }
 
-// The per-row outputs of a forward: the losses and the hardest impostors.
-inline std::tuple<at::Tensor, at::Tensor> row_outputs(const Call& c) {
+// The per-row outputs of a forward: the losses, the rows' saved state
+// (row shape + (kRowStateSize,), float64), and the hardest impostors (scratch).
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> row_outputs(const Call& c) {
+  std::vector<int64_t> state_shape = c.row_shape;
+  state_shape.push_back(kRowStateSize);
   return {at::empty(c.row_shape, c.acc_options),
-          at::empty(c.row_shape, c.acc_options.dtype(at::kLong))};
+          at::empty(state_shape, c.acc_options.dtype(at::kDouble)),
+          at::empty({c.problem.total_rows}, c.acc_options.dtype(at::kLong))};
 }
 
-inline RowBuffers row_buffers(at::Tensor& loss, at::Tensor& hardest, Gradients* grads) {
+inline RowBuffers row_buffers(at::Tensor& loss, at::Tensor& state, at::Tensor& hardest,
+                              Gradients* grads) {
   RowBuffers rb{};
-  rb.loss = loss.data_ptr();
+  rb.loss = loss.defined() ? loss.data_ptr() : nullptr;
+  rb.state = state.data_ptr<double>();
   rb.hardest = hardest.data_ptr<int64_t>();
   if (grads != nullptr) {
     rb.w_grad_part = grads->w_part.data_ptr();
@@ -428,8 +495,8 @@ inline RowBuffers row_buffers(at::Tensor& loss, at::Tensor& hardest, Gradients* 
   return rb;
 }
 
-// forward(embeddings, sums?, w, b, ...) -> (loss, hardest), (N, M) or (B,):
-// the rows' losses and each row's hardest impostor (-1 for the softmax loss).
+// forward(embeddings, sums?, w, b, ...) -> (loss, state): the rows' losses,
+// (N, M) or (B,), and what each row's backward needs, shaped (..., kRowStateSize).
 template <class Device>
 std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& embeddings,
                                            const c10::optional<at::Tensor>& sums,
@@ -439,15 +506,16 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& embeddings,
                                            int64_t block_speakers,
                                            const c10::optional<at::Tensor>& speaker_offsets) {
   const c10::OptionalDeviceGuard device_guard(embeddings.device());
+  check_block_speakers(block_speakers);
   const Call c = make_call<Device>(embeddings, sums, w, b, speaker_offset, loss_method,
                                    min_cosine, speaker_offsets);
-  auto [loss, hardest] = row_outputs(c);
-  const RowBuffers rb = row_buffers(loss, hardest, nullptr);
+  auto [loss, state, hardest] = row_outputs(c);
+  const RowBuffers rb = row_buffers(loss, state, hardest, nullptr);
   const Problem& p = c.problem;
   dispatch_loss_method(p.method, [&](auto method) {
     sweep<Device, decltype(method)>(c, RowPass::kLoss, rb, nullptr, block_speakers);
   });
-  return {loss, hardest};
+  return {loss, state};
 }
 
 // The end of a gradient sweep: dLoss/ds (when given), dLoss/dw, dLoss/db and,
@@ -464,34 +532,37 @@ std::tuple<at::Tensor, at::Tensor> finish(const Call& c, Gradients& g, const at:
   return {grad_w, grad_b};
 }
 
-// backward(grad_loss, embeddings, sums?, w, b, loss, hardest, ...) ->
-// (grad_embeddings, grad_sums (K, D), grad_w, grad_b), with grad_loss, loss and
-// hardest shaped like the forward's losses. Recomputes the cosines (one block
-// at a time); grad_sums is folded into grad_embeddings when sums were not
-// given (and is then scratch).
+// backward(grad_loss, embeddings, sums?, w, b, state, ...) ->
+// (grad_embeddings, grad_sums (K, D), grad_w, grad_b), with grad_loss shaped
+// like the forward's losses and state as the forward gave it. Recomputes the
+// cosines (one block at a time); grad_sums is folded into grad_embeddings when
+// sums were not given (and is then scratch).
 template <class Device>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
     const at::Tensor& grad_loss, const at::Tensor& embeddings,
     const c10::optional<at::Tensor>& sums, const at::Tensor& w, const at::Tensor& b,
-    const at::Tensor& loss, const at::Tensor& hardest, int64_t speaker_offset,
-    c10::string_view loss_method, c10::optional<double> min_cosine, int64_t block_speakers,
+    const at::Tensor& state, int64_t speaker_offset, c10::string_view loss_method,
+    c10::optional<double> min_cosine, int64_t block_speakers,
     const c10::optional<at::Tensor>& speaker_offsets) {
   const c10::OptionalDeviceGuard device_guard(embeddings.device());
+  check_block_speakers(block_speakers);
   const Call c = make_call<Device>(embeddings, sums, w, b, speaker_offset, loss_method,
                                    min_cosine, speaker_offsets);
   const Problem& p = c.problem;
-  TORCH_CHECK_VALUE(grad_loss.sizes() == c.row_shape && loss.sizes() == c.row_shape &&
-                        hardest.sizes() == c.row_shape,
-                    "ge2e_ext: grad_loss, loss and hardest must have the losses' shape ",
-                    c.row_shape, ", got ", grad_loss.sizes(), ", ", loss.sizes(), ", ",
-                    hardest.sizes());
+  std::vector<int64_t> state_shape = c.row_shape;
+  state_shape.push_back(kRowStateSize);
+  TORCH_CHECK_VALUE(grad_loss.sizes() == c.row_shape && state.sizes() == state_shape,
+                    "ge2e_ext: grad_loss must have the losses' shape ", c.row_shape,
+                    " and state the shape ", state_shape, " (the forward's), got ",
+                    grad_loss.sizes(), " and ", state.sizes());
   // The upstream gradient is read through its strides (an expanded scalar is
-  // not copied); the saved statistics are small.
+  // not copied); the saved state is small.
   const at::Tensor grad_rows = grad_loss.to(c.acc_options);
-  at::Tensor loss_c = loss.to(c.acc_options).contiguous();
-  at::Tensor hardest_c = hardest.to(c.acc_options.dtype(at::kLong)).contiguous();
+  at::Tensor state_c = state.to(c.acc_options.dtype(at::kDouble)).contiguous();
+  at::Tensor hardest = at::empty({p.total_rows}, c.acc_options.dtype(at::kLong));
+  at::Tensor no_loss;
   Gradients g = allocate_gradients(c);
-  RowBuffers rb = row_buffers(loss_c, hardest_c, &g);
+  RowBuffers rb = row_buffers(no_loss, state_c, hardest, &g);
   rb.grad_loss = grad_rows.data_ptr();
   rb.grad_stride_speaker = grad_rows.stride(0);
   rb.grad_stride_utterance = grad_rows.stride(grad_rows.dim() - 1);
@@ -512,11 +583,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_b
     c10::optional<double> min_cosine, double scale, int64_t block_speakers,
     const c10::optional<at::Tensor>& speaker_offsets) {
   const c10::OptionalDeviceGuard device_guard(embeddings.device());
+  check_block_speakers(block_speakers);
   const Call c = make_call<Device>(embeddings, sums, w, b, speaker_offset, loss_method,
                                    min_cosine, speaker_offsets);
-  auto [loss, hardest] = row_outputs(c);
+  auto [loss, state, hardest] = row_outputs(c);
   Gradients g = allocate_gradients(c);
-  RowBuffers rb = row_buffers(loss, hardest, &g);
+  RowBuffers rb = row_buffers(loss, state, hardest, &g);
   const Problem& p = c.problem;
   rb.grad_scale = scale;
   dispatch_loss_method(p.method, [&](auto method) {

@@ -66,6 +66,30 @@ GE2E_HD double log1p_(double x) { return ::log1p(x); }
 GE2E_HD float expm1_(float x) { return ::expm1f(x); }
 GE2E_HD double expm1_(double x) { return ::expm1(x); }
 GE2E_HD double exp_(double x) { return ::exp(x); }
+GE2E_HD float frexp_(float x, int* e) { return ::frexpf(x, e); }
+GE2E_HD double frexp_(double x, int* e) { return ::frexp(x, e); }
+GE2E_HD float ldexp_(float x, int e) { return ::ldexpf(x, e); }
+GE2E_HD double ldexp_(double x, int e) { return ::ldexp(x, e); }
+GE2E_HD float abs_(float x) { return ::fabsf(x); }
+// a * b rounded, never fused into a later addition (a multiply-add would
+// change a value that must equal, bit for bit, one computed elsewhere). The
+// host code is compiled with -ffp-contract=off (setup.py); nvcc contracts by
+// default, so the device takes the intrinsics that it never contracts.
+GE2E_HD float mul_rounded(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+GE2E_HD double mul_rounded(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return __dmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+GE2E_HD double abs_(double x) { return ::fabs(x); }
 
 // exp for float. On the device: the CUDA library's expf. On the host: a
 // branch-free Cephes-style exp (range reduction by ln 2 in two parts, a
@@ -129,6 +153,46 @@ GE2E_HD T inverse_norm(T squared_norm) {
 template <typename T>
 GE2E_HD T cosine(T dot, T inv_norm_a, T inv_norm_v) {
   return dot * inv_norm_a * inv_norm_v;
+}
+
+// ------------------------------------------------------------- scale
+//
+// A cosine does not depend on the lengths of its vectors, so the kernels work
+// on vectors multiplied by powers of two (exact: only the exponent changes)
+// that bring their largest coordinate into [0.5, 1). Squared norms then
+// neither overflow nor underflow, whatever the embeddings' scale within the
+// dtype's normal range (docs/math.md, "Scale"): a speaker's sum s_j is summed
+// from its utterances times sigma_j (from the speaker's largest |x|) and
+// normalised once more into s''_j (largest coordinate in [0.5, 1)), each row's
+// own-speaker terms are taken of scaled copies of e and u, and every formula
+// that needs a 1/|v|^2 is ordered as (v/|v|)(a.v/|v|), never 1/|v|^2 alone.
+
+// The largest exponent e with 2^e a normal number, less one (so that a scale
+// and the value it multiplies stay away from overflow).
+template <typename T>
+GE2E_HD int max_scale_exponent() { return sizeof(T) == sizeof(double) ? 1022 : 126; }
+
+// The power of two 2^-e that brings max_abs (> 0, finite) into [0.5, 1); 1 for
+// 0, NaN and infinity (so that a zero vector stays zero and a non-finite one
+// stays non-finite). A scale-up is capped at 2^max_scale_exponent (a
+// subnormal max_abs is then only brought near the normal range).
+template <typename T>
+GE2E_HD T power_of_two_scale(T max_abs) {
+  if (!(max_abs > T(0)) || !is_finite(max_abs)) return T(1);
+  int e = 0;
+  frexp_(max_abs, &e);  // max_abs = f 2^e, f in [0.5, 1)
+  const int limit = max_scale_exponent<T>();
+  return ldexp_(T(1), -e < limit ? -e : limit);
+}
+
+// A vector whose largest |coordinate| is at most 1 and whose inverse norm is
+// at most this lost nothing to underflow in its squared norm (its norm is at
+// least 2^-30, 2^-300 for double, and D coordinates below the least normal
+// number add at most D times the least subnormal to its square).
+template <typename T>
+GE2E_HD T safe_max_inverse_norm() {
+  return sizeof(T) == sizeof(double) ? T(2.037035976334486e+90) /* 2^300 */
+                                     : T(1073741824.0) /* 2^30 */;
 }
 
 // ------------------------------------------------- sums without cancellation
@@ -217,59 +281,90 @@ GE2E_HD T b_grad(T total, const SimilarityParams<T>& p) {
 // ---------------------------------------------- the own-speaker (exclusive) term
 
 // cos(e, u) of a row with the sum u of its speaker's other utterances, from
-// e.e, e.u and u.u accumulated directly over e and u.
+// e'.e', e'.u', u'.u' of scaled copies e' = e_scale e and u' = u_scale u~,
+// u~ = sigma_j u being the exclusive sum in the speaker's scaled sums (see
+// "scale" above). inv_norm_e, inv_norm_u are 1/|e'|, 1/|u'|: O(1) numbers.
 template <typename T>
 struct OwnCosine {
+  T e_scale;
+  T u_scale;
   T inv_norm_e;
   T inv_norm_u;
   T raw_cos;
 };
 
 template <typename T>
-GE2E_HD OwnCosine<T> own_cosine(T ee, T eu, T uu) {
+GE2E_HD OwnCosine<T> own_cosine(T ee, T eu, T uu, T e_scale, T u_scale) {
   OwnCosine<T> c;
+  c.e_scale = e_scale;
+  c.u_scale = u_scale;
   c.inv_norm_e = inverse_norm(ee);
   c.inv_norm_u = inverse_norm(uu);
   c.raw_cos = cosine(eu, c.inv_norm_e, c.inv_norm_u);
   return c;
 }
 
+// Whether the squared norms of a row's e' and u' may have lost digits to
+// underflow (or were 0: all of it, or a zero vector): then the row is scaled
+// on its own, own_cosine again with e_scale, u_scale from the row's largest
+// coordinates (which changes nothing for a zero or non-finite vector).
+template <typename T>
+GE2E_HD bool needs_own_scales(const OwnCosine<T>& c) {
+  const T big = safe_max_inverse_norm<T>();
+  return !(c.inv_norm_e > T(0) && c.inv_norm_e <= big) ||
+         !(c.inv_norm_u > T(0) && c.inv_norm_u <= big);
+}
+
+// 1/|e| of the unscaled row (a gradient's scale: it may overflow only where
+// the gradient does).
+template <typename T>
+GE2E_HD T true_inverse_norm_e(const OwnCosine<T>& c) { return c.inv_norm_e * c.e_scale; }
+
 // What a row keeps between the kernels: its OwnCosine and, once the gradient
 // is known, own_grad = dLoss/d(raw cos(e, u)). kOwnTermsSize numbers a row.
-constexpr int kOwnTermsSize = 4;
+constexpr int kOwnTermsSize = 6;
 
 template <typename T>
 GE2E_HD void store_own_cosine(T* out, const OwnCosine<T>& c) {
-  out[0] = c.inv_norm_e;
-  out[1] = c.inv_norm_u;
-  out[2] = c.raw_cos;
+  out[0] = c.e_scale;
+  out[1] = c.u_scale;
+  out[2] = c.inv_norm_e;
+  out[3] = c.inv_norm_u;
+  out[4] = c.raw_cos;
 }
 
 template <typename T>
 GE2E_HD OwnCosine<T> load_own_cosine(const T* in) {
   OwnCosine<T> c;
-  c.inv_norm_e = in[0];
-  c.inv_norm_u = in[1];
-  c.raw_cos = in[2];
+  c.e_scale = in[0];
+  c.u_scale = in[1];
+  c.inv_norm_e = in[2];
+  c.inv_norm_u = in[3];
+  c.raw_cos = in[4];
   return c;
 }
 
-constexpr int kOwnGradSlot = 3;
+constexpr int kOwnGradSlot = 5;
 
-// One coordinate of the own term's gradient, with own_grad = dLoss/d(raw cos(e, u)):
-//   through e:  own_grad (u/(|e||u|) - cos e/|e|^2)
-//   through u:  q = own_grad (e/(|e||u|) - cos u/|u|^2), which every other
-//               utterance of the speaker receives (u is their sum).
+// One coordinate of the own term's gradient, with own_grad = dLoss/d(raw cos(e, u)),
+// e and u~ the raw row and the speaker-scaled exclusive sum (e' = e_scale e,
+// u' = u_scale u~ as in OwnCosine):
+//   through e:  own_grad/|e| (u'/|u'| - cos e'/|e'|)
+//   through u:  q = own_grad/|u| (e'/|e'| - cos u'/|u'|), which every other
+//               utterance of the speaker receives (u is their sum), with
+//               1/|u| = sigma_j u_scale/|u'|, sigma_j the speaker's scale.
 template <typename T>
 GE2E_HD T own_grad_through_embedding(T own_grad, const OwnCosine<T>& c, T e, T u) {
-  return own_grad *
-         (c.inv_norm_e * c.inv_norm_u * u - c.raw_cos * c.inv_norm_e * c.inv_norm_e * e);
+  const T unit_e = e * c.e_scale * c.inv_norm_e;
+  const T unit_u = u * c.u_scale * c.inv_norm_u;
+  return (own_grad * c.inv_norm_e * c.e_scale) * (unit_u - c.raw_cos * unit_e);
 }
 
 template <typename T>
-GE2E_HD T own_grad_through_others(T own_grad, const OwnCosine<T>& c, T e, T u) {
-  return own_grad *
-         (c.inv_norm_e * c.inv_norm_u * e - c.raw_cos * c.inv_norm_u * c.inv_norm_u * u);
+GE2E_HD T own_grad_through_others(T own_grad, const OwnCosine<T>& c, T e, T u, T speaker_scale) {
+  const T unit_e = e * c.e_scale * c.inv_norm_e;
+  const T unit_u = u * c.u_scale * c.inv_norm_u;
+  return ((own_grad * c.inv_norm_u) * c.u_scale * speaker_scale) * (unit_e - c.raw_cos * unit_u);
 }
 
 // The cross-speaker gradients come from two matrix products with
@@ -277,9 +372,27 @@ GE2E_HD T own_grad_through_others(T own_grad, const OwnCosine<T>& c, T e, T u) {
 // part of dcos/da is a projection, so
 //   dLoss/de_r (t_rows) = T_r - e_r (e_r . T_r) / |e_r|^2
 //   dLoss/ds_k         = Z_k - s_k (s_k . Z_k) / |s_k|^2
+//
+// Written value - (a/|a|)((a . value)/|a|), never with 1/|a|^2 alone (which
+// overflows for tiny a); `along` and `inv_norm_along` may be those of a copy
+// a' of a scaled by a power of two, dot_with_along being a' . value.
 template <typename T>
 GE2E_HD T remove_projection(T value, T along, T dot_with_along, T inv_norm_along) {
-  return value - along * dot_with_along * inv_norm_along * inv_norm_along;
+  return value - (along * inv_norm_along) * (dot_with_along * inv_norm_along);
+}
+
+// The cosine of row e with a scaled sum s''_k from their dot product
+// e . s''_k (the matrix product E S''^T on the raw rows): the product is
+// taken to e' = e_scale e (exact), then divided by the O(1) norms.
+template <typename T>
+GE2E_HD T cross_cosine(T dot, const OwnCosine<T>& row, T inv_norm_sum) {
+  return ((dot * row.e_scale) * row.inv_norm_e) * inv_norm_sum;
+}
+
+// H_rk = h / (|e_r| |s''_k|) from the gradient h on the raw cosine.
+template <typename T>
+GE2E_HD T cross_cosine_weight(T cos_grad, const OwnCosine<T>& row, T inv_norm_sum) {
+  return ((cos_grad * inv_norm_sum) * row.inv_norm_e) * row.e_scale;
 }
 
 // ------------------------------------------------------------ loss methods
@@ -293,9 +406,9 @@ GE2E_HD T remove_projection(T value, T along, T dot_with_along, T inv_norm_along
 //                            the same reduction over a whole row of values
 //                            held by one thread (values[own] is overwritten),
 //                            written to vectorize
-//   row_loss(stat, row)      L_ji
-//   RowSummary               what a row keeps for a later backward: its loss
-//                            and, for a sparse gradient, the one impostor index
+//   summarize(stat, row)     the row's RowSummary: L_ji and what its gradient needs
+//   save_state / load_state  the summary as the kRowStateSize numbers a forward
+//                            keeps for a later backward (not the loss)
 //   impostor_grad(value_k, k, summary, row, grad_row)
 //                            dL/dS_k for k != own, times the row's upstream gradient
 //   own_grad(G, row, grad_row)
@@ -321,11 +434,26 @@ struct RowView {
   SimilarityParams<T> params;
 };
 
+// What a row's forward keeps for its backward (kRowStateSize float64 numbers a
+// row, the `state` output of the forward op): not the loss, which the caller
+// owns and may change, but what the method's gradient is taken from.
+constexpr int kRowStateSize = 2;
+
 template <typename T>
 struct RowSummary {
   T loss;
-  int64_t hardest;  // the hardest impostor (ContrastLoss); -1 where unused
+  T reference;       // SoftmaxLoss: the row's max d_k (or 0), exactly one of its values
+  T log_normaliser;  // SoftmaxLoss: log(sum_k exp(d_k - reference)), own d = 0 included
+  int64_t hardest;   // ContrastLoss: the hardest impostor; -1 where unused
 };
+
+// An impostor index read back from a saved state: -1 (no impostor, which
+// poisons the row) unless it is a whole number that can index a row.
+GE2E_HD int64_t index_from_state(double v) {
+  return (v >= 0.0 && v < 4.6e18 && v == static_cast<double>(static_cast<int64_t>(v)))
+             ? static_cast<int64_t>(v)
+             : int64_t(-1);
+}
 
 // Softmax (eq. 6), computed from differences: S_k - S_own = w (c_k - c_own)
 // does not contain b (the loss does not depend on it) and L = log(1 +
@@ -338,7 +466,7 @@ struct SoftmaxLoss {
 
   template <typename T>
   GE2E_HD static T value(T cos_k, const RowView<T>& row) {
-    return row.params.w * (cos_k - row.own_cos);
+    return mul_rounded(row.params.w, cos_k - row.own_cos);
   }
 
   // Online log-sum-exp of the differences d_k (flash-attention style), the
@@ -397,19 +525,41 @@ struct SoftmaxLoss {
 
   // L = max + log(exp(-max) + sum) = max + log1p(expm1(-max) + sum): exact
   // in form when the own speaker is the most similar (max = 0: log1p(sum)).
+  // The max and the normaliser are kept apart: the probabilities are taken
+  // against the max (exactly one of the d_k), never against L, which is
+  // rounded at the scale of w (at w = 1e8 an ulp of L is larger than 1).
   template <typename T>
-  GE2E_HD static T row_loss(const Statistic<T>& stat, const RowView<T>&) {
-    return stat.max + log1p_(expm1_(-stat.max) + stat.sum);
+  GE2E_HD static RowSummary<T> summarize(const Statistic<T>& stat, const RowView<T>&) {
+    RowSummary<T> s;
+    s.reference = stat.max;
+    s.log_normaliser = log1p_(expm1_(-stat.max) + stat.sum);
+    s.loss = s.reference + s.log_normaliser;
+    s.hardest = -1;
+    return s;
   }
 
   template <typename T>
-  GE2E_HD static int64_t hardest(const Statistic<T>&) { return -1; }
+  GE2E_HD static void save_state(const RowSummary<T>& s, double* state) {
+    state[0] = static_cast<double>(s.reference);
+    state[1] = static_cast<double>(s.log_normaliser);
+  }
 
-  // p_k = exp(d_k - L), the softmax probability of impostor k.
+  template <typename T>
+  GE2E_HD static RowSummary<T> load_state(const double* state) {
+    RowSummary<T> s;
+    s.reference = static_cast<T>(state[0]);
+    s.log_normaliser = static_cast<T>(state[1]);
+    s.loss = s.reference + s.log_normaliser;
+    s.hardest = -1;
+    return s;
+  }
+
+  // p_k = exp((d_k - max) - log_normaliser), the softmax probability of
+  // impostor k: d_k - max is exact where it matters (both are values of the row).
   template <typename T>
   GE2E_HD static T impostor_grad(T d, int64_t /*k*/, const RowSummary<T>& summary,
                                  const RowView<T>&, T grad_row) {
-    return grad_row * exp_(d - summary.loss);
+    return grad_row * exp_((d - summary.reference) - summary.log_normaliser);
   }
 
   // p_own - 1 = -sum_{k != own} p_k: no cancellation when p_own ~ 1.
@@ -491,13 +641,31 @@ struct ContrastLoss {
   }
 
   template <typename T>
-  GE2E_HD static T row_loss(const Statistic<T>& stat, const RowView<T>& row) {
+  GE2E_HD static RowSummary<T> summarize(const Statistic<T>& stat, const RowView<T>& row) {
+    RowSummary<T> s;
     const T own_s = similarity(row.own_cos, row.params);
-    return sigmoid(-own_s) + sigmoid(similarity(stat.max, row.params));
+    s.loss = sigmoid(-own_s) + sigmoid(similarity(stat.max, row.params));
+    s.reference = T(0);
+    s.log_normaliser = T(0);
+    s.hardest = stat.index;
+    return s;
   }
 
   template <typename T>
-  GE2E_HD static int64_t hardest(const Statistic<T>& stat) { return stat.index; }
+  GE2E_HD static void save_state(const RowSummary<T>& s, double* state) {
+    state[0] = static_cast<double>(s.hardest);
+    state[1] = 0.0;
+  }
+
+  template <typename T>
+  GE2E_HD static RowSummary<T> load_state(const double* state) {
+    RowSummary<T> s;
+    s.loss = T(0);
+    s.reference = T(0);
+    s.log_normaliser = T(0);
+    s.hardest = index_from_state(state[0]);
+    return s;
+  }
 
   template <typename T>
   GE2E_HD static T impostor_grad(T cos_k, int64_t k, const RowSummary<T>& summary,

@@ -37,6 +37,9 @@ at::Tensor loss_without_autograd(const at::Tensor& embeddings,
 }
 
 }  // namespace
+
+void register_python_node_names();  // autograd/ge2e_autograd.cpp
+
 }  // namespace ge2e
 
 TORCH_LIBRARY(ge2e_ext, m) {
@@ -54,5 +57,7 @@ TORCH_LIBRARY_IMPL(ge2e_ext, CompositeExplicitAutograd, m) {
 // A module with no Python functions: importing it runs the registrations above.
 extern "C" PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
+  PyObject* module = PyModule_Create(&module_def);
+  if (module != nullptr) ge2e::register_python_node_names();
+  return module;
 }

@@ -31,18 +31,18 @@ inline std::tuple<at::Tensor, at::Tensor> forward(
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
     const at::Tensor& grad_loss, const at::Tensor& embeddings,
     const c10::optional<at::Tensor>& sums, const at::Tensor& w, const at::Tensor& b,
-    const at::Tensor& loss, const at::Tensor& hardest, int64_t speaker_offset,
-    c10::string_view loss_method, c10::optional<double> min_cosine, int64_t block_speakers,
+    const at::Tensor& state, int64_t speaker_offset, c10::string_view loss_method,
+    c10::optional<double> min_cosine, int64_t block_speakers,
     const c10::optional<at::Tensor>& speaker_offsets) {
   static const auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("ge2e_ext::ge2e_backward", "")
           .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
               const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
-              const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
+              const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
               c10::string_view, c10::optional<double>, int64_t,
               const c10::optional<at::Tensor>&)>();
-  return op.call(grad_loss, embeddings, sums, w, b, loss, hardest, speaker_offset, loss_method,
+  return op.call(grad_loss, embeddings, sums, w, b, state, speaker_offset, loss_method,
                  min_cosine, block_speakers, speaker_offsets);
 }
 

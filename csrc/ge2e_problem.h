@@ -36,10 +36,14 @@ struct Problem {
   const void* embeddings;  // (B, D): the rows of speaker 0, then of speaker 1, ...
   const void* w;           // 0-dim acc: the raw w (max(w, kMinW) is taken inside)
   const void* b;           // 0-dim acc
-  void* sums;              // (K, D) acc: given, or written by the speaker statistics
-  void* own_sums_hi;       // (N, D) acc: the compensated sums of the local speakers
-  void* own_sums_lo;       //   (see CompensatedSum); own_sums_hi == sums when not given
-  void* inv_sums;          // (K,) acc: 1/|s_k| (0 for a zero sum)
+  void* sums;              // (K, D) acc: s''_k = sum_scales[k] s_k, the speaker sums scaled
+                           //   by powers of two (from the given sums, or written by
+                           //   the speaker statistics)
+  void* sum_scales;        // (K,) acc: the power of two of each row of sums
+  void* own_sums_hi;       // (N, D) acc: the compensated sums of the local speakers'
+  void* own_sums_lo;       //   utterances times speaker_scales[j] (add_compensated)
+  void* speaker_scales;    // (N,) acc: sigma_j, the power of two of local speaker j
+  void* inv_sums;          // (K,) acc: 1/|s''_k| (0 for a zero sum)
   void* own_terms;         // (B, kOwnTermsSize) acc: each row's OwnCosine and own_grad
 };
 
@@ -91,8 +95,10 @@ enum class RowPass : int {
 
 // The per-row inputs and outputs of the row kernel; acc unless said.
 struct RowBuffers {
-  void* loss;                 // (B): written (kLoss*) or read (kGradient)
-  int64_t* hardest;           // (B): the hardest impostor (-1 where the method has none)
+  void* loss;                 // (B): written (kLoss*)
+  double* state;              // (B, kRowStateSize) float64: written (kLoss*) or read (kGradient)
+  int64_t* hardest;           // (B): the hardest impostor (-1 where the method has none),
+                              //   written by every pass for the sparse products
   const void* grad_loss;      // kGradient: dLoss/dL of row r = utterance i of speaker j, at
   int64_t grad_stride_speaker;    // j * stride_speaker + i * stride_utterance (N, M),
   int64_t grad_stride_utterance;  // or r * stride_utterance (B,) with speaker_offsets

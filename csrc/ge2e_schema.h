@@ -23,20 +23,22 @@ inline constexpr const char* kLossSchema =
     "str loss_method, float? min_cosine, bool reduce, float scale, int block_speakers=0, "
     "Tensor? speaker_offsets=None) -> Tensor";
 
-// The per-utterance losses and each utterance's hardest impostor (the
-// arg-max speaker k != own of the contrast loss; -1 for softmax), (N, M) or (B,).
+// The per-utterance losses, (N, M) or (B,), and each row's saved state, shaped
+// (..., 2) float64: what the method's gradient is taken from (softmax: the
+// row's largest difference and its log-normaliser; contrast: the hardest
+// impostor, the arg-max speaker k != own). The backward reads the state, never
+// the losses, so a caller may change the returned losses in place.
 inline constexpr const char* kForwardSchema =
     "ge2e_forward(Tensor embeddings, Tensor? sums, Tensor w, Tensor b, int speaker_offset, "
     "str loss_method, float? min_cosine, int block_speakers=0, Tensor? speaker_offsets=None) "
     "-> (Tensor, Tensor)";
 
 // The gradients (embeddings, sums, w, b) for the upstream gradient of the
-// losses, given the forward's losses and hardest impostors; the
-// cosines are recomputed. When sums are not given, their gradient is already
+// losses, given the forward's state; the cosines are recomputed. When sums are not given, their gradient is already
 // folded into the embeddings' (the second output is then scratch).
 inline constexpr const char* kBackwardSchema =
     "ge2e_backward(Tensor grad_loss, Tensor embeddings, Tensor? sums, Tensor w, Tensor b, "
-    "Tensor loss, Tensor hardest, int speaker_offset, str loss_method, float? min_cosine, "
+    "Tensor state, int speaker_offset, str loss_method, float? min_cosine, "
     "int block_speakers=0, Tensor? speaker_offsets=None) -> (Tensor, Tensor, Tensor, Tensor)";
 
 // scale times the sum of the losses (0-dim) and its gradients (embeddings,

@@ -90,13 +90,16 @@ if _C is not None:
         rows = _rows_like(embeddings)
         return rows.new_empty(()) if reduce else rows
 
+    ROW_STATE_SIZE = 2  # kRowStateSize in csrc/ge2e_math.h
+
     @torch.library.register_fake("ge2e_ext::ge2e_forward")
     def _forward_fake(embeddings, sums, w, b, speaker_offset, loss_method, min_cosine,
                       block_speakers=0, speaker_offsets=None):
-        return _rows_like(embeddings), _rows_like(embeddings, torch.long)
+        rows = _rows_like(embeddings)
+        return rows, rows.new_empty((*rows.shape, ROW_STATE_SIZE), dtype=torch.float64)
 
     @torch.library.register_fake("ge2e_ext::ge2e_backward")
-    def _backward_fake(grad_loss, embeddings, sums, w, b, loss, hardest, speaker_offset,
+    def _backward_fake(grad_loss, embeddings, sums, w, b, state, speaker_offset,
                        loss_method, min_cosine, block_speakers=0, speaker_offsets=None):
         return (torch.empty_like(embeddings, memory_format=torch.contiguous_format),
                 _sums_grad_like(embeddings, sums, speaker_offsets), _scalar_like(embeddings, w),

@@ -18,16 +18,38 @@ from .methods import METHODS
 MIN_W = 1e-6  # the forward uses max(w, MIN_W): the paper requires w > 0
 
 
+def power_of_two_scale(max_abs: torch.Tensor) -> torch.Tensor:
+    """The power of two 2^-e that brings each ``max_abs`` into [0.5, 1) (1 for 0 and
+    non-finite values), as csrc/ge2e_math.h's power_of_two_scale: multiplying by it
+    is exact. Tensor ops only (no host read, so torch.compile traces it); detached,
+    since a cosine does not depend on it."""
+    max_abs = max_abs.detach()
+    _, exponent = torch.frexp(max_abs)
+    limit = 1022 if max_abs.dtype == torch.float64 else 126
+    scale = torch.ldexp(torch.ones_like(max_abs), (-exponent).clamp(max=limit))
+    usable = (max_abs > 0) & torch.isfinite(max_abs)
+    return torch.where(usable, scale, torch.ones_like(max_abs))
+
+
 def inverse_norm(vectors: torch.Tensor) -> torch.Tensor:
     """1/|v| over the last dimension, 0 for a zero vector (and its gradient 0).
 
-    The inner ``where`` keeps 1/0 out of the graph, so the unselected branch
-    cannot send inf * 0 = NaN into the gradient.
+    The norm is taken of v times a power of two that brings its largest
+    coordinate into [0.5, 1), so its square neither overflows nor underflows
+    at any scale. The inner ``where`` keeps 1/0 out of the graph, so the
+    unselected branch cannot send inf * 0 = NaN into the gradient.
     """
-    norm = torch.linalg.vector_norm(vectors, dim=-1)
+    scale = power_of_two_scale(vectors.abs().amax(-1)).unsqueeze(-1)
+    norm = torch.linalg.vector_norm(vectors * scale, dim=-1)
     positive = norm > 0
     safe = torch.where(positive, norm, torch.ones_like(norm))
-    return torch.where(positive, 1.0 / safe, torch.zeros_like(norm))
+    return torch.where(positive, scale.squeeze(-1) / safe, torch.zeros_like(norm))
+
+
+def unit(vectors: torch.Tensor) -> torch.Tensor:
+    """v/|v| over the last dimension (0 for a zero vector): every cosine is a dot
+    product of these, so nothing depends on the embeddings' scale."""
+    return vectors * inverse_norm(vectors).unsqueeze(-1)
 
 
 def exclusive_sums(embeddings: torch.Tensor) -> torch.Tensor:
@@ -47,12 +69,17 @@ def ge2e_rows(embeddings, sums, w, b, speaker_offset, loss_method, min_cosine):
     ``speaker_offset + j`` of sums.
     """
     n, m, _ = embeddings.shape
+    # Each speaker times a power of two (its largest |x| into [0.5, 1)): its sums
+    # cannot overflow, and cosines do not change (docs/math.md, "Scale").
+    sigma = power_of_two_scale(embeddings.abs().amax((1, 2))).view(n, 1, 1)
+    embeddings = embeddings * sigma
     if sums is None:
         sums = embeddings.sum(1)
-    inv_e = inverse_norm(embeddings)                                    # (N, M)
-    others = exclusive_sums(embeddings)                                 # (N, M, D)
-    own_cos = (embeddings * others).sum(-1) * inv_e * inverse_norm(others)
-    cos = torch.matmul(embeddings, sums.t()) * inv_e.unsqueeze(-1) * inverse_norm(sums)
+    else:
+        sums = sums * power_of_two_scale(sums.abs().amax(1)).unsqueeze(1)
+    unit_e = unit(embeddings)                                           # (N, M, D)
+    own_cos = (unit_e * unit(exclusive_sums(embeddings))).sum(-1)       # (N, M)
+    cos = torch.matmul(unit_e, unit(sums).t())
     own = (torch.arange(n, device=embeddings.device) + speaker_offset).view(n, 1, 1).expand(n, m, 1)
     cos = cos.scatter(-1, own, own_cos.unsqueeze(-1))                   # (N, M, K)
     if min_cosine is not None:

@@ -4,7 +4,7 @@
 # --no-build-isolation), installs the wheel into a fresh virtual environment and
 # checks it from outside the checkout with scripts/wheel_smoke.py (import, version,
 # extension_devices(), loss and gradients against backend="torch"). It also checks the
-# wheel's metadata (licence, py.typed, the abi3 tag, the exact torch it requires) and
+# wheel's metadata (licence, py.typed, the Python tag, the exact torch it requires) and
 # that pip refuses to install it next to another torch. Each step says what it does,
 # how long it usually takes and, every 30 s, what it is doing (scripts/progress.sh).
 #
@@ -86,10 +86,12 @@ fi
 wheel=$(ls "$work"/wheels/ge2e_ext-*.whl)
 echo "   $(basename "$wheel"): $(du -k "$wheel" | cut -f1) KiB"
 
-echo "== [$(date +%H:%M:%S)] the wheel's metadata: licence, py.typed, abi3 tag, torch pin (seconds)"
+echo "== [$(date +%H:%M:%S)] the wheel's metadata: licence, py.typed, Python tag, torch pin (seconds)"
 "$PY" - "$wheel" "$torch_version" <<'PYEOF'
-import sys, zipfile
+import sys, sysconfig, zipfile
 wheel, torch_version = sys.argv[1], sys.argv[2]
+python_tag = f"cp{sys.version_info[0]}{sys.version_info[1]}"  # one wheel per Python version
+soabi = sysconfig.get_config_var("SOABI")                       # e.g. cpython-311-x86_64-linux-gnu
 names = zipfile.ZipFile(wheel).namelist()
 info = next(n.split("/")[0] for n in names if n.endswith(".dist-info/METADATA"))
 metadata = zipfile.ZipFile(wheel).read(f"{info}/METADATA").decode()
@@ -101,11 +103,11 @@ problems = [f"{what}" for what, ok in [
      "\nLicense-Expression: BSD-3-Clause\n" in metadata),
     (f"no LICENSE in {info}", any(n.startswith(info) and n.endswith("/LICENSE") for n in names)),
     ("no ge2e_ext/py.typed", "ge2e_ext/py.typed" in names),
-    ("the wheel is not tagged abi3", "-abi3-" in wheel),
-    ("no ge2e_ext/_C.abi3.so", "ge2e_ext/_C.abi3.so" in names)] if not ok]
+    (f"the wheel is not tagged {python_tag}", f"-{python_tag}-{python_tag}-" in wheel),
+    (f"no ge2e_ext/_C.{soabi}.so", f"ge2e_ext/_C.{soabi}.so" in names)] if not ok]
 for problem in problems:
     print(f"check_wheel: {problem}", file=sys.stderr)
-print(f"   {pin}; {'; '.join(n for n in names if 'LICENSE' in n)}; py.typed; abi3")
+print(f"   {pin}; {'; '.join(n for n in names if 'LICENSE' in n)}; py.typed; {python_tag}")
 sys.exit(1 if problems else 0)
 PYEOF
 

@@ -59,9 +59,9 @@ def test_opcheck(device, method, with_sums):
                           plain + (0, method, 1e-6, 0), test_utils=kernel_checks)
     torch.library.opcheck(torch.ops.ge2e_ext.ge2e_forward_backward.default,
                           plain + (0, method, 1e-6, 1.0, 0), test_utils=kernel_checks)
-    loss, hardest = torch.ops.ge2e_ext.ge2e_forward(*plain, 0, method, 1e-6)
+    loss, state = torch.ops.ge2e_ext.ge2e_forward(*plain, 0, method, 1e-6)
     torch.library.opcheck(torch.ops.ge2e_ext.ge2e_backward.default,
-                          (torch.ones_like(loss),) + plain + (loss, hardest, 0, method, None, 0),
+                          (torch.ones_like(loss),) + plain + (state, 0, method, None, 0),
                           test_utils=kernel_checks)
 
 

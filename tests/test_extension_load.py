@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 
 import pytest
 
@@ -39,13 +40,17 @@ print(json.dumps({"warnings": [str(w.message) for w in caught
 """
 
 
+# The name this Python imports an extension module by (_C.cpython-311-x86_64-linux-gnu.so).
+SO_NAME = "_C" + sysconfig.get_config_var("EXT_SUFFIX")
+
+
 def _package_copy(tmp_path, compiled=None):
     package = tmp_path / "ge2e_ext"
     package.mkdir()
     for path in glob.glob(os.path.join(ROOT, "ge2e_ext", "*.py")):
         shutil.copy(path, package)
     if compiled is not None:
-        (package / "_C.abi3.so").write_bytes(compiled)
+        (package / SO_NAME).write_bytes(compiled)
     return package
 
 
@@ -64,7 +69,7 @@ def test_a_module_that_cannot_load_warns_once_with_the_reason(tmp_path):
     assert report["devices"] == []
     assert len(report["warnings"]) == 1, report["warnings"]
     (message,) = report["warnings"]
-    assert "_C.abi3.so cannot be loaded" in message
+    assert f"{SO_NAME} cannot be loaded" in message
     assert "invalid ELF header" in message or "file too short" in message  # the loader's reason
     assert "rebuild it against this torch" in message and "pure-PyTorch" in message
     # The reason is also what backend="extension" says.

@@ -13,6 +13,7 @@
 #include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <torch/autograd.h>
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
+#include <torch/csrc/autograd/python_cpp_function.h>
 #include <torch/library.h>
 
 #include <string>
@@ -60,24 +61,35 @@ variable_list finish_backward(variable_list gradients, const variable_list& depe
   return gradients;
 }
 
-// The saved gradient times the upstream scalar. A CPU upstream gradient of
-// exactly 1 (loss.backward()) returns the saved tensor itself: no pass over an
-// input-sized tensor (autograd copies it before anything writes into it, as it
-// is still referenced here). Reading the value of an accelerator's scalar
-// would synchronise with the device: there the product is one small kernel.
-// (Under tracing, fake tensors and dispatch modes, the value is unknown:
-// there too it is the product.)
-at::Tensor scaled(const at::Tensor& gradient, const at::Tensor& factor) {
-  if (!gradient.defined()) return gradient;
-  const bool plain_cpu_scalar = factor.device().is_cpu() && factor.numel() == 1 &&
-                                !at::isTensorSubclassLike(factor) &&
-                                !c10::impl::TorchDispatchModeTLS::any_modes_set();
-  if (plain_cpu_scalar && !at::GradMode::is_enabled() && factor.item<double>() == 1.0) {
-    return gradient;
-  }
-  return gradient.mul(factor);
+// Whether the upstream gradient is a plain CPU scalar equal to 1 (loss.backward()),
+// so that scaling can be skipped. Reading the value of an accelerator's scalar
+// would synchronise with the device, and under tracing, fake tensors and
+// dispatch modes the value is unknown: there the scaling is one small kernel.
+bool is_plain_cpu_one(const at::Tensor& factor) {
+  return factor.device().is_cpu() && factor.numel() == 1 && !at::isTensorSubclassLike(factor) &&
+         !c10::impl::TorchDispatchModeTLS::any_modes_set() && factor.item<double>() == 1.0;
 }
 
+// A tensor that autograd may save: an inference tensor (made under
+// torch.inference_mode(), e.g. embeddings of a frozen encoder, with a trainable
+// w or b) cannot be, so it is copied, and only then.
+at::Tensor savable(const at::Tensor& t) {
+  return t.defined() && t.is_inference() ? t.clone() : t;
+}
+
+// Input slots of ge2e_loss: embeddings, sums, w, b, speaker_offset, loss_method,
+// min_cosine, reduce/scale..., block_speakers, speaker_offsets.
+constexpr size_t kReducedInputs = 10;
+constexpr size_t kRowInputs = 9;
+const char* const kGradientKeys[4] = {"grad_embeddings", "grad_sums", "grad_w", "grad_b"};
+
+// A reduced loss ("sum", "mean"). The forward computes the loss and its
+// gradients in one sweep; the first backward hands those gradients out,
+// released from the saved state and scaled in place by the upstream scalar,
+// so the caller owns them (no alias of anything autograd keeps) and the peak
+// stays one gradient. A second backward of a retained graph recomputes them
+// (one more forward_backward sweep) from the saved inputs.
+// Python shows this node as Ge2eLossBackward0 (register_python_node_names).
 class ReducedLoss : public torch::autograd::Function<ReducedLoss> {
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& embeddings,
@@ -90,24 +102,68 @@ class ReducedLoss : public torch::autograd::Function<ReducedLoss> {
     auto [loss, grad_embeddings, grad_sums, grad_w, grad_b] =
         ops::forward_backward(embeddings, sums, w, b, speaker_offset, loss_method, min_cosine,
                               scale, block_speakers, speaker_offsets);
-    // The inputs are kept only for a create_graph backward to depend on.
-    ctx->save_for_backward({grad_embeddings, sums.has_value() ? grad_sums : at::Tensor(), grad_w,
-                            grad_b, embeddings, sums.value_or(at::Tensor()), w, b});
+    // The inputs are kept for a retained second backward (and for a
+    // create_graph backward to depend on).
+    ctx->save_for_backward({savable(embeddings), savable(sums.value_or(at::Tensor())),
+                            savable(w), savable(b), speaker_offsets.value_or(at::Tensor())});
+    ctx->saved_data["grad_embeddings"] = grad_embeddings;
+    ctx->saved_data["grad_sums"] = sums.has_value() ? grad_sums : at::Tensor();
+    ctx->saved_data["grad_w"] = grad_w;
+    ctx->saved_data["grad_b"] = grad_b;
+    ctx->saved_data["handed_out"] = false;
+    ctx->saved_data["speaker_offset"] = speaker_offset;
+    ctx->saved_data["loss_method"] = std::string(loss_method);
+    ctx->saved_data["min_cosine"] = min_cosine;
+    ctx->saved_data["scale"] = scale;
+    ctx->saved_data["block_speakers"] = block_speakers;
     return loss;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     const auto saved = ctx->get_saved_variables();
     const at::Tensor& grad_loss = grad_outputs[0];
-    variable_list gradients(10);
+    variable_list gradients(kReducedInputs);
     if (grad_loss.defined()) {
-      for (size_t i = 0; i < 4; ++i) gradients[i] = scaled(saved[i], grad_loss);
+      if (!ctx->saved_data["handed_out"].toBool()) {
+        for (size_t i = 0; i < 4; ++i) {
+          at::IValue& held = ctx->saved_data[kGradientKeys[i]];
+          if (held.isTensor()) gradients[i] = held.toTensor();
+          held = at::IValue();  // released: the caller's reference is the only one
+        }
+        ctx->saved_data["handed_out"] = true;
+      } else {
+        const c10::optional<at::Tensor> sums =
+            saved[1].defined() ? c10::optional<at::Tensor>(saved[1]) : c10::nullopt;
+        const c10::optional<at::Tensor> speaker_offsets =
+            saved[4].defined() ? c10::optional<at::Tensor>(saved[4]) : c10::nullopt;
+        at::AutoDispatchBelowADInplaceOrView below_autograd;
+        at::NoGradGuard no_grad;
+        auto recomputed = ops::forward_backward(
+            saved[0], sums, saved[2], saved[3], ctx->saved_data["speaker_offset"].toInt(),
+            ctx->saved_data["loss_method"].toStringRef(),
+            ctx->saved_data["min_cosine"].toOptional<double>(),
+            ctx->saved_data["scale"].toDouble(), ctx->saved_data["block_speakers"].toInt(),
+            speaker_offsets);
+        gradients[0] = std::get<1>(recomputed);
+        gradients[1] = sums.has_value() ? std::get<2>(recomputed) : at::Tensor();
+        gradients[2] = std::get<3>(recomputed);
+        gradients[3] = std::get<4>(recomputed);
+      }
+      if (!is_plain_cpu_one(grad_loss)) {
+        at::NoGradGuard no_grad;  // a create_graph backward is tied below instead
+        for (size_t i = 0; i < 4; ++i) {
+          if (gradients[i].defined()) gradients[i].mul_(grad_loss);
+        }
+      }
     }
     return finish_backward(std::move(gradients),
-                           {grad_loss, saved[4], saved[5], saved[6], saved[7]});
+                           {grad_loss, saved[0], saved[1], saved[2], saved[3]});
   }
 };
 
+// Per-row losses (reduction "none"): the forward keeps each row's state (not
+// its losses, which the caller owns and may change in place); the backward
+// recomputes the cosines. Python shows this node as Ge2eLossBackward1.
 class RowLosses : public torch::autograd::Function<RowLosses> {
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& embeddings,
@@ -117,9 +173,10 @@ class RowLosses : public torch::autograd::Function<RowLosses> {
                             int64_t block_speakers,
                             const c10::optional<at::Tensor>& speaker_offsets) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [loss, hardest] = ops::forward(embeddings, sums, w, b, speaker_offset, loss_method,
-                                        min_cosine, block_speakers, speaker_offsets);
-    ctx->save_for_backward({embeddings, sums.value_or(at::Tensor()), w, b, loss, hardest,
+    auto [loss, state] = ops::forward(embeddings, sums, w, b, speaker_offset, loss_method,
+                                      min_cosine, block_speakers, speaker_offsets);
+    ctx->save_for_backward({savable(embeddings), savable(sums.value_or(at::Tensor())),
+                            savable(w), savable(b), state,
                             speaker_offsets.value_or(at::Tensor())});
     ctx->saved_data["speaker_offset"] = speaker_offset;
     ctx->saved_data["loss_method"] = std::string(loss_method);
@@ -131,16 +188,16 @@ class RowLosses : public torch::autograd::Function<RowLosses> {
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     const auto saved = ctx->get_saved_variables();
     const at::Tensor& grad_loss = grad_outputs[0];
-    variable_list gradients(9);
+    variable_list gradients(kRowInputs);
     if (grad_loss.defined()) {
       const bool sums_given = saved[1].defined();
       const c10::optional<at::Tensor> sums =
           sums_given ? c10::optional<at::Tensor>(saved[1]) : c10::nullopt;
       const c10::optional<at::Tensor> speaker_offsets =
-          saved[6].defined() ? c10::optional<at::Tensor>(saved[6]) : c10::nullopt;
+          saved[5].defined() ? c10::optional<at::Tensor>(saved[5]) : c10::nullopt;
       at::AutoDispatchBelowADInplaceOrView below_autograd;
       auto [grad_embeddings, grad_sums, grad_w, grad_b] = ops::backward(
-          grad_loss, saved[0], sums, saved[2], saved[3], saved[4], saved[5],
+          grad_loss, saved[0], sums, saved[2], saved[3], saved[4],
           ctx->saved_data["speaker_offset"].toInt(),
           ctx->saved_data["loss_method"].toStringRef(),
           ctx->saved_data["min_cosine"].toOptional<double>(),
@@ -186,6 +243,23 @@ at::Tensor loss_autograd(const at::Tensor& embeddings, const c10::optional<at::T
 }
 
 }  // namespace
+
+// The Python names of the autograd nodes, as PyTorch names its own
+// (`loss.grad_fn` prints <Ge2eLossBackward0 object at ...>); called once when
+// the module is imported (ge2e_ops.cpp).
+void register_python_node_names() {
+  static PyTypeObject reduced_type, rows_type, double_backward_type;
+  torch::autograd::_initFunctionPyTypeObject(reduced_type, "Ge2eLossBackward0", nullptr, nullptr);
+  torch::autograd::_initFunctionPyTypeObject(rows_type, "Ge2eLossBackward1", nullptr, nullptr);
+  torch::autograd::_initFunctionPyTypeObject(double_backward_type, "Ge2eLossBackwardBackward0",
+                                             nullptr, nullptr);
+  torch::autograd::registerCppFunction(typeid(torch::autograd::CppNode<ReducedLoss>),
+                                       &reduced_type);
+  torch::autograd::registerCppFunction(typeid(torch::autograd::CppNode<RowLosses>), &rows_type);
+  torch::autograd::registerCppFunction(typeid(torch::autograd::CppNode<NoDoubleBackward>),
+                                       &double_backward_type);
+}
+
 }  // namespace ge2e
 
 TORCH_LIBRARY_IMPL(ge2e_ext, Autograd, m) {

@@ -68,46 +68,102 @@ SimilarityParams<acc_t> params_of(const Problem& p) {
                             p.min_cosine, p.clamp);
 }
 
-// s += e as compensated sums (hi, lo), coordinate by coordinate.
-template <typename scalar_t, typename acc_t>
-void add_utterance(const scalar_t* __restrict__ e, acc_t* __restrict__ s_hi,
-                   acc_t* __restrict__ s_lo, int64_t dim) {
-  for (int64_t d = 0; d < dim; ++d) add_compensated(s_hi[d], s_lo[d], static_cast<acc_t>(e[d]));
+// max_d |x_d| (a NaN is skipped: it reaches the loss through the sums).
+template <typename acc_t, typename scalar_t>
+inline acc_t max_abs(const scalar_t* __restrict__ x, int64_t n) {
+  acc_t part[kLanes] = {};
+  const int64_t body = n - n % kLanes;
+  for (int64_t d = 0; d < body; d += kLanes) {
+    for (int l = 0; l < kLanes; ++l) {
+      const acc_t v = abs_(static_cast<acc_t>(x[d + l]));
+      part[l] = v > part[l] ? v : part[l];
+    }
+  }
+  for (int64_t d = body; d < n; ++d) {
+    const acc_t v = abs_(static_cast<acc_t>(x[d]));
+    part[d - body] = v > part[d - body] ? v : part[d - body];
+  }
+  acc_t m = acc_t(0);
+  for (int l = 0; l < kLanes; ++l) m = part[l] > m ? part[l] : m;
+  return m;
 }
 
-// cos(e, u) with u = the speaker's sum (hi, lo) without e: e.e, e.u, u.u.
+// max_d |u~_d| of the speaker-scaled exclusive sum u~ = (s_hi - sigma e) + s_lo.
+template <typename scalar_t, typename acc_t>
+inline acc_t max_abs_exclusive(const scalar_t* __restrict__ e, const acc_t* __restrict__ s_hi,
+                               const acc_t* __restrict__ s_lo, acc_t sigma, int64_t dim) {
+  acc_t m = acc_t(0);
+  for (int64_t d = 0; d < dim; ++d) {
+    const acc_t v = abs_(sum_without(s_hi[d], s_lo[d], static_cast<acc_t>(e[d]) * sigma));
+    m = v > m ? v : m;
+  }
+  return m;
+}
+
+// s += sigma e as compensated sums (hi, lo), coordinate by coordinate.
+template <typename scalar_t, typename acc_t>
+void add_utterance(const scalar_t* __restrict__ e, acc_t sigma, acc_t* __restrict__ s_hi,
+                   acc_t* __restrict__ s_lo, int64_t dim) {
+  for (int64_t d = 0; d < dim; ++d) {
+    add_compensated(s_hi[d], s_lo[d], static_cast<acc_t>(e[d]) * sigma);
+  }
+}
+
+// cos(e, u) with u~ = the speaker's scaled sum (hi, lo) without sigma e, from
+// e'.e', e'.u', u'.u' of e' = e_scale e and u' = u_scale u~.
 template <typename scalar_t, typename acc_t>
 OwnCosine<acc_t> own_cosine_of(const scalar_t* __restrict__ e, const acc_t* __restrict__ s_hi,
-                               const acc_t* __restrict__ s_lo, int64_t dim) {
+                               const acc_t* __restrict__ s_lo, acc_t sigma, acc_t e_scale,
+                               acc_t u_scale, int64_t dim) {
   acc_t ee[kLanes] = {}, eu[kLanes] = {}, uu[kLanes] = {};
   const int64_t body = dim - dim % kLanes;
   for (int64_t d = 0; d < body; d += kLanes) {
     for (int l = 0; l < kLanes; ++l) {
-      const acc_t ev = static_cast<acc_t>(e[d + l]);
-      const acc_t uv = sum_without(s_hi[d + l], s_lo[d + l], ev);
+      const acc_t raw = static_cast<acc_t>(e[d + l]);
+      const acc_t ev = raw * e_scale;
+      const acc_t uv = sum_without(s_hi[d + l], s_lo[d + l], raw * sigma) * u_scale;
       ee[l] += ev * ev;
       eu[l] += ev * uv;
       uu[l] += uv * uv;
     }
   }
   for (int64_t d = body; d < dim; ++d) {
-    const acc_t ev = static_cast<acc_t>(e[d]);
-    const acc_t uv = sum_without(s_hi[d], s_lo[d], ev);
+    const acc_t raw = static_cast<acc_t>(e[d]);
+    const acc_t ev = raw * e_scale;
+    const acc_t uv = sum_without(s_hi[d], s_lo[d], raw * sigma) * u_scale;
     ee[d - body] += ev * ev;
     eu[d - body] += ev * uv;
     uu[d - body] += uv * uv;
   }
-  return own_cosine(sum_lanes(ee), sum_lanes(eu), sum_lanes(uu));
+  return own_cosine(sum_lanes(ee), sum_lanes(eu), sum_lanes(uu), e_scale, u_scale);
 }
 
-// Speakers [lo, hi): the compensated sums of their utterances (hi/lo), the
-// inverse norms of those sums when they are the call's own, and each
-// utterance's OwnCosine with u = the sum of its speaker's other utterances.
+// out = scale * in.
+template <typename acc_t>
+void scaled_copy(acc_t factor, const acc_t* __restrict__ in, acc_t* __restrict__ out,
+                 int64_t dim) {
+  for (int64_t d = 0; d < dim; ++d) out[d] = factor * in[d];
+}
+
+// v *= factor.
+template <typename acc_t>
+void scale_in_place(acc_t factor, acc_t* __restrict__ v, int64_t dim) {
+  for (int64_t d = 0; d < dim; ++d) v[d] *= factor;
+}
+
+// Speakers [lo, hi): their scale sigma_j (from the largest |x| of their
+// utterances), the compensated sums of their utterances times sigma_j (hi/lo),
+// when the sums are the call's own s''_j (hi once more scaled) with its scale
+// and inverse norm, and each utterance's OwnCosine with u = the sum of its
+// speaker's other utterances: e' = sigma_j e and u' = u~, unless their squared
+// norms underflow (a row far below its speaker's largest), then each scaled
+// from its own largest coordinate.
 template <typename scalar_t, typename acc_t>
 void speaker_stats(const Problem& p, int64_t lo, int64_t hi) {
   const auto* emb = static_cast<const scalar_t*>(p.embeddings);
   auto* sums_hi = static_cast<acc_t*>(p.own_sums_hi);
   auto* sums_lo = static_cast<acc_t*>(p.own_sums_lo);
+  auto* speaker_scales = static_cast<acc_t*>(p.speaker_scales);
   auto* inv_sums = static_cast<acc_t*>(p.inv_sums);
   auto* own_terms = static_cast<acc_t*>(p.own_terms);
   const int64_t D = p.dim;
@@ -115,11 +171,35 @@ void speaker_stats(const Problem& p, int64_t lo, int64_t hi) {
     acc_t* s_hi = sums_hi + j * D;
     acc_t* s_lo = sums_lo + j * D;
     const int64_t begin = first_row(p, j), end = first_row(p, j + 1);
-    for (int64_t d = 0; d < D; ++d) s_hi[d] = s_lo[d] = acc_t(0);
-    for (int64_t r = begin; r < end; ++r) add_utterance(emb + r * D, s_hi, s_lo, D);
-    if (!p.sums_given) inv_sums[j] = inverse_norm(dot<acc_t>(s_hi, s_hi, D));
+    acc_t largest = acc_t(0);
     for (int64_t r = begin; r < end; ++r) {
-      store_own_cosine(own_terms + r * kOwnTermsSize, own_cosine_of(emb + r * D, s_hi, s_lo, D));
+      const acc_t m = max_abs<acc_t>(emb + r * D, D);
+      largest = m > largest ? m : largest;
+    }
+    const acc_t sigma = power_of_two_scale(largest);
+    speaker_scales[j] = sigma;
+    for (int64_t d = 0; d < D; ++d) s_hi[d] = s_lo[d] = acc_t(0);
+    for (int64_t r = begin; r < end; ++r) add_utterance(emb + r * D, sigma, s_hi, s_lo, D);
+    if (!p.sums_given) {
+      // s'' = beta s~ with its largest coordinate, then its norm, in [0.5, 1).
+      acc_t beta = power_of_two_scale(max_abs<acc_t>(s_hi, D));
+      acc_t* s = static_cast<acc_t*>(p.sums) + j * D;
+      scaled_copy(beta, s_hi, s, D);
+      const acc_t ss = dot<acc_t>(s, s, D);
+      const acc_t beta_norm = power_of_two_scale(sqrt_(ss));
+      if (beta_norm != acc_t(1)) scale_in_place(beta_norm, s, D);
+      beta *= beta_norm;
+      inv_sums[j] = inverse_norm(ss * beta_norm * beta_norm);
+      static_cast<acc_t*>(p.sum_scales)[j] = sigma * beta;
+    }
+    for (int64_t r = begin; r < end; ++r) {
+      const scalar_t* e = emb + r * D;
+      OwnCosine<acc_t> own = own_cosine_of(e, s_hi, s_lo, sigma, sigma, acc_t(1), D);
+      if (needs_own_scales(own)) {
+        own = own_cosine_of(e, s_hi, s_lo, sigma, power_of_two_scale(max_abs<acc_t>(e, D)),
+                            power_of_two_scale(max_abs_exclusive(e, s_hi, s_lo, sigma, D)), D);
+      }
+      store_own_cosine(own_terms + r * kOwnTermsSize, own);
     }
   }
 }
@@ -138,11 +218,11 @@ void sum_inverse_norms(const Problem& p, int64_t lo, int64_t hi) {
 // similarity gradients and their gaps.
 inline int64_t rows_scratch(const Problem& p) { return 3 * p.total_speakers; }
 
-// row[k] = e_r . s_k becomes cos(e_r, s_k).
+// row[k] = e_r . s''_k becomes cos(e_r, s_k) (cross_cosine).
 template <typename acc_t>
-void to_cosines(acc_t* __restrict__ row, const acc_t* __restrict__ inv_sums, acc_t inv_e,
-                int64_t n) {
-  for (int64_t k = 0; k < n; ++k) row[k] = cosine(row[k], inv_e, inv_sums[k]);
+void to_cosines(acc_t* __restrict__ row, const acc_t* __restrict__ inv_sums,
+                OwnCosine<acc_t> exclusive, int64_t n) {
+  for (int64_t k = 0; k < n; ++k) row[k] = cross_cosine(row[k], exclusive, inv_sums[k]);
 }
 
 // What the method's statistic is built from, for every k of a row.
@@ -160,8 +240,9 @@ void row_values(const acc_t* __restrict__ row, RowView<acc_t> view, acc_t* __res
 // that it vectorizes; the sums come after.
 template <class Method, typename acc_t>
 void impostor_grads(acc_t* __restrict__ row, const acc_t* __restrict__ inv_sums, int64_t n,
-                    int64_t own, RowSummary<acc_t> summary, RowView<acc_t> view, acc_t inv_e,
-                    acc_t grad_row, acc_t* __restrict__ g, acc_t* __restrict__ gap) {
+                    int64_t own, RowSummary<acc_t> summary, RowView<acc_t> view,
+                    OwnCosine<acc_t> exclusive, acc_t grad_row, acc_t* __restrict__ g,
+                    acc_t* __restrict__ gap) {
   const SimilarityParams<acc_t> params = view.params;
   for (int64_t k = 0; k < n; ++k) {
     const acc_t raw = row[k];
@@ -169,7 +250,7 @@ void impostor_grads(acc_t* __restrict__ row, const acc_t* __restrict__ inv_sums,
     const acc_t g_k = Method::impostor_grad(Method::value(c, view), k, summary, view, grad_row);
     g[k] = k == own ? acc_t(0) : g_k;
     gap[k] = g[k] * (c - view.own_cos);
-    row[k] = cosine_grad(g[k], raw, params) * inv_e * inv_sums[k];
+    row[k] = cross_cosine_weight(cosine_grad(g[k], raw, params), exclusive, inv_sums[k]);
   }
   row[own] = acc_t(0);  // the own speaker's term goes through u, not s_own
 }
@@ -206,22 +287,21 @@ void rows(const Problem& p, const RowBuffers& rb, RowPass pass, Block blk, acc_t
       acc_t* row = cosines + (r - blk.first_row) * K;
       const OwnCosine<acc_t> exclusive = load_own_cosine(own_terms + r * kOwnTermsSize);
       const RowView<acc_t> view{clamp_cosine(exclusive.raw_cos, params), params};
-      const acc_t inv_e = exclusive.inv_norm_e;
-      to_cosines(row, inv_sums, inv_e, K);
+      to_cosines(row, inv_sums, exclusive, K);
 
       RowSummary<acc_t> summary;
+      double* state = rb.state + r * kRowStateSize;
       if (pass == RowPass::kGradient) {
-        summary.loss = loss[r];
-        summary.hardest = rb.hardest[r];
+        summary = Method::template load_state<acc_t>(state);
       } else {
         row_values<Method>(row, view, values, K);
         const auto stat = Method::row_statistic(values, K, own);
-        summary.loss = Method::row_loss(stat, view);
-        summary.hardest = Method::hardest(stat);
+        summary = Method::summarize(stat, view);
         loss[r] = summary.loss;
-        rb.hardest[r] = summary.hardest;
-        if (pass == RowPass::kLoss) continue;
+        Method::save_state(summary, state);
       }
+      rb.hardest[r] = summary.hardest;
+      if (pass == RowPass::kLoss) continue;
 
       acc_t grad_row = pass == RowPass::kGradient
                            ? grad_loss[upstream_index(p, rb, r, j, r - begin)]
@@ -240,12 +320,12 @@ void rows(const Problem& p, const RowBuffers& rb, RowPass pass, Block blk, acc_t
           const acc_t g = Method::impostor_grad(Method::value(c, view), k, summary, view, grad_row);
           impostor_sum = g;
           gap_sum = g * (c - view.own_cos);
-          row[k] = cosine_grad(g, row[k], params) * inv_e * inv_sums[k];
+          row[k] = cross_cosine_weight(cosine_grad(g, row[k], params), exclusive, inv_sums[k]);
         }
       } else {
         acc_t* g = scratch + K;
         acc_t* gap = scratch + 2 * K;
-        impostor_grads<Method>(row, inv_sums, K, own, summary, view, inv_e, grad_row, g, gap);
+        impostor_grads<Method>(row, inv_sums, K, own, summary, view, exclusive, grad_row, g, gap);
         impostor_sum = sum(g, K);
         gap_sum = sum(gap, K);
       }
@@ -287,17 +367,19 @@ void sparse_sum_grads(const Problem& p, Block blk, const acc_t* cosines,
 
 template <typename acc_t>
 void remove_projections(const acc_t* z, const acc_t* __restrict__ s, acc_t s_dot_z, acc_t inv_s,
-                        acc_t* out, int64_t dim) {
-  for (int64_t d = 0; d < dim; ++d) out[d] = remove_projection(z[d], s[d], s_dot_z, inv_s);
+                        acc_t scale, acc_t* out, int64_t dim) {
+  for (int64_t d = 0; d < dim; ++d) out[d] = remove_projection(z[d], s[d], s_dot_z, inv_s) * scale;
 }
 
-// dLoss/ds_k = Z_k - s_k (s_k . Z_k)/|s_k|^2 into out (which may be Z_k).
+// dLoss/ds_k = scale_k (Z_k - s''_k (s''_k . Z_k)/|s''_k|^2) into out (which
+// may be Z_k): the gradient for the unscaled sum s_k = s''_k / scale_k.
 template <typename acc_t>
 inline void sum_grad(const Problem& p, int64_t k, const acc_t* z, acc_t* out) {
   const auto* s = static_cast<const acc_t*>(p.sums) + k * p.dim;
   const acc_t* z_row = z + k * p.dim;
   remove_projections(z_row, s, dot<acc_t>(s, z_row, p.dim),
-                     static_cast<const acc_t*>(p.inv_sums)[k], out, p.dim);
+                     static_cast<const acc_t*>(p.inv_sums)[k],
+                     static_cast<const acc_t*>(p.sum_scales)[k], out, p.dim);
 }
 
 // A speaker's rows whose q row_gradients keeps (a speaker with more computes
@@ -315,13 +397,14 @@ inline int64_t row_gradients_scratch(const Problem& p) {
 // A row's q = h dcos(e, u)/du, and q added to the compensated sum (q_hi, q_lo).
 template <typename scalar_t, typename acc_t>
 void own_grads_through_others(const scalar_t* __restrict__ e, const acc_t* __restrict__ s_hi,
-                              const acc_t* __restrict__ s_lo, acc_t own_grad,
+                              const acc_t* __restrict__ s_lo, acc_t sigma, acc_t own_grad,
                               OwnCosine<acc_t> exclusive,
                               acc_t* __restrict__ q, acc_t* __restrict__ q_hi,
                               acc_t* __restrict__ q_lo, int64_t dim) {
   for (int64_t d = 0; d < dim; ++d) {
     const acc_t ev = static_cast<acc_t>(e[d]);
-    q[d] = own_grad_through_others(own_grad, exclusive, ev, sum_without(s_hi[d], s_lo[d], ev));
+    q[d] = own_grad_through_others(own_grad, exclusive, ev,
+                                   sum_without(s_hi[d], s_lo[d], ev * sigma), sigma);
     add_compensated(q_hi[d], q_lo[d], q[d]);
   }
 }
@@ -333,11 +416,14 @@ void row_gradient(const scalar_t* __restrict__ e, const acc_t* __restrict__ t,
                   const acc_t* __restrict__ s_hi, const acc_t* __restrict__ s_lo,
                   const acc_t* __restrict__ q, const acc_t* __restrict__ q_hi,
                   const acc_t* __restrict__ q_lo, const acc_t* __restrict__ fold, acc_t own_grad,
-                  OwnCosine<acc_t> exclusive, acc_t e_dot_t, acc_t* __restrict__ out, int64_t dim) {
+                  OwnCosine<acc_t> exclusive, acc_t sigma, acc_t e_dot_t,
+                  acc_t* __restrict__ out, int64_t dim) {
+  // e' = e_scale e: e'/|e'| = e/|e| and e' . t / |e'| = e . t / |e|.
+  const acc_t scaled_dot = e_dot_t * exclusive.e_scale;
   for (int64_t d = 0; d < dim; ++d) {
     const acc_t ev = static_cast<acc_t>(e[d]);
-    const acc_t uv = sum_without(s_hi[d], s_lo[d], ev);
-    out[d] = remove_projection(t[d], ev, e_dot_t, exclusive.inv_norm_e) +
+    const acc_t uv = sum_without(s_hi[d], s_lo[d], ev * sigma);
+    out[d] = remove_projection(t[d], ev * exclusive.e_scale, scaled_dot, exclusive.inv_norm_e) +
              own_grad_through_embedding(own_grad, exclusive, ev, uv) +
              sum_without(q_hi[d], q_lo[d], q[d]) + fold[d];
   }
@@ -346,12 +432,6 @@ void row_gradient(const scalar_t* __restrict__ e, const acc_t* __restrict__ t,
 template <typename scalar_t, typename acc_t>
 void store_row(const acc_t* __restrict__ in, scalar_t* __restrict__ out, int64_t dim) {
   for (int64_t d = 0; d < dim; ++d) out[d] = static_cast<scalar_t>(in[d]);
-}
-
-template <typename acc_t>
-void scaled_copy(acc_t factor, const acc_t* __restrict__ in, acc_t* __restrict__ out,
-                 int64_t dim) {
-  for (int64_t d = 0; d < dim; ++d) out[d] = factor * in[d];
 }
 
 // The rows' gradients for speakers [lo, hi) of the block:
@@ -388,13 +468,15 @@ void row_gradients(const Problem& p, Block blk, const acc_t* t_rows, const acc_t
     const int64_t j = blk.first + jb;
     const acc_t* s_hi = sums_hi + j * D;
     const acc_t* s_lo = sums_lo + j * D;
+    const acc_t sigma = static_cast<const acc_t*>(p.speaker_scales)[j];
     const int64_t speaker_begin = first_row(p, j), speaker_end = first_row(p, j + 1);
     const int64_t begin = std::max(speaker_begin, blk.first_row);
     const int64_t end = std::min(speaker_end, block_end);
     const bool whole = begin == speaker_begin && end == speaker_end;
     const bool keep_q = end - begin <= stored;
     const auto q_of = [&](int64_t r, acc_t* q, acc_t* sum_hi, acc_t* sum_lo) {
-      own_grads_through_others(emb + r * D, s_hi, s_lo, own_terms[r * kOwnTermsSize + kOwnGradSlot],
+      own_grads_through_others(emb + r * D, s_hi, s_lo, sigma,
+                               own_terms[r * kOwnTermsSize + kOwnGradSlot],
                                load_own_cosine(own_terms + r * kOwnTermsSize), q, sum_hi, sum_lo,
                                D);
     };
@@ -430,7 +512,8 @@ void row_gradients(const Problem& p, Block blk, const acc_t* t_rows, const acc_t
       }
       row_gradient(e, t_row, s_hi, s_lo, q, q_hi, q_lo, fold,
                    own_terms[r * kOwnTermsSize + kOwnGradSlot],
-                   load_own_cosine(own_terms + r * kOwnTermsSize), dot<acc_t>(e, t_row, D), out, D);
+                   load_own_cosine(own_terms + r * kOwnTermsSize), sigma, dot<acc_t>(e, t_row, D),
+                   out, D);
       store_row(out, grad + r * D, D);
     }
   }
@@ -456,11 +539,12 @@ void split_speaker_others(const Problem& p, int64_t j, scalar_t* grad, acc_t* sc
   acc_t* q = q_lo + width;
   acc_t* unused_hi = q + width;
   acc_t* unused_lo = unused_hi + width;
+  const acc_t sigma = static_cast<const acc_t*>(p.speaker_scales)[j];
   const int64_t begin = first_row(p, j), end = first_row(p, j + 1);
   for (int64_t d = 0; d < width; ++d) q_hi[d] = q_lo[d] = unused_hi[d] = unused_lo[d] = acc_t(0);
   for (int pass = 0; pass < 2; ++pass) {
     for (int64_t r = begin; r < end; ++r) {
-      own_grads_through_others(emb + r * D + lo, s_hi, s_lo,
+      own_grads_through_others(emb + r * D + lo, s_hi, s_lo, sigma,
                                own_terms[r * kOwnTermsSize + kOwnGradSlot],
                                load_own_cosine(own_terms + r * kOwnTermsSize), q,
                                pass == 0 ? q_hi : unused_hi, pass == 0 ? q_lo : unused_lo, width);

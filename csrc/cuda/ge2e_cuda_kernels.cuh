@@ -104,6 +104,24 @@ struct Sums {
   }
 };
 
+// A few running maxima of absolute values reduced together (0 is the identity).
+template <typename T, int N>
+struct Maxes {
+  T v[N];
+  __device__ Maxes() {
+#pragma unroll
+    for (int n = 0; n < N; ++n) v[n] = T(0);
+  }
+  __device__ void add(int n, T x) {
+    const T a = abs_(x);
+    v[n] = a > v[n] ? a : v[n];
+  }
+  __device__ void merge(const Maxes& o) {
+#pragma unroll
+    for (int n = 0; n < N; ++n) v[n] = o.v[n] > v[n] ? o.v[n] : v[n];
+  }
+};
+
 // A warp shuffle of any trivially copyable value (a Sums, a method's
 // Statistic), 32 bits at a time, so that a new method's statistic needs no
 // shuffle of its own.
@@ -160,10 +178,14 @@ __device__ SimilarityParams<acc_t> params_of(const Problem& p) {
                             p.min_cosine, p.clamp);
 }
 
-// One block per utterance r of speaker j, threads over D: the compensated sum
-// of speaker j's utterances (every block of the speaker sums them again: M_j
+// One block per utterance r of speaker j, threads over D: the speaker's scale
+// sigma_j (from its largest |x|), the compensated sum of speaker j's
+// utterances times sigma_j (every block of the speaker sums them again: M_j
 // loads a column, from cache), the row's OwnCosine with u = that sum without
-// e_r, and, in the speaker's first block, the sums (hi, lo) and 1/|s_j|.
+// e_r (e' = sigma_j e, u' = u~, or each scaled on its own where their squared
+// norms underflow), and, in the speaker's first block, the sums (hi, lo),
+// sigma_j, and when the sums are the call's own s''_j, its scale and 1/|s''_j|
+// (as the CPU kernel's speaker_stats).
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kMaxThreads) speaker_stats_kernel(Problem p) {
   __shared__ __align__(16) unsigned char scratch[kScratchBytes];
@@ -173,26 +195,78 @@ __global__ void __launch_bounds__(kMaxThreads) speaker_stats_kernel(Problem p) {
   const auto* emb = static_cast<const scalar_t*>(p.embeddings);
   auto* sums_hi = static_cast<acc_t*>(p.own_sums_hi) + j * D;
   auto* sums_lo = static_cast<acc_t*>(p.own_sums_lo) + j * D;
-  Sums<acc_t, 4> part;  // e.e, e.u, u.u, s.s
+  Maxes<acc_t, 1> largest;
+  for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
+    for (int64_t l = begin; l < end; ++l) largest.add(0, to_acc(emb[l * D + d]));
+  }
+  const acc_t sigma = power_of_two_scale(block_reduce(largest, scratch).v[0]);
+  Sums<acc_t, 3> part;  // e'.e', e'.u', u'.u'
+  Maxes<acc_t, 1> largest_sum;
   for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
     acc_t hi = 0, lo = 0;
-    for (int64_t l = begin; l < end; ++l) add_compensated(hi, lo, to_acc(emb[l * D + d]));
-    const acc_t ev = to_acc(emb[r * D + d]);
+    for (int64_t l = begin; l < end; ++l) add_compensated(hi, lo, to_acc(emb[l * D + d]) * sigma);
+    const acc_t ev = to_acc(emb[r * D + d]) * sigma;
     const acc_t uv = sum_without(hi, lo, ev);
     part.v[0] += ev * ev;
     part.v[1] += ev * uv;
     part.v[2] += uv * uv;
-    part.v[3] += hi * hi;
+    largest_sum.add(0, hi);
     if (first) {
       sums_hi[d] = hi;
       sums_lo[d] = lo;
     }
   }
   const auto total = block_reduce(part, scratch);
+  OwnCosine<acc_t> own = own_cosine(total.v[0], total.v[1], total.v[2], sigma, acc_t(1));
+  if (needs_own_scales(own)) {  // the same in every thread: the block branches together
+    Maxes<acc_t, 2> row_largest;  // |e|, |u~|
+    for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
+      const acc_t raw = to_acc(emb[r * D + d]);
+      acc_t hi = 0, lo = 0;
+      for (int64_t l = begin; l < end; ++l) add_compensated(hi, lo, to_acc(emb[l * D + d]) * sigma);
+      row_largest.add(0, raw);
+      row_largest.add(1, sum_without(hi, lo, raw * sigma));
+    }
+    const auto scales = block_reduce(row_largest, scratch);
+    const acc_t e_scale = power_of_two_scale(scales.v[0]);
+    const acc_t u_scale = power_of_two_scale(scales.v[1]);
+    Sums<acc_t, 3> again;
+    for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
+      const acc_t raw = to_acc(emb[r * D + d]);
+      acc_t hi = 0, lo = 0;
+      for (int64_t l = begin; l < end; ++l) add_compensated(hi, lo, to_acc(emb[l * D + d]) * sigma);
+      const acc_t ev = raw * e_scale;
+      const acc_t uv = sum_without(hi, lo, raw * sigma) * u_scale;
+      again.v[0] += ev * ev;
+      again.v[1] += ev * uv;
+      again.v[2] += uv * uv;
+    }
+    const auto retotal = block_reduce(again, scratch);
+    own = own_cosine(retotal.v[0], retotal.v[1], retotal.v[2], e_scale, u_scale);
+  }
   if (threadIdx.x == 0) {
-    store_own_cosine(static_cast<acc_t*>(p.own_terms) + r * kOwnTermsSize,
-                     own_cosine(total.v[0], total.v[1], total.v[2]));
-    if (first && !p.sums_given) static_cast<acc_t*>(p.inv_sums)[j] = inverse_norm(total.v[3]);
+    store_own_cosine(static_cast<acc_t*>(p.own_terms) + r * kOwnTermsSize, own);
+    if (first) static_cast<acc_t*>(p.speaker_scales)[j] = sigma;
+  }
+  if (first && !p.sums_given) {
+    // s'' = beta s~ with its largest coordinate, then its norm, in [0.5, 1); each
+    // thread reads back the coordinates it wrote.
+    acc_t beta = power_of_two_scale(block_reduce(largest_sum, scratch).v[0]);
+    acc_t* s = static_cast<acc_t*>(p.sums) + j * D;
+    Sums<acc_t, 1> squares;
+    for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
+      s[d] = sums_hi[d] * beta;
+      squares.v[0] += s[d] * s[d];
+    }
+    const acc_t ss = block_reduce(squares, scratch).v[0];
+    const acc_t beta_norm = power_of_two_scale(sqrt_(ss));
+    if (beta_norm != acc_t(1)) {
+      for (int64_t d = threadIdx.x; d < D; d += blockDim.x) s[d] *= beta_norm;
+    }
+    if (threadIdx.x == 0) {
+      static_cast<acc_t*>(p.inv_sums)[j] = inverse_norm(ss * beta_norm * beta_norm);
+      static_cast<acc_t*>(p.sum_scales)[j] = sigma * (beta * beta_norm);
+    }
   }
 }
 
@@ -226,26 +300,26 @@ __global__ void __launch_bounds__(kMaxThreads)
 
   typename Method::template Statistic<acc_t> stat;
   for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {
-    const acc_t raw = cosine(row[k], exclusive.inv_norm_e, inv_sums[k]);
+    const acc_t raw = cross_cosine(row[k], exclusive, inv_sums[k]);
     row[k] = raw;  // read back below by this thread only
     if (pass != RowPass::kGradient && k != own) {
       stat.add(Method::value(clamp_cosine(raw, params), view), k);
     }
   }
   RowSummary<acc_t> summary;
+  double* state = rb.state + r * kRowStateSize;
   if (pass == RowPass::kGradient) {
-    summary.loss = static_cast<const acc_t*>(rb.loss)[r];
-    summary.hardest = rb.hardest[r];
+    summary = Method::template load_state<acc_t>(state);
   } else {
     stat = block_reduce(stat, scratch);
-    summary.loss = Method::row_loss(stat, view);
-    summary.hardest = Method::hardest(stat);
+    summary = Method::summarize(stat, view);
     if (threadIdx.x == 0) {
       static_cast<acc_t*>(rb.loss)[r] = summary.loss;
-      rb.hardest[r] = summary.hardest;
+      Method::save_state(summary, state);
     }
-    if (pass == RowPass::kLoss) return;
   }
+  if (threadIdx.x == 0) rb.hardest[r] = summary.hardest;
+  if (pass == RowPass::kLoss) return;
 
   const int64_t i = r - first_row(p, j);
   acc_t grad_row = pass == RowPass::kGradient
@@ -266,7 +340,7 @@ __global__ void __launch_bounds__(kMaxThreads)
     const acc_t g = Method::impostor_grad(Method::value(c, view), k, summary, view, grad_row);
     part.v[0] += g;
     part.v[1] += g * (c - view.own_cos);
-    row[k] = cosine_grad(g, raw, params) * exclusive.inv_norm_e * inv_sums[k];
+    row[k] = cross_cosine_weight(cosine_grad(g, raw, params), exclusive, inv_sums[k]);
   }
   const auto total = block_reduce(part, scratch);
   if (threadIdx.x == 0) {
@@ -284,7 +358,9 @@ __device__ __forceinline__ acc_t sum_grad(const Problem& p, int64_t k, int64_t d
                                           acc_t s_dot_z) {
   const acc_t* s = static_cast<const acc_t*>(p.sums) + k * p.dim;
   const acc_t inv_s = static_cast<const acc_t*>(p.inv_sums)[k];
-  return remove_projection(z[k * p.dim + d], s[d], s_dot_z, inv_s);
+  // The gradient for the unscaled sum s_k = s''_k / sum_scales[k].
+  return remove_projection(z[k * p.dim + d], s[d], s_dot_z, inv_s) *
+         static_cast<const acc_t*>(p.sum_scales)[k];
 }
 
 // One block per row of the block (several per speaker), threads over D: the
@@ -320,6 +396,8 @@ __global__ void __launch_bounds__(kMaxThreads)
   const OwnCosine<acc_t> exclusive = load_own_cosine(own_terms + r * kOwnTermsSize);
   const acc_t own_grad = own_terms[r * kOwnTermsSize + kOwnGradSlot];
   const bool split = begin < blk.first_row || end > blk.first_row + blk.rows;
+  const acc_t sigma = static_cast<const acc_t*>(p.speaker_scales)[j];
+  const acc_t scaled_dot = dots.v[0] * exclusive.e_scale;  // e' . T
   for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
     const acc_t ev = to_acc(e[d]);
     acc_t others = 0;  // sum over the speaker's other rows r2 of their q
@@ -328,10 +406,11 @@ __global__ void __launch_bounds__(kMaxThreads)
       const acc_t e2 = to_acc(emb[r2 * D + d]);
       others += own_grad_through_others(own_terms[r2 * kOwnTermsSize + kOwnGradSlot],
                                         load_own_cosine(own_terms + r2 * kOwnTermsSize), e2,
-                                        sum_without(s_hi[d], s_lo[d], e2));
+                                        sum_without(s_hi[d], s_lo[d], e2 * sigma), sigma);
     }
-    const acc_t uv = sum_without(s_hi[d], s_lo[d], ev);
-    acc_t g = remove_projection(t_row[d], ev, dots.v[0], exclusive.inv_norm_e) +
+    const acc_t uv = sum_without(s_hi[d], s_lo[d], ev * sigma);
+    acc_t g = remove_projection(t_row[d], ev * exclusive.e_scale, scaled_dot,
+                                exclusive.inv_norm_e) +
               own_grad_through_embedding(own_grad, exclusive, ev, uv) + others;
     if (z_to_fold != nullptr) g += sum_grad(p, own, d, z_to_fold, dots.v[1]);
     store(grad + r * D + d, g);
@@ -350,13 +429,14 @@ __global__ void __launch_bounds__(kMaxThreads)
   const auto* own_terms = static_cast<const acc_t*>(p.own_terms);
   const acc_t s_hi = static_cast<const acc_t*>(p.own_sums_hi)[j * D + d];
   const acc_t s_lo = static_cast<const acc_t*>(p.own_sums_lo)[j * D + d];
+  const acc_t sigma = static_cast<const acc_t*>(p.speaker_scales)[j];
   acc_t hi = 0, lo = 0;
   for (int64_t r = first_row(p, j); r < first_row(p, j + 1); ++r) {
     const acc_t ev = to_acc(emb[r * D + d]);
     add_compensated(hi, lo,
                     own_grad_through_others(own_terms[r * kOwnTermsSize + kOwnGradSlot],
                                             load_own_cosine(own_terms + r * kOwnTermsSize), ev,
-                                            sum_without(s_hi, s_lo, ev)));
+                                            sum_without(s_hi, s_lo, ev * sigma), sigma));
   }
   q_sums[d] = hi;
   q_sums[D + d] = lo;
@@ -375,9 +455,11 @@ __global__ void __launch_bounds__(kMaxThreads)
   const acc_t* s_lo = static_cast<const acc_t*>(p.own_sums_lo) + j * D;
   const OwnCosine<acc_t> exclusive = load_own_cosine(own_terms + r * kOwnTermsSize);
   const acc_t own_grad = own_terms[r * kOwnTermsSize + kOwnGradSlot];
+  const acc_t sigma = static_cast<const acc_t*>(p.speaker_scales)[j];
   for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
     const acc_t ev = to_acc(emb[r * D + d]);
-    const acc_t q = own_grad_through_others(own_grad, exclusive, ev, sum_without(s_hi[d], s_lo[d], ev));
+    const acc_t q = own_grad_through_others(own_grad, exclusive, ev,
+                                            sum_without(s_hi[d], s_lo[d], ev * sigma), sigma);
     scalar_t* g = grad + r * D + d;
     store(g, to_acc(*g) + sum_without(q_sums[d], q_sums[D + d], q));
   }
