@@ -256,14 +256,15 @@ def _step_extra_bytes(rows, speakers, d, dtype, block_rows):
     k = speakers
     block = min(block_rows, rows)
     widened = dtype in (torch.float16, torch.bfloat16)
-    return acc * (2 * speakers * d      # own_sums_hi, own_sums_lo
+    return (acc * (2 * speakers * d     # own_sums_hi, own_sums_lo
                   + k * d + k           # Z (dLoss/ds), 1/|s|
                   + k + speakers        # the sums' and the speakers' power-of-two scales
                   + rows * 4            # own_terms
                   + rows * 3            # losses, dLoss/dw and dLoss/db parts
                   + block * k           # one block of cosines
                   + (block * d if widened else 0)  # T = H S of a half-precision input
-                  + 2 * d) + 8 * rows   # a split speaker's q sums; hardest (int64)
+                  + 2 * d)              # a split speaker's q sums
+            + 8 * rows                  # hardest (int64)
             + 16 * rows)                # the rows' saved state (2 float64)
 
 
