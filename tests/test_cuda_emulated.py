@@ -20,6 +20,9 @@ HERE = pathlib.Path(__file__).parent
 # 64 threads per emulated block at most (the GPU build uses 256): two warps, so
 # the cross-warp reduction runs, and K or D above 64 exercises the striding.
 EMULATED_THREADS = 64
+# The finish's chunks (the GPU build: 2048 rows, at most 1024 chunks): small, so
+# that B = 40 rows take 3 chunks, and B > 80 rows spread over 4 larger chunks.
+FINISH_CHUNK_ROWS, FINISH_MAX_CHUNKS = 16, 4
 
 pytestmark = needs_cpu_extension  # the comparison needs the compiled CPU op
 
@@ -30,7 +33,9 @@ def emulated(tmp_path_factory):
 
     build = tmp_path_factory.mktemp("cuda_emulation")
     load(name="ge2e_cuda_emulation", sources=[str(HERE / "cuda_emulation" / "emulated_ops.cpp")],
-         extra_cflags=["-O1", "-std=c++20", f"-DGE2E_CUDA_THREADS={EMULATED_THREADS}"],
+         extra_cflags=["-O1", "-std=c++20", f"-DGE2E_CUDA_THREADS={EMULATED_THREADS}",
+                       f"-DGE2E_FINISH_CHUNK_ROWS={FINISH_CHUNK_ROWS}",
+                       f"-DGE2E_FINISH_MAX_CHUNKS={FINISH_MAX_CHUNKS}"],
          build_directory=str(build), is_python_module=False,
          verbose=bool(os.environ.get("GE2E_VERBOSE_BUILD")))
     return torch.ops.ge2e_emu
@@ -114,13 +119,16 @@ def test_speakers_with_different_numbers_of_utterances(emulated, method, block):
 
 
 @pytest.mark.parametrize("method", LOSS_METHODS)
-def test_external_sums_at_an_offset(emulated, method):
-    """The distributed form: 2 local speakers at rows 1-2 of 5 speaker sums."""
+@pytest.mark.parametrize("block", [0, 1])
+def test_external_sums_at_an_offset(emulated, method, block):
+    """The distributed form: 2 local speakers at rows 1-2 of 5 speaker sums, in
+    one block or one speaker per block (the other rows' term then comes in the
+    fold pass, which also carries the finish)."""
     x = make_embeddings(2, 3, 6, seed=5, requires_grad=False)
     g = torch.Generator().manual_seed(6)
     sums = torch.cat([torch.randn(1, 6, generator=g, dtype=torch.float64), x.sum(1),
                       torch.randn(2, 6, generator=g, dtype=torch.float64)])
-    _assert_same(emulated, x, method, 1e-6, sums=sums, offset=1)
+    _assert_same(emulated, x, method, 1e-6, sums=sums, offset=1, block=block)
 
 
 def test_zero_vectors_ties_clamped_w_and_the_clamp_bound(emulated):
@@ -168,20 +176,138 @@ def test_non_finite_input_stays_non_finite(emulated, method):
     assert not torch.isfinite(loss.sum()) and not torch.isfinite(fused[0])
 
 
+# Launches of a step with one block of speakers: speaker statistics, rows, row
+# gradients (which carry the finish), and for the contrast loss the sparse H^T E.
+STEP_LAUNCHES = {"softmax": 3, "contrast": 4}
+
+
 @pytest.mark.parametrize("method", LOSS_METHODS)
-def test_a_training_step_is_four_kernel_launches(emulated, method):
-    """Speaker statistics, rows, row gradients, finish: four launches around the
-    three matrix products of a fused step with one block of speakers (the backward
-    then scales the saved gradients: three elementwise kernels, seven in all)."""
+def test_a_training_step_is_at_most_four_kernel_launches(emulated, method):
+    """The paper's batch (N=64, M=10): at most four launches around the matrix
+    products (three products for softmax, one for contrast), the finish's
+    scalars folded into the last launch."""
     x = make_embeddings(64, 10, 32, seed=10, dtype=torch.float32, requires_grad=False)
     w, b = _scalars(x, 10.0, -5.0)
     emulated.kernel_launches()  # reset
     emulated.ge2e_forward_backward(x, None, w, b, 0, method, 1e-6, 1.0, 0)
-    assert emulated.kernel_launches() == 4
-    # Several blocks (forced: 16 speakers each): rows and row gradients per block,
-    # then one pass that folds dLoss/ds into the rows.
+    assert emulated.kernel_launches() == STEP_LAUNCHES[method] <= 4
+    # The backward op (the unfused autograd path): the same launches.
+    loss, hardest = emulated.ge2e_forward(x, None, w, b, 0, method, 1e-6, 0)
+    assert emulated.kernel_launches() == 2  # inference: statistics and rows
+    emulated.ge2e_backward(torch.ones_like(loss), x, None, w, b, loss, hardest, 0, method, 1e-6,
+                           0)
+    assert emulated.kernel_launches() == STEP_LAUNCHES[method]
+    # Several blocks (forced: 16 speakers each): rows, (sparse,) row gradients per
+    # block, then one pass that folds dLoss/ds into the rows and carries the finish.
     emulated.ge2e_forward_backward(x, None, w, b, 0, method, 1e-6, 1.0, 16)
-    assert emulated.kernel_launches() == 2 + 2 * 4 + 1
-    # Inference: statistics and rows.
-    emulated.ge2e_forward(x, None, w, b, 0, method, 1e-6, 0)
-    assert emulated.kernel_launches() == 2
+    assert emulated.kernel_launches() == 1 + 4 * (STEP_LAUNCHES[method] - 1) + 1
+
+
+@pytest.mark.parametrize("method", LOSS_METHODS)
+@pytest.mark.parametrize("block", [0, 2])
+def test_labels_with_given_sums_and_blocks(emulated, method, block):
+    """The labels form with other ranks' sums (the distributed form) and blocks."""
+    sizes = [3, 2, 6, 2]
+    offsets = torch.tensor([0] + torch.tensor(sizes).cumsum(0).tolist())
+    x = make_embeddings(sum(sizes), 1, 40, seed=21, requires_grad=False).reshape(sum(sizes), 40)
+    g = torch.Generator().manual_seed(22)
+    own = torch.stack([x[offsets[j]:offsets[j + 1]].sum(0) for j in range(len(sizes))])
+    sums = torch.cat([torch.randn(2, 40, generator=g, dtype=torch.float64), own,
+                      torch.randn(1, 40, generator=g, dtype=torch.float64)])
+    _assert_same(emulated, x, method, 1e-6, sums=sums, offset=2, block=block,
+                 speaker_offsets=offsets)
+
+
+@pytest.mark.parametrize("method", LOSS_METHODS)
+def test_one_speaker_with_many_rows(emulated, method):
+    """A speaker of 100 rows (> the threads per block) next to small ones: the
+    speaker passes loop over its rows once, and the finish sums 105 rows."""
+    sizes = [100, 2, 3]
+    offsets = torch.tensor([0] + torch.tensor(sizes).cumsum(0).tolist())
+    x = make_embeddings(sum(sizes), 1, 5, seed=23, requires_grad=False).reshape(sum(sizes), 5)
+    _assert_same(emulated, x, method, 1e-6, speaker_offsets=offsets)
+
+
+@pytest.mark.parametrize("method", LOSS_METHODS)
+@pytest.mark.parametrize("n", [4, 10, 37])
+def test_the_finish_over_several_chunks(emulated, method, n):
+    """The finish's two-stage reduction: B = 40 rows in 3 chunks of 16, B = 100 and
+    370 in 4 chunks of ceil(B / 4) rows; the last block to finish sums the
+    chunks' partials in chunk order."""
+    x = make_embeddings(n, 10, 3, seed=24, requires_grad=False)
+    _assert_same(emulated, x, method, 1e-6)
+
+
+def test_grids_beyond_cuda_limits_raise(emulated):
+    """A grid of 2^31 blocks or more is refused before launch (a cast to unsigned
+    would truncate 2^32 blocks to 0), with a message that says what to change."""
+    assert emulated.grid_check(2**31 - 1) == 0
+    for blocks in (2**31, 2**32, 2**32 + 5):
+        assert emulated.grid_check(blocks) != 0
+        with pytest.raises(RuntimeError, match=r"more than 2\^31 - 1 blocks"):
+            emulated.launch_with_grid(blocks)
+
+
+def _matmul_settings():
+    return (torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.fp32_precision,
+            torch.backends.mkldnn.matmul.fp32_precision)
+
+
+@pytest.mark.parametrize("method", LOSS_METHODS)
+@pytest.mark.parametrize("setting", ["allow_tf32", "high", "default"])
+def test_products_in_ieee_float32_whatever_allow_tf32(emulated, method, setting):
+    """With torch.backends.cuda.matmul.allow_tf32 = True (or matmul precision
+    "high"), the products still run in IEEE float32: ATen's setting as the row
+    kernel's launch sees it, just after P = E S^T. The user's settings are back
+    after the call, and readable (no mix of ATen's two APIs is left behind)."""
+    x = make_embeddings(5, 3, 16, seed=25, dtype=torch.float32, requires_grad=False)
+    w, b = _scalars(x, 10.0, -5.0)
+    before = _matmul_settings()
+    expected = _all_ops(torch.ops.ge2e_ext, x, method, 1e-6)
+    try:
+        if setting == "allow_tf32":
+            torch.backends.cuda.matmul.allow_tf32 = True
+        elif setting == "high":
+            torch.set_float32_matmul_precision("high")
+        chosen = _matmul_settings()
+        emulated.ge2e_forward_backward(x, None, w, b, 0, method, 1e-6, 1.0, 0)
+        assert emulated.matmul_precision_at_rows() == "ieee"
+        assert _matmul_settings() == chosen
+        assert torch.backends.cuda.matmul.allow_tf32 == (setting != "default")
+        # The CPU op under the same settings: its products are IEEE too.
+        got = _all_ops(torch.ops.ge2e_ext, x, method, 1e-6)
+        assert torch.equal(got[0], expected[0]) and torch.equal(got[3][0], expected[3][0])
+    finally:
+        torch.set_float32_matmul_precision(before[0])
+        torch.backends.mkldnn.matmul.fp32_precision = before[2]
+        torch.backends.cuda.matmul.fp32_precision = before[1]
+    assert _matmul_settings() == before
+
+
+def _tf32(t):
+    """t rounded to TF32 (10 explicit mantissa bits, to nearest even), as the
+    tensor cores read float32 operands."""
+    bits = t.contiguous().view(torch.int32)
+    rounded = (bits + 0xFFF + ((bits >> 13) & 1)) & ~0x1FFF
+    return rounded.view(torch.float32)
+
+
+def test_tf32_products_would_break_the_exact_hardest_impostor():
+    """Why the products are IEEE: an impostor whose cosine is 1e-5 above the own
+    cosine (computed exactly, as the kernels do) stays above it when its cosine
+    comes from a float32 product, and falls below it, in a quarter of these
+    rows, when it comes from TF32 operands (what cuBLAS reads with allow_tf32):
+    the contrast loss's hardest impostor and its gradient would go astray."""
+    g = torch.Generator().manual_seed(26)
+    tf32_flips = 0
+    for _ in range(100):
+        e = torch.randn(256, generator=g)
+        s = e + 1.5 * torch.randn(256, generator=g)
+        norms = e.double().norm() * s.double().norm()
+        exact = torch.dot(e.double(), s.double()) / norms
+        own = exact - 1e-5
+        ieee = torch.dot(e, s).double() / norms
+        tf32 = torch.dot(_tf32(e).double(), _tf32(s).double()) / norms
+        assert ieee > own
+        tf32_flips += bool(tf32 <= own)
+    assert tf32_flips >= 10
