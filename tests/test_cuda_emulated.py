@@ -229,10 +229,10 @@ def test_one_speaker_with_many_rows(emulated, method):
 
 
 @pytest.mark.parametrize("method", LOSS_METHODS)
-@pytest.mark.parametrize("n", [4, 10, 37])
+@pytest.mark.parametrize("n", [4, 10, 13])
 def test_the_finish_over_several_chunks(emulated, method, n):
     """The finish's two-stage reduction: B = 40 rows in 3 chunks of 16, B = 100 and
-    370 in 4 chunks of ceil(B / 4) rows; the last block to finish sums the
+    130 in 4 chunks of ceil(B / 4) rows; the last block to finish sums the
     chunks' partials in chunk order."""
     x = make_embeddings(n, 10, 3, seed=24, requires_grad=False)
     _assert_same(emulated, x, method, 1e-6)
@@ -271,7 +271,9 @@ def test_products_in_ieee_float32_whatever_allow_tf32(emulated, method, setting)
             torch.set_float32_matmul_precision("high")
         chosen = _matmul_settings()
         emulated.ge2e_forward_backward(x, None, w, b, 0, method, 1e-6, 1.0, 0)
-        assert emulated.matmul_precision_at_rows() == "ieee"
+        # "none" is ATen's default: no reduced precision was asked for.
+        allowed = ("ieee", "none") if setting == "default" else ("ieee",)
+        assert emulated.matmul_precision_at_rows() in allowed
         assert _matmul_settings() == chosen
         assert torch.backends.cuda.matmul.allow_tf32 == (setting != "default")
         # The CPU op under the same settings: its products are IEEE too.
