@@ -26,7 +26,9 @@ def power_of_two_scale(max_abs: torch.Tensor) -> torch.Tensor:
     max_abs = max_abs.detach()
     _, exponent = torch.frexp(max_abs)
     limit = 1022 if max_abs.dtype == torch.float64 else 126
-    scale = torch.ldexp(torch.ones_like(max_abs), (-exponent).clamp(max=limit))
+    # The clamp in the floating dtype: inductor's C++ code for an integer minimum
+    # does not compile in torch 2.14 (torch.compile(dynamic=True) of the labels form).
+    scale = torch.ldexp(torch.ones_like(max_abs), (-exponent).to(max_abs.dtype).clamp(max=limit))
     usable = (max_abs > 0) & torch.isfinite(max_abs)
     return torch.where(usable, scale, torch.ones_like(max_abs))
 

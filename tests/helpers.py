@@ -120,3 +120,12 @@ def assert_no_worse_than_torch(ours, torch_path, reference, what="", factor=2.0)
     assert ours_err <= factor * torch_err + floor, (
         f"{what}: error {ours_err:.3e} > {factor} x the PyTorch path's {torch_err:.3e} "
         f"+ {floor:.1e}")
+
+
+def largest_allocation(fn):
+    """Largest single CPU allocation (bytes) made while fn runs, per the profiler."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                profile_memory=True) as prof:
+        fn()
+    sizes = [e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0]
+    return max(sizes) if sizes else 0

@@ -5,11 +5,13 @@ with num_speakers."""
 
 import pytest
 import torch
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 
 import ge2e_ext
 
-from helpers import (CPU_BACKENDS, LOSS_METHODS, assert_close_rel, leaf, loss_and_grads,
-                     make_scalars, needs_cpu_extension)
+from helpers import (CPU_BACKENDS, LOSS_METHODS, assert_close_rel, largest_allocation, leaf,
+                     loss_and_grads, make_scalars, needs_cpu_extension)
 
 # A dominant speaker among small ones: row budgets of 3, 7, 16 and 41 rows cut
 # it (and some small ones) in the middle; 80 takes every speaker whole.
@@ -42,6 +44,37 @@ def test_blocks_that_split_a_speaker_give_the_one_block_result(method, reduce, r
     assert_close_rel(split[0], whole[0], 1e-13, "loss")
     for name, g, r in zip(("embeddings", "w", "b"), split[1], whole[1]):
         assert_close_rel(g, r, 1e-12, f"grad {name}")
+
+
+@needs_cpu_extension
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(small=st.lists(st.integers(2, 6), min_size=1, max_size=8),
+       dominant=st.integers(20, 300), position=st.integers(0, 8),
+       rows_per_block=st.integers(1, 120), method=st.sampled_from(LOSS_METHODS),
+       d=st.integers(1, 9), seed=st.integers(0, 2**16))
+@example(small=[2], dominant=20, position=0, rows_per_block=1, method="softmax", d=1, seed=0)
+@example(small=[2, 2, 2], dominant=300, position=1, rows_per_block=7, method="contrast", d=3,
+         seed=1)
+def test_any_grouping_with_a_dominant_speaker_in_any_blocks(small, dominant, position,
+                                                            rows_per_block, method, d, seed):
+    """One speaker much larger than the others, anywhere in the grouping, in
+    blocks of any number of rows: the one-block result (loss and gradients), and
+    the PyTorch path's (segment sums, no padding), in float64."""
+    sizes = small[:position] + [dominant] + small[position:]
+    rows, offsets = _rows(sizes, d, seed=seed)
+    w, b = make_scalars()
+    whole = loss_and_grads(_op(method, False, 0, offsets), leaf(rows), w, b)
+    split = loss_and_grads(_op(method, False, -rows_per_block, offsets), leaf(rows), w, b)
+    assert_close_rel(split[0], whole[0], 1e-12, "losses")
+    for name, g, r in zip(("embeddings", "w", "b"), split[1], whole[1]):
+        assert_close_rel(g, r, 1e-11, f"grad {name}")
+    labels = torch.repeat_interleave(torch.arange(len(sizes)) * 3 - 4, torch.tensor(sizes))
+    torch_path = loss_and_grads(
+        lambda x, w, b: ge2e_ext.ge2e_loss(x, w, b, method, labels=labels, reduction="none",
+                                           backend="torch"), leaf(rows), w, b)
+    assert_close_rel(split[0], torch_path[0], 1e-10, "losses against the PyTorch path")
+    for name, g, r in zip(("embeddings", "w", "b"), split[1], torch_path[1]):
+        assert_close_rel(g, r, 1e-9, f"grad {name} against the PyTorch path")
 
 
 @needs_cpu_extension
@@ -89,15 +122,6 @@ def test_split_blocks_in_float32_and_half_precision(dtype):
             assert_close_rel(s.double(), r.double(), tol, name)
 
 
-def _largest_allocation(fn):
-    """Largest single CPU allocation (bytes) made while fn runs, per the profiler."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
-                                profile_memory=True) as prof:
-        fn()
-    sizes = [e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0]
-    return max(sizes) if sizes else 0
-
-
 def _dominant_batch(big=3000, small=200, d=8, seed=5):
     """One speaker of `big` rows among `small` speakers of 2, shuffled."""
     g = torch.Generator().manual_seed(seed)
@@ -123,7 +147,7 @@ def test_one_dominant_speaker_allocates_no_padded_block(backend, method):
         loss = ge2e_ext.ge2e_loss(x, 10.0, -5.0, method, labels=labels, backend=backend)
         torch.autograd.grad(loss, x)
 
-    assert 0 < _largest_allocation(step) <= bound
+    assert 0 < largest_allocation(step) <= bound
 
 
 @needs_cpu_extension
@@ -143,7 +167,7 @@ def test_the_extension_block_stays_within_the_documented_budget(method):
     input_bytes = rows.numel() * 4
     # Every allocation is one block of cosines or smaller, but for the input-sized
     # ones (the rows in speaker order, the gradient and its scatter back).
-    assert _largest_allocation(step) <= max(block_bound, input_bytes)
+    assert largest_allocation(step) <= max(block_bound, input_bytes)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

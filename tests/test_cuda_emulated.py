@@ -260,15 +260,18 @@ def _step_extra_bytes(rows, speakers, d, dtype, block_rows):
     k = speakers
     block = min(block_rows, rows)
     widened = dtype in (torch.float16, torch.bfloat16)
-    return acc * (2 * speakers * d      # own_sums_hi, own_sums_lo
+    return (acc * (2 * speakers * d     # own_sums_hi, own_sums_lo
                   + k * d + k           # Z (dLoss/ds), 1/|s|
+                  + k + speakers        # the sums' and the speakers' power-of-two scales
                   + rows * 4            # own_terms
                   + rows * 3            # losses, dLoss/dw and dLoss/db parts
                   + block * k           # one block of cosines
                   + (block * d if widened else 0)  # T = H S of a half-precision input
                   + 2 * d               # a split speaker's q sums (the CPU device's)
                   + rows                # row_dots (the CUDA device's scratch)
-                  + 3 * 1024) + 8 * rows  # the finish's partials; hardest (int64)
+                  + 3 * 1024)           # the finish's partials (the CUDA device's)
+            + 8 * rows                  # hardest (int64)
+            + 16 * rows)                # the rows' saved state (2 float64)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])

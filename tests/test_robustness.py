@@ -8,8 +8,8 @@ import ge2e_ext
 from ge2e_ext.reference import ge2e_loss_reference
 
 from helpers import (DEVICE_BACKENDS, EXTENSION_DEVICES, LOSS_METHODS, assert_close_rel, ge2e,
-                     leaf, loss_and_grads, make_embeddings, make_scalars, needs_cpu_extension,
-                     needs_cuda)
+                     largest_allocation, leaf, loss_and_grads, make_embeddings, make_scalars,
+                     needs_cpu_extension, needs_cuda)
 
 
 @pytest.mark.parametrize("device, backend", DEVICE_BACKENDS)
@@ -89,15 +89,6 @@ def test_hardest_impostor_ties_go_to_the_lowest_index(device):
     assert_close_rel(rows.sum(), ref, 1e-12, "loss")
 
 
-def _largest_allocation(fn):
-    """Largest single CPU allocation (bytes) made while fn runs, per the profiler."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
-                                profile_memory=True) as prof:
-        fn()
-    sizes = [e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0]
-    return max(sizes) if sizes else 0
-
-
 @needs_cpu_extension
 @pytest.mark.parametrize("method", LOSS_METHODS)
 @pytest.mark.parametrize("reduction", ["sum", "none"])
@@ -116,8 +107,8 @@ def test_compiled_op_never_allocates_the_n_m_n_similarities(method, reduction):
             torch.autograd.grad(loss.sum(), x)
         return run
 
-    assert _largest_allocation(step("torch")) >= nmn_bytes
-    assert _largest_allocation(step("extension")) <= nmn_bytes // 4
+    assert largest_allocation(step("torch")) >= nmn_bytes
+    assert largest_allocation(step("extension")) <= nmn_bytes // 4
 
 
 @pytest.mark.parametrize("device, backend", DEVICE_BACKENDS)
