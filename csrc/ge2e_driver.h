@@ -1,5 +1,5 @@
 // The device-agnostic part of the GE2E op: input checks, buffers, the loop
-// over blocks of whole speakers, and the matrix products, done by ATen (BLAS
+// over blocks of rows, and the matrix products, done by ATen (BLAS
 // on the CPU, cuBLAS on the GPU). The only memory beyond the inputs and the
 // gradient is one block of cosines (block rows x K) and O(B + K*D), B the
 // number of utterances (N*M when every speaker has M).
