@@ -1,5 +1,5 @@
 // The device-agnostic part of the GE2E op: input checks, buffers, the loop
-// over blocks of whole speakers, and the matrix products, done by ATen (BLAS
+// over blocks of rows, and the matrix products, done by ATen (BLAS
 // on the CPU, cuBLAS on the GPU). The only memory beyond the inputs and the
 // gradient is one block of cosines (block rows x K) and O(B + K*D), B the
 // number of utterances (N*M when every speaker has M).
@@ -21,10 +21,17 @@
 //   sparse_sum_grads(p, block, cosines, hardest, z, accumulate)   (kSparseProducts)
 //   split_speaker_others(p, speaker, q_sums, grad)  adds, to the rows of a speaker that
 //                                the blocks split, the sum over its other rows' q
+//                                (not a DeviceScratch device's: its fold does)
 //   fold(p, z, grad)             adds dLoss/ds_j to every utterance of speaker j
 //   finish(p, z, w_part, b_part, loss_rows, loss_scale, grad_w, grad_b, loss_total)
-// each taking the call's Problem (ge2e_problem.h). The loss method is a type
-// from here on (dispatch_loss_method).
+// each taking the call's Problem (ge2e_problem.h). A device whose policy has
+// kFinishPartials (DeviceScratch; the CUDA device) gets the Problem's scratch
+// and runs the finish inside the sweep's last launch instead:
+//   row_gradients<Method>(..., grad, others, finish) and fold(p, z, grad, finish),
+//   with the FinishArgs on the last launch and nullptr on the others; with
+//   several blocks the row gradients leave the other rows' term (others =
+//   false) to fold, which runs then even with given sums (z = nullptr).
+// The loss method is a type from here on (dispatch_loss_method).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -38,6 +45,7 @@
 #include <limits>
 #include <string>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "ge2e_math.h"
@@ -109,11 +117,20 @@ inline void check_block_speakers(int64_t block_speakers) {
                     block_speakers);
 }
 
+// Whether a Device asks for the Problem's scratch (row_speakers, row_dots,
+// finish_partials, finish_counter) and runs the finish in its sweep's last
+// launch: a policy with kFinishPartials, the partials' size in acc elements.
+template <class Device, class = void>
+struct DeviceScratch : std::false_type {};
+template <class Device>
+struct DeviceScratch<Device, std::void_t<decltype(Device::kFinishPartials)>> : std::true_type {};
+
 // The tensors of one call, and the Problem that points into them.
 struct Call {
   at::Tensor embeddings;  // contiguous, viewed as (B, D)
   at::Tensor speaker_offsets, sums, sum_scales, own_sums_hi, own_sums_lo, speaker_scales,
       inv_sums, own_terms, w, b;
+  at::Tensor row_speakers, row_dots, finish_partials, finish_counter;  // DeviceScratch
   at::TensorOptions acc_options;
   std::vector<int64_t> row_shape;  // of the per-row outputs: (N, M), or (B,)
   Problem problem;
@@ -285,6 +302,18 @@ Call make_call(const at::Tensor& embeddings, const c10::optional<at::Tensor>& su
   p.speaker_scales = c.speaker_scales.data_ptr();
   p.inv_sums = c.inv_sums.data_ptr();
   p.own_terms = c.own_terms.data_ptr();
+  if constexpr (DeviceScratch<Device>::value) {
+    if (p.speaker_offsets != nullptr) {
+      c.row_speakers = at::empty({p.total_rows}, c.acc_options.dtype(at::kLong));
+      p.row_speakers = c.row_speakers.data_ptr<int64_t>();
+    }
+    c.row_dots = at::empty({p.total_rows}, c.acc_options);
+    c.finish_partials = at::empty({Device::kFinishPartials}, c.acc_options);
+    c.finish_counter = at::empty({1}, c.acc_options.dtype(at::kInt));
+    p.row_dots = c.row_dots.data_ptr();
+    p.finish_partials = c.finish_partials.data_ptr();
+    p.finish_counter = reinterpret_cast<unsigned int*>(c.finish_counter.data_ptr<int>());
+  }
   {
     RECORD_FUNCTION("ge2e_ext::speaker_stats", {});
     Device::speaker_stats(p);
@@ -316,9 +345,13 @@ int64_t rows_per_block(const Call& c) {
     // own_sums_hi/lo (N x D), Z (K x D), 1/|s| and the sums' scales (2 K), the
     // speakers' scales (N), a split speaker's q sums (2 x D); per row: own_terms,
     // loss, state (kRowStateSize float64), hardest (int64), dLoss/dw and dLoss/db parts.
-    const int64_t others =
+    int64_t others =
         (2 * p.speakers + p.total_speakers + 2) * p.dim + 2 * p.total_speakers + p.speakers +
         p.total_rows * (kOwnTermsSize + 1 + (8 * kRowStateSize + 8) / acc_bytes + 2);
+    if constexpr (DeviceScratch<Device>::value) {
+      // The scratch: row_speakers (int64) and row_dots per row, the finish's partials.
+      others += p.total_rows * (1 + 8 / acc_bytes) + Device::kFinishPartials;
+    }
     budget = std::min(budget, allowed - others);
   }
   budget = std::max(budget, kMinBlockElements);
@@ -401,18 +434,68 @@ inline Gradients allocate_gradients(const Call& c) {
           at::empty({p.total_rows}, c.acc_options), at::empty({p.total_rows}, c.acc_options)};
 }
 
+// The matrix products run at the precision of the inputs: IEEE float32 for
+// float32 whatever torch.backends.cuda.matmul.allow_tf32 (or
+// torch.set_float32_matmul_precision) says, because the impostor cosines come
+// from the products while the own cosine is computed exactly, and the contrast
+// loss's hardest impostor and the softmax's margin compare the two. TF32 (10
+// mantissa bits per operand) errs by about 1e-5 on a cosine at D = 256, enough
+// to swap an impostor with the own speaker. The setting is global in ATen, so
+// it is restored when the sweep ends (and left alone when it is IEEE already).
+class Float32MatmulPrecisionGuard {
+ public:
+  Float32MatmulPrecisionGuard()
+      : legacy_(ctx().float32MatmulPrecision()),
+        cuda_(ctx().float32Precision(at::Float32Backend::CUDA, at::Float32Op::MATMUL)),
+        mkldnn_(ctx().float32Precision(at::Float32Backend::MKLDNN, at::Float32Op::MATMUL)) {
+    // The legacy setter sets both APIs consistently (setting only the new one
+    // while the legacy one says "high" makes ATen's TF32 query raise).
+    changed_ = legacy_ != at::Float32MatmulPrecision::HIGHEST || reduced(cuda_) ||
+               reduced(mkldnn_);
+    if (changed_) ctx().setFloat32MatmulPrecision("highest");
+  }
+  ~Float32MatmulPrecisionGuard() {
+    if (!changed_) return;
+    ctx().setFloat32MatmulPrecision(legacy_ == at::Float32MatmulPrecision::HIGHEST ? "highest"
+                                    : legacy_ == at::Float32MatmulPrecision::HIGH  ? "high"
+                                                                                   : "medium");
+    restore(at::Float32Backend::MKLDNN, mkldnn_);
+    restore(at::Float32Backend::CUDA, cuda_);
+  }
+  Float32MatmulPrecisionGuard(const Float32MatmulPrecisionGuard&) = delete;
+  Float32MatmulPrecisionGuard& operator=(const Float32MatmulPrecisionGuard&) = delete;
+
+ private:
+  static at::Context& ctx() { return at::globalContext(); }
+  static bool reduced(at::Float32Precision p) {
+    return p == at::Float32Precision::TF32 || p == at::Float32Precision::BF16;
+  }
+  static void restore(at::Float32Backend backend, at::Float32Precision p) {
+    if (ctx().float32Precision(backend, at::Float32Op::MATMUL) != p) {
+      ctx().setFloat32Precision(backend, at::Float32Op::MATMUL, p);
+    }
+  }
+  at::Float32MatmulPrecision legacy_;
+  at::Float32Precision cuda_, mkldnn_;
+  bool changed_;
+};
+
 // The loop over blocks for one pass of the row kernel; for the gradient passes
-// also the products and the row gradients.
+// also the products and the row gradients. `finish` (gradient passes) is the
+// end of the sweep: a DeviceScratch device runs it in the sweep's last launch,
+// the others after the loop.
 template <class Device, class Method>
 void sweep(const Call& c, RowPass pass, const RowBuffers& buffers, Gradients* grads,
-           int64_t block_speakers) {
+           int64_t block_speakers, const FinishArgs* finish) {
   const Problem& p = c.problem;
+  const Float32MatmulPrecisionGuard precision;
   std::vector<Block> split_speakers;
   const std::vector<Block> blocks = blocks_of<Device>(c, block_speakers, split_speakers);
   const bool single_block = blocks.size() == 1;
   int64_t max_rows = 0;
   for (const Block& blk : blocks) max_rows = std::max(max_rows, blk.rows);
   constexpr bool sparse = Device::kSparseProducts && Method::kSparseGradient;
+  constexpr bool fused_finish = DeviceScratch<Device>::value;
   checked_size(max_rows, p.total_speakers, "the block of cosines, rows x K");
   at::Tensor cosine_block = at::empty({max_rows, p.total_speakers}, c.acc_options);
   // T = H S is written where the rows' gradient goes when the dtypes agree.
@@ -421,6 +504,12 @@ void sweep(const Call& c, RowPass pass, const RowBuffers& buffers, Gradients* gr
   if (grads != nullptr && !sparse && widened) {
     t_block = at::empty({max_rows, p.dim}, c.acc_options);
   }
+  // With several blocks, dLoss/ds (the call's own sums) is folded into the
+  // rows in one pass at the end; a DeviceScratch device's pass also adds the
+  // other rows' term there (so a speaker's rows need not lie in one block), and
+  // carries the finish.
+  const bool fold_at_end =
+      grads != nullptr && !single_block && (fused_finish || !p.sums_given);
   for (const Block& blk : blocks) {
     // Z is written by the first block and accumulated by the others (a split
     // speaker's blocks all start at the same speaker: not blk.first == 0).
@@ -453,22 +542,47 @@ void sweep(const Call& c, RowPass pass, const RowBuffers& buffers, Gradients* gr
     // into the rows happens here; with several, in one pass at the end.
     const bool fold_now = single_block && !p.sums_given;
     RECORD_FUNCTION("ge2e_ext::row_gradients", {});
-    Device::template row_gradients<Method>(
-        p, blk, sparse ? nullptr : t_rows.data_ptr(), cosines.data_ptr(), buffers.hardest,
-        fold_now ? grads->sums.data_ptr() : nullptr, grads->embeddings.data_ptr());
-  }
-  // A speaker split across blocks: the row gradients left out the sum over its
-  // other rows' q (their own gradients were not all known yet); add it now.
-  if (grads != nullptr && !split_speakers.empty()) {
-    const at::Tensor q_sums = at::empty({2, p.dim}, c.acc_options);
-    for (const Block& speaker : split_speakers) {
-      RECORD_FUNCTION("ge2e_ext::split_speaker_others", {});
-      Device::split_speaker_others(p, speaker, q_sums.data_ptr(), grads->embeddings.data_ptr());
+    const void* t_ptr = sparse ? nullptr : t_rows.data_ptr();
+    void* z_to_fold = fold_now ? grads->sums.data_ptr() : nullptr;
+    if constexpr (fused_finish) {
+      const bool last = &blk == &blocks.back() && !fold_at_end;
+      Device::template row_gradients<Method>(p, blk, t_ptr, cosines.data_ptr(), buffers.hardest,
+                                             z_to_fold, grads->embeddings.data_ptr(),
+                                             /*others=*/single_block, last ? finish : nullptr);
+    } else {
+      Device::template row_gradients<Method>(p, blk, t_ptr, cosines.data_ptr(), buffers.hardest,
+                                             z_to_fold, grads->embeddings.data_ptr());
     }
   }
-  if (grads != nullptr && !single_block && !p.sums_given) {
+  // A speaker split across blocks: the row gradients left out the sum over its
+  // other rows' q (their own gradients were not all known yet); add it now. (A
+  // DeviceScratch device's fold adds that term for every speaker after the
+  // last block of several, split or not.)
+  if constexpr (!fused_finish) {
+    if (grads != nullptr && !split_speakers.empty()) {
+      const at::Tensor q_sums = at::empty({2, p.dim}, c.acc_options);
+      for (const Block& speaker : split_speakers) {
+        RECORD_FUNCTION("ge2e_ext::split_speaker_others", {});
+        Device::split_speaker_others(p, speaker, q_sums.data_ptr(),
+                                     grads->embeddings.data_ptr());
+      }
+    }
+  }
+  if (fold_at_end) {
     RECORD_FUNCTION("ge2e_ext::fold", {});
-    Device::fold(p, grads->sums.data_ptr(), grads->embeddings.data_ptr());
+    if constexpr (fused_finish) {
+      Device::fold(p, p.sums_given ? nullptr : grads->sums.data_ptr(),
+                   grads->embeddings.data_ptr(), finish);
+    } else {
+      Device::fold(p, grads->sums.data_ptr(), grads->embeddings.data_ptr());
+    }
+  }
+  if constexpr (!fused_finish) {
+    if (finish != nullptr) {
+      RECORD_FUNCTION("ge2e_ext::finish", {});
+      Device::finish(p, finish->z, finish->w_part, finish->b_part, finish->loss_rows,
+                     finish->loss_scale, finish->grad_w, finish->grad_b, finish->loss_total);
+    }
   }
 }
 
@@ -513,23 +627,30 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& embeddings,
   const RowBuffers rb = row_buffers(loss, state, hardest, nullptr);
   const Problem& p = c.problem;
   dispatch_loss_method(p.method, [&](auto method) {
-    sweep<Device, decltype(method)>(c, RowPass::kLoss, rb, nullptr, block_speakers);
+    sweep<Device, decltype(method)>(c, RowPass::kLoss, rb, nullptr, block_speakers, nullptr);
   });
   return {loss, state};
 }
 
-// The end of a gradient sweep: dLoss/ds (when given), dLoss/dw, dLoss/db and,
-// for the fused op, the reduced loss.
-template <class Device>
-std::tuple<at::Tensor, at::Tensor> finish(const Call& c, Gradients& g, const at::Tensor* loss_rows,
-                                          double loss_scale, at::Tensor* loss_total) {
-  at::Tensor grad_w = at::empty({}, c.acc_options);
-  at::Tensor grad_b = at::empty({}, c.acc_options);
-  RECORD_FUNCTION("ge2e_ext::finish", {});
-  Device::finish(c.problem, g.sums.data_ptr(), g.w_part.data_ptr(), g.b_part.data_ptr(),
-                 loss_rows ? loss_rows->data_ptr() : nullptr, loss_scale, grad_w.data_ptr(),
-                 grad_b.data_ptr(), loss_total ? loss_total->data_ptr() : nullptr);
-  return {grad_w, grad_b};
+// The end of a gradient sweep (FinishArgs) and its outputs: dLoss/ds (when
+// given, in g.sums), dLoss/dw, dLoss/db and, for the fused op, the reduced loss.
+struct FinishOutputs {
+  at::Tensor grad_w, grad_b;
+  FinishArgs args;
+};
+
+inline FinishOutputs finish_outputs(const Call& c, Gradients& g, const at::Tensor* loss_rows,
+                                    double loss_scale, at::Tensor* loss_total) {
+  FinishOutputs out{at::empty({}, c.acc_options), at::empty({}, c.acc_options), FinishArgs{}};
+  out.args.z = g.sums.data_ptr();
+  out.args.w_part = g.w_part.data_ptr();
+  out.args.b_part = g.b_part.data_ptr();
+  out.args.loss_rows = loss_rows ? loss_rows->data_ptr() : nullptr;
+  out.args.loss_scale = loss_scale;
+  out.args.grad_w = out.grad_w.data_ptr();
+  out.args.grad_b = out.grad_b.data_ptr();
+  out.args.loss_total = loss_total ? loss_total->data_ptr() : nullptr;
+  return out;
 }
 
 // backward(grad_loss, embeddings, sums?, w, b, state, ...) ->
@@ -566,11 +687,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
   rb.grad_loss = grad_rows.data_ptr();
   rb.grad_stride_speaker = grad_rows.stride(0);
   rb.grad_stride_utterance = grad_rows.stride(grad_rows.dim() - 1);
+  const FinishOutputs f = finish_outputs(c, g, nullptr, 1.0, nullptr);
   dispatch_loss_method(p.method, [&](auto method) {
-    sweep<Device, decltype(method)>(c, RowPass::kGradient, rb, &g, block_speakers);
+    sweep<Device, decltype(method)>(c, RowPass::kGradient, rb, &g, block_speakers, &f.args);
   });
-  auto [grad_w, grad_b] = finish<Device>(c, g, nullptr, 1.0, nullptr);
-  return {g.embeddings, g.sums, grad_w.view(w.sizes()), grad_b.view(b.sizes())};
+  return {g.embeddings, g.sums, f.grad_w.view(w.sizes()), f.grad_b.view(b.sizes())};
 }
 
 // forward_backward(embeddings, sums?, w, b, ..., scale) -> (loss, grad_embeddings,
@@ -591,12 +712,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_b
   RowBuffers rb = row_buffers(loss, state, hardest, &g);
   const Problem& p = c.problem;
   rb.grad_scale = scale;
-  dispatch_loss_method(p.method, [&](auto method) {
-    sweep<Device, decltype(method)>(c, RowPass::kLossAndGradient, rb, &g, block_speakers);
-  });
   at::Tensor loss_total = at::empty({}, c.acc_options);
-  auto [grad_w, grad_b] = finish<Device>(c, g, &loss, scale, &loss_total);
-  return {loss_total, g.embeddings, g.sums, grad_w.view(w.sizes()), grad_b.view(b.sizes())};
+  const FinishOutputs f = finish_outputs(c, g, &loss, scale, &loss_total);
+  dispatch_loss_method(p.method, [&](auto method) {
+    sweep<Device, decltype(method)>(c, RowPass::kLossAndGradient, rb, &g, block_speakers,
+                                    &f.args);
+  });
+  return {loss_total, g.embeddings, g.sums, f.grad_w.view(w.sizes()), f.grad_b.view(b.sizes())};
 }
 
 }  // namespace ge2e

@@ -45,6 +45,28 @@ struct Problem {
   void* speaker_scales;    // (N,) acc: sigma_j, the power of two of local speaker j
   void* inv_sums;          // (K,) acc: 1/|s''_k| (0 for a zero sum)
   void* own_terms;         // (B, kOwnTermsSize) acc: each row's OwnCosine and own_grad
+
+  // Scratch of a device whose policy asks for it (ge2e_driver.h, DeviceScratch;
+  // the CUDA kernels), nullptr otherwise:
+  int64_t* row_speakers = nullptr;         // (B,) the local speaker of each row (the labels form
+                                           //   only), written by the speaker statistics
+  void* row_dots = nullptr;                // (B,) acc: each row's e_r . T_r in the row gradients
+  void* finish_partials = nullptr;         // acc: the finish's per-chunk sums
+  unsigned int* finish_counter = nullptr;  // the finish's chunks done (zeroed by the statistics)
+};
+
+// The end of a gradient sweep (ge2e_driver.h): dLoss/ds in place (given sums),
+// dLoss/dw, dLoss/db and, for the fused op, scale * the summed loss. Plain
+// pointers on the call's device; acc.
+struct FinishArgs {
+  void* z;                // (K, D): Z = H^T E, made dLoss/ds when the sums are given
+  const void* w_part;     // (B,) the rows' dLoss/dw, dLoss/db parts
+  const void* b_part;
+  const void* loss_rows;  // (B,) the rows' losses, or nullptr (no loss_total)
+  double loss_scale;
+  void* grad_w;           // 0-dim
+  void* grad_b;
+  void* loss_total;       // 0-dim, or nullptr
 };
 
 GE2E_ISA_BEGIN

@@ -179,7 +179,10 @@ def _as_scalar(value, name, embeddings, dtype):
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(
             f"{name} must be a number or a one-element tensor, got {type(value).__name__}")
-    return torch.tensor(float(value), dtype=dtype, device=embeddings.device)
+    # A fill on the device, not torch.tensor's copy from the host: no blocking
+    # host-to-device copy per call, and capturable in a CUDA graph (the value is
+    # a kernel argument).
+    return torch.full((), float(value), dtype=dtype, device=embeddings.device)
 
 
 def _transformed():

@@ -24,6 +24,10 @@ HERE = pathlib.Path(__file__).parent
 # GE2E_EMU_THREADS=256 runs the bulk at the GPU's count too (minutes more).
 EMULATED_THREADS = int(os.environ.get("GE2E_EMU_THREADS", "64"))
 GPU_THREADS = 256
+# The finish's chunks (the GPU build: 2048 rows, at most 1024 chunks), as
+# tests/cuda_emulation/build.py compiles them: small, so that B = 40 rows take 3
+# chunks, and B > 80 rows spread over 4 larger chunks.
+FINISH_CHUNK_ROWS, FINISH_MAX_CHUNKS = 16, 4
 
 pytestmark = needs_cpu_extension  # the comparison needs the compiled CPU op
 
@@ -228,7 +232,7 @@ def test_speakers_with_different_numbers_of_utterances(emulated, method, block):
 def test_blocks_that_split_a_speaker(emulated, method, block):
     """Blocks of 3, 7 or 16 rows (block < 0) cut the 12-row speaker and others in
     the middle: the row gradients leave out a split speaker's sum over its other
-    rows, added after the last block (split_speaker_q, split_speaker_others)."""
+    rows, added after the last block by the fold pass (every speaker's Q - q_r)."""
     sizes = [2, 12, 3, 5, 2]
     offsets = torch.tensor([0] + torch.tensor(sizes).cumsum(0).tolist())
     x = make_embeddings(sum(sizes), 70, 1, seed=13, requires_grad=False).reshape(sum(sizes), 70)
@@ -263,7 +267,9 @@ def _step_extra_bytes(rows, speakers, d, dtype, block_rows):
                   + rows * 3            # losses, dLoss/dw and dLoss/db parts
                   + block * k           # one block of cosines
                   + (block * d if widened else 0)  # T = H S of a half-precision input
-                  + 2 * d)              # a split speaker's q sums
+                  + 2 * d               # a split speaker's q sums (the CPU device's)
+                  + rows                # row_dots (the CUDA device's scratch)
+                  + 3 * 1024)           # the finish's partials (the CUDA device's)
             + 8 * rows                  # hardest (int64)
             + 16 * rows)                # the rows' saved state (2 float64)
 
@@ -294,13 +300,16 @@ def test_gpu_block_policy_holds_the_step_bound_for_every_d(emulated, dtype, d, n
 
 
 @pytest.mark.parametrize("method", LOSS_METHODS)
-def test_external_sums_at_an_offset(emulated, method):
-    """The distributed form: 2 local speakers at rows 1-2 of 5 speaker sums."""
+@pytest.mark.parametrize("block", [0, 1])
+def test_external_sums_at_an_offset(emulated, method, block):
+    """The distributed form: 2 local speakers at rows 1-2 of 5 speaker sums, in
+    one block or one speaker per block (the other rows' term then comes in the
+    fold pass, which also carries the finish)."""
     x = make_embeddings(2, 3, 6, seed=5, requires_grad=False)
     g = torch.Generator().manual_seed(6)
     sums = torch.cat([torch.randn(1, 6, generator=g, dtype=torch.float64), x.sum(1),
                       torch.randn(2, 6, generator=g, dtype=torch.float64)])
-    _assert_same(emulated, x, method, 1e-6, sums=sums, offset=1)
+    _assert_same(emulated, x, method, 1e-6, sums=sums, offset=1, block=block)
 
 
 def test_zero_vectors_ties_clamped_w_and_the_clamp_bound(emulated):
@@ -348,20 +357,139 @@ def test_non_finite_input_stays_non_finite(emulated, method):
     assert not torch.isfinite(loss.sum()) and not torch.isfinite(fused[0])
 
 
+# Launches of a step with one block of speakers: speaker statistics, rows, row
+# gradients (which carry the finish), and for the contrast loss the sparse H^T E.
+STEP_LAUNCHES = {"softmax": 3, "contrast": 4}
+
+
 @pytest.mark.parametrize("method", LOSS_METHODS)
-def test_a_training_step_is_four_kernel_launches(emulated, method):
-    """Speaker statistics, rows, row gradients, finish: four launches around the
-    three matrix products of a fused step with one block of speakers (the backward
-    then scales the saved gradients: three elementwise kernels, seven in all)."""
+def test_a_training_step_is_at_most_four_kernel_launches(emulated, method):
+    """The paper's batch (N=64, M=10): at most four launches around the matrix
+    products (three products for softmax, one for contrast), the finish's
+    scalars folded into the last launch."""
     x = make_embeddings(64, 10, 32, seed=10, dtype=torch.float32, requires_grad=False)
     w, b = _scalars(x, 10.0, -5.0)
     emulated.kernel_launches()  # reset
     emulated.ge2e_forward_backward(x, None, w, b, 0, method, 1e-6, 1.0, 0)
-    assert emulated.kernel_launches() == 4
-    # Several blocks (forced: 16 speakers each): rows and row gradients per block,
-    # then one pass that folds dLoss/ds into the rows.
+    assert emulated.kernel_launches() == STEP_LAUNCHES[method] <= 4
+    # The backward op (the unfused autograd path): the same launches.
+    loss, state = emulated.ge2e_forward(x, None, w, b, 0, method, 1e-6, 0)
+    assert emulated.kernel_launches() == 2  # inference: statistics and rows
+    emulated.ge2e_backward(torch.ones_like(loss), x, None, w, b, state, 0, method, 1e-6, 0)
+    assert emulated.kernel_launches() == STEP_LAUNCHES[method]
+    # Several blocks (forced: 16 speakers each): rows, (sparse,) row gradients per
+    # block, then one pass that folds dLoss/ds into the rows and carries the finish.
     emulated.ge2e_forward_backward(x, None, w, b, 0, method, 1e-6, 1.0, 16)
-    assert emulated.kernel_launches() == 2 + 2 * 4 + 1
-    # Inference: statistics and rows.
-    emulated.ge2e_forward(x, None, w, b, 0, method, 1e-6, 0)
-    assert emulated.kernel_launches() == 2
+    assert emulated.kernel_launches() == 1 + 4 * (STEP_LAUNCHES[method] - 1) + 1
+
+
+@pytest.mark.parametrize("method", LOSS_METHODS)
+@pytest.mark.parametrize("block", [0, 2])
+def test_labels_with_given_sums_and_blocks(emulated, method, block):
+    """The labels form with other ranks' sums (the distributed form) and blocks."""
+    sizes = [3, 2, 6, 2]
+    offsets = torch.tensor([0] + torch.tensor(sizes).cumsum(0).tolist())
+    x = make_embeddings(sum(sizes), 1, 40, seed=21, requires_grad=False).reshape(sum(sizes), 40)
+    g = torch.Generator().manual_seed(22)
+    own = torch.stack([x[offsets[j]:offsets[j + 1]].sum(0) for j in range(len(sizes))])
+    sums = torch.cat([torch.randn(2, 40, generator=g, dtype=torch.float64), own,
+                      torch.randn(1, 40, generator=g, dtype=torch.float64)])
+    _assert_same(emulated, x, method, 1e-6, sums=sums, offset=2, block=block,
+                 speaker_offsets=offsets)
+
+
+@pytest.mark.parametrize("method", LOSS_METHODS)
+def test_one_speaker_with_many_rows(emulated, method):
+    """A speaker of 100 rows (> the threads per block) next to small ones: the
+    speaker passes loop over its rows once, and the finish sums 105 rows."""
+    sizes = [100, 2, 3]
+    offsets = torch.tensor([0] + torch.tensor(sizes).cumsum(0).tolist())
+    x = make_embeddings(sum(sizes), 1, 5, seed=23, requires_grad=False).reshape(sum(sizes), 5)
+    _assert_same(emulated, x, method, 1e-6, speaker_offsets=offsets)
+
+
+@pytest.mark.parametrize("method", LOSS_METHODS)
+@pytest.mark.parametrize("n", [4, 10, 13])
+def test_the_finish_over_several_chunks(emulated, method, n):
+    """The finish's two-stage reduction: B = 40 rows in 3 chunks of 16, B = 100 and
+    130 in 4 chunks of ceil(B / 4) rows; the last block to finish sums the
+    chunks' partials in chunk order."""
+    x = make_embeddings(n, 10, 3, seed=24, requires_grad=False)
+    _assert_same(emulated, x, method, 1e-6)
+
+
+def test_grids_beyond_cuda_limits_raise(emulated):
+    """A grid of 2^31 blocks or more is refused before launch (a cast to unsigned
+    would truncate 2^32 blocks to 0), with a message that says what to change."""
+    assert emulated.grid_check(2**31 - 1) == 0
+    for blocks in (2**31, 2**32, 2**32 + 5):
+        assert emulated.grid_check(blocks) != 0
+        with pytest.raises(RuntimeError, match=r"more than 2\^31 - 1 blocks"):
+            emulated.launch_with_grid(blocks)
+
+
+def _matmul_settings():
+    return (torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.fp32_precision,
+            torch.backends.mkldnn.matmul.fp32_precision)
+
+
+@pytest.mark.parametrize("method", LOSS_METHODS)
+@pytest.mark.parametrize("setting", ["allow_tf32", "high", "default"])
+def test_products_in_ieee_float32_whatever_allow_tf32(emulated, method, setting):
+    """With torch.backends.cuda.matmul.allow_tf32 = True (or matmul precision
+    "high"), the products still run in IEEE float32: ATen's setting as the row
+    kernel's launch sees it, just after P = E S^T. The user's settings are back
+    after the call, and readable (no mix of ATen's two APIs is left behind)."""
+    x = make_embeddings(5, 3, 16, seed=25, dtype=torch.float32, requires_grad=False)
+    w, b = _scalars(x, 10.0, -5.0)
+    before = _matmul_settings()
+    expected = _all_ops(torch.ops.ge2e_ext, x, method, 1e-6)
+    try:
+        if setting == "allow_tf32":
+            torch.backends.cuda.matmul.allow_tf32 = True
+        elif setting == "high":
+            torch.set_float32_matmul_precision("high")
+        chosen = _matmul_settings()
+        emulated.ge2e_forward_backward(x, None, w, b, 0, method, 1e-6, 1.0, 0)
+        # "none" is ATen's default: no reduced precision was asked for.
+        allowed = ("ieee", "none") if setting == "default" else ("ieee",)
+        assert emulated.matmul_precision_at_rows() in allowed
+        assert _matmul_settings() == chosen
+        assert torch.backends.cuda.matmul.allow_tf32 == (setting != "default")
+        # The CPU op under the same settings: its products are IEEE too.
+        got = _all_ops(torch.ops.ge2e_ext, x, method, 1e-6)
+        assert torch.equal(got[0], expected[0]) and torch.equal(got[3][0], expected[3][0])
+    finally:
+        torch.set_float32_matmul_precision(before[0])
+        torch.backends.mkldnn.matmul.fp32_precision = before[2]
+        torch.backends.cuda.matmul.fp32_precision = before[1]
+    assert _matmul_settings() == before
+
+
+def _tf32(t):
+    """t rounded to TF32 (10 explicit mantissa bits, to nearest even), as the
+    tensor cores read float32 operands."""
+    bits = t.contiguous().view(torch.int32)
+    rounded = (bits + 0xFFF + ((bits >> 13) & 1)) & ~0x1FFF
+    return rounded.view(torch.float32)
+
+
+def test_tf32_products_would_break_the_exact_hardest_impostor():
+    """Why the products are IEEE: an impostor whose cosine is 1e-5 above the own
+    cosine (computed exactly, as the kernels do) stays above it when its cosine
+    comes from a float32 product, and falls below it, in a quarter of these
+    rows, when it comes from TF32 operands (what cuBLAS reads with allow_tf32):
+    the contrast loss's hardest impostor and its gradient would go astray."""
+    g = torch.Generator().manual_seed(26)
+    tf32_flips = 0
+    for _ in range(100):
+        e = torch.randn(256, generator=g)
+        s = e + 1.5 * torch.randn(256, generator=g)
+        norms = e.double().norm() * s.double().norm()
+        exact = torch.dot(e.double(), s.double()) / norms
+        own = exact - 1e-5
+        ieee = torch.dot(e, s).double() / norms
+        tf32 = torch.dot(_tf32(e).double(), _tf32(s).double()) / norms
+        assert ieee > own
+        tf32_flips += bool(tf32 <= own)
+    assert tf32_flips >= 10

@@ -14,6 +14,9 @@ namespace ge2e {
 namespace {
 
 void check(int error, const char* kernel) {
+  TORCH_CHECK(error != cuda::kGridTooLarge, "ge2e_ext: CUDA kernel ",
+              kernel ? kernel : "(unknown)", " would need a grid of more than 2^31 - 1 blocks "
+              "(CUDA's limit in x); split the batch (fewer rows or smaller block_speakers)");
   TORCH_CHECK(error == 0, "ge2e_ext: CUDA kernel ", kernel ? kernel : "(unknown)",
               " failed to launch: ", cudaGetErrorString(static_cast<cudaError_t>(error)));
 }
@@ -33,32 +36,28 @@ struct CudaDevice : cuda::BlockPolicy {
     check(cuda::launch_rows(p, rb, pass, blk, cosines, current_stream(), &failed), failed);
   }
 
+  static void sparse_sum_grads(const Problem& p, Block blk, const void* cosines,
+                               const int64_t* hardest, void* z, bool accumulate) {
+    const char* failed = nullptr;
+    check(cuda::launch_sparse_sum_grads(p, blk, cosines, hardest, z, accumulate,
+                                        current_stream(), &failed),
+          failed);
+  }
+
   template <class Method>
-  static void row_gradients(const Problem& p, Block blk, const void* t_rows, const void*,
-                            const int64_t*, const void* z_to_fold, void* grad) {
+  static void row_gradients(const Problem& p, Block blk, const void* t_rows, const void* cosines,
+                            const int64_t* hardest, const void* z_to_fold, void* grad,
+                            bool others, const FinishArgs* finish) {
     const char* failed = nullptr;
-    check(cuda::launch_row_gradients(p, blk, t_rows, z_to_fold, grad, current_stream(), &failed),
+    constexpr bool sparse = kSparseProducts && Method::kSparseGradient;
+    check(cuda::launch_row_gradients(p, blk, sparse, t_rows, cosines, hardest, z_to_fold, grad,
+                                     others, finish, current_stream(), &failed),
           failed);
   }
 
-  static void split_speaker_others(const Problem& p, Block speaker, void* q_sums, void* grad) {
+  static void fold(const Problem& p, const void* z, void* grad, const FinishArgs* finish) {
     const char* failed = nullptr;
-    check(cuda::launch_split_speaker_others(p, speaker, q_sums, grad, current_stream(), &failed),
-          failed);
-  }
-
-  static void fold(const Problem& p, const void* z, void* grad) {
-    const char* failed = nullptr;
-    check(cuda::launch_fold(p, z, grad, current_stream(), &failed), failed);
-  }
-
-  static void finish(const Problem& p, void* z, const void* w_part, const void* b_part,
-                     const void* loss_rows, double loss_scale, void* grad_w, void* grad_b,
-                     void* loss_total) {
-    const char* failed = nullptr;
-    check(cuda::launch_finish(p, z, w_part, b_part, loss_rows, loss_scale, grad_w, grad_b,
-                              loss_total, current_stream(), &failed),
-          failed);
+    check(cuda::launch_fold(p, z, grad, finish, current_stream(), &failed), failed);
   }
 };
 

@@ -17,6 +17,7 @@ struct CudaLaunch {
   static int run(void (*kernel)(Params...), int64_t blocks, int threads, Stream stream,
                  Args... args) {
     if (blocks == 0) return cudaSuccess;
+    // The Launchers checked blocks against kMaxGridX: the cast cannot truncate.
     kernel<<<dim3(static_cast<unsigned int>(blocks)), threads, 0,
              static_cast<cudaStream_t>(stream)>>>(args...);
     return cudaGetLastError();
@@ -36,25 +37,23 @@ int launch_rows(const Problem& p, const RowBuffers& rb, RowPass pass, Block blk,
   return Gpu::rows(p, rb, pass, blk, cosines, stream, failed);
 }
 
-int launch_row_gradients(const Problem& p, Block blk, const void* t_rows, const void* z_to_fold,
-                         void* grad, Stream stream, const char** failed) {
-  return Gpu::row_gradients(p, blk, t_rows, z_to_fold, grad, stream, failed);
+int launch_sparse_sum_grads(const Problem& p, Block blk, const void* cosines,
+                            const int64_t* hardest, void* z, bool accumulate, Stream stream,
+                            const char** failed) {
+  return Gpu::sparse_sum_grads(p, blk, cosines, hardest, z, accumulate, stream, failed);
 }
 
-int launch_split_speaker_others(const Problem& p, Block speaker, void* q_sums, void* grad,
-                                Stream stream, const char** failed) {
-  return Gpu::split_speaker_others(p, speaker, q_sums, grad, stream, failed);
+int launch_row_gradients(const Problem& p, Block blk, bool sparse, const void* t_rows,
+                         const void* cosines, const int64_t* hardest, const void* z_to_fold,
+                         void* grad, bool others, const FinishArgs* finish, Stream stream,
+                         const char** failed) {
+  return Gpu::row_gradients(p, blk, sparse, t_rows, cosines, hardest, z_to_fold, grad, others,
+                            finish, stream, failed);
 }
 
-int launch_fold(const Problem& p, const void* z, void* grad, Stream stream, const char** failed) {
-  return Gpu::fold(p, z, grad, stream, failed);
-}
-
-int launch_finish(const Problem& p, void* z, const void* w_part, const void* b_part,
-                  const void* loss_rows, double loss_scale, void* grad_w, void* grad_b,
-                  void* loss_total, Stream stream, const char** failed) {
-  return Gpu::finish(p, z, w_part, b_part, loss_rows, loss_scale, grad_w, grad_b, loss_total,
-                     stream, failed);
+int launch_fold(const Problem& p, const void* z, void* grad, const FinishArgs* finish,
+                Stream stream, const char** failed) {
+  return Gpu::fold(p, z, grad, finish, stream, failed);
 }
 
 }  // namespace cuda

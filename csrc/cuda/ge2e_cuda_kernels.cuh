@@ -6,11 +6,24 @@
 // on machines without a GPU.
 //
 // The per-row work around the cuBLAS products of ge2e_driver.h; the formulas
-// are ge2e_math.h's, which the CPU kernel and gradcheck exercise. A training
-// step with one block of speakers is four launches (speaker statistics, rows,
-// row gradients, finish) around three cuBLAS products. Every reduction is a
-// fixed shuffle tree and no kernel uses atomics, so two runs give bitwise-equal
-// results.
+// are ge2e_math.h's, which the CPU kernel and gradcheck exercise. Work is
+// linear in the utterances: the speaker passes (statistics, row gradients,
+// fold) run one block per speaker and read each of its rows a fixed number of
+// times, O(M_j D) for speaker j, and the row kernel runs one block per row
+// over the K sums. The numerics are the CPU kernel's: each speaker's rows
+// scaled by its power of two sigma_j before they are summed, s'' renormalised,
+// cross cosines ((P a)/|e'|)/|s''|, and each row's softmax or contrast state
+// saved (float64) for the backward. Blocks are sized in rows and may split a
+// speaker; with several blocks, fold_kernel gives every speaker its other
+// rows' term after the last one, so the result is the one-block result.
+// A training step with one block of speakers is three
+// launches (speaker statistics, rows, row gradients with the finish in extra
+// blocks) around the three cuBLAS products; the contrast loss, whose gradient
+// has one impostor per row, replaces two of the products by one sparse
+// kernel (four launches, one product). Every reduction is a fixed shuffle tree or
+// a fixed-order loop, and the only atomic is the counter that picks the last
+// block of the finish's two-stage reduction (not what it sums), so two runs give
+// bitwise-equal results.
 //
 // The first part is plain C++ (ge2e_cuda.cpp includes it for the launchers'
 // declarations); the kernels need __CUDACC__ or the emulation, which also
@@ -19,6 +32,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "../ge2e_math.h"
 #include "../ge2e_problem.h"
@@ -26,32 +40,82 @@
 namespace ge2e {
 namespace cuda {
 
+// Lanes of a warp, the one place that names it: a 64-lane port changes it here
+// (and the mask type follows).
+constexpr int kWarpSize = 32;
+
+// Blocks of a grid's x dimension: CUDA allows at most 2^31 - 1 (y and z, which
+// these kernels do not use, at most 65535).
+constexpr int64_t kMaxGridX = (int64_t(1) << 31) - 1;
+// The error a launcher returns for a grid beyond kMaxGridX (not a cudaError_t).
+constexpr int kGridTooLarge = 1 << 20;
+
+// Whether a grid of `blocks` blocks fits CUDA's x dimension.
+inline bool grid_fits(int64_t blocks) { return blocks >= 0 && blocks <= kMaxGridX; }
+
+// The two-stage reduction of the finish (dLoss/dw, dLoss/db, the summed loss):
+// chunks of at least kFinishChunkRows rows, at most kFinishMaxChunks of them,
+// each summed by one block; the last block to finish sums the chunks' partials
+// in chunk order. The chunking depends on B only, so the result does not
+// depend on which block is last. The CPU emulation compiles smaller ones
+// (GE2E_FINISH_CHUNK_ROWS, GE2E_FINISH_MAX_CHUNKS) so that its small batches
+// take several chunks.
+#ifndef GE2E_FINISH_CHUNK_ROWS
+#define GE2E_FINISH_CHUNK_ROWS 2048
+#endif
+#ifndef GE2E_FINISH_MAX_CHUNKS
+#define GE2E_FINISH_MAX_CHUNKS 1024
+#endif
+constexpr int64_t kFinishChunkRows = GE2E_FINISH_CHUNK_ROWS;
+constexpr int64_t kFinishMaxChunks = GE2E_FINISH_MAX_CHUNKS;
+constexpr int kFinishSums = 3;  // w, b, loss
+
+GE2E_HD int64_t finish_chunk_rows(int64_t rows) {
+  const int64_t spread = (rows + kFinishMaxChunks - 1) / kFinishMaxChunks;
+  return spread > kFinishChunkRows ? spread : kFinishChunkRows;
+}
+
+GE2E_HD int64_t finish_chunks(int64_t rows) {
+  const int64_t chunk = finish_chunk_rows(rows);
+  const int64_t chunks = (rows + chunk - 1) / chunk;
+  return chunks < 1 ? 1 : chunks;
+}
+
 // How the GPU device blocks its rows (ge2e_driver.h, rows_per_block): the
 // whole batch while its cosines take at most half the input, else blocks of
 // rows whose cosines, with the sums and per-row buffers, keep a step's peak
-// within 1.5x of input plus gradient (at least 2^18 cosines per block).
+// within 1.5x of input plus gradient (at least 2^18 cosines per block); a
+// block may split a speaker (fold_kernel adds its other rows' term after the
+// last block). The device scratch
+// (kFinishPartials, see DeviceScratch in ge2e_driver.h) asks the driver for the
+// row-to-speaker map, the rows' e . T and the finish's partials, and fuses the
+// finish into the last launch of a sweep.
 struct BlockPolicy {
   static constexpr int64_t kBlockInputShare = 2;
   static constexpr bool kBoundStepPeak = true;
-  // The contrast loss takes the dense products too: cuBLAS makes them cheap.
-  static constexpr bool kSparseProducts = false;
+  // The contrast loss's gradient has one impostor per row: a sparse kernel
+  // makes Z = H^T E, the row gradients read H_{r,k*} s_k* for T = H S.
+  static constexpr bool kSparseProducts = true;
+  static constexpr int64_t kFinishPartials = kFinishSums * kFinishMaxChunks;
 };
 
 using Stream = void*;  // a cudaStream_t
 
 // The launchers the CUDA device calls (ge2e_cuda_kernels.cu); each returns a
-// cudaError_t (0: success) and names the kernel that failed in *failed.
+// cudaError_t (0: success) or kGridTooLarge, and names the kernel that failed
+// in *failed. `finish` (nullable) appends the finish's blocks to the launch.
 int launch_speaker_stats(const Problem& p, Stream stream, const char** failed);
 int launch_rows(const Problem& p, const RowBuffers& rb, RowPass pass, Block blk, void* cosines,
                 Stream stream, const char** failed);
-int launch_row_gradients(const Problem& p, Block blk, const void* t_rows, const void* z_to_fold,
-                         void* grad, Stream stream, const char** failed);
-int launch_split_speaker_others(const Problem& p, Block speaker, void* q_sums, void* grad,
-                                Stream stream, const char** failed);
-int launch_fold(const Problem& p, const void* z, void* grad, Stream stream, const char** failed);
-int launch_finish(const Problem& p, void* z, const void* w_part, const void* b_part,
-                  const void* loss_rows, double loss_scale, void* grad_w, void* grad_b,
-                  void* loss_total, Stream stream, const char** failed);
+int launch_sparse_sum_grads(const Problem& p, Block blk, const void* cosines,
+                            const int64_t* hardest, void* z, bool accumulate, Stream stream,
+                            const char** failed);
+int launch_row_gradients(const Problem& p, Block blk, bool sparse, const void* t_rows,
+                         const void* cosines, const int64_t* hardest, const void* z_to_fold,
+                         void* grad, bool others, const FinishArgs* finish, Stream stream,
+                         const char** failed);
+int launch_fold(const Problem& p, const void* z, void* grad, const FinishArgs* finish,
+                Stream stream, const char** failed);
 
 }  // namespace cuda
 }  // namespace ge2e
@@ -62,15 +126,20 @@ namespace ge2e {
 namespace cuda {
 namespace {
 
-// Threads per block, at most. The CPU emulation compiles the kernels with
-// fewer (GE2E_CUDA_THREADS) so that it runs in seconds; any multiple of 32 up
-// to 1024 is valid.
+// Threads per block, at most. The CPU emulation may compile the kernels with
+// fewer (GE2E_CUDA_THREADS) so that it runs in seconds; any multiple of the
+// warp size up to 1024 is valid.
 #ifndef GE2E_CUDA_THREADS
 #define GE2E_CUDA_THREADS 256
 #endif
 constexpr int kMaxThreads = GE2E_CUDA_THREADS;
-static_assert(kMaxThreads % 32 == 0 && kMaxThreads <= 1024, "threads per block: a multiple of 32");
-constexpr int kMaxWarps = kMaxThreads / 32;
+static_assert(kMaxThreads % kWarpSize == 0 && kMaxThreads <= 1024,
+              "threads per block: a multiple of the warp size, at most 1024");
+constexpr int kMaxWarps = kMaxThreads / kWarpSize;
+static_assert(kMaxWarps <= kWarpSize, "the block reduction's second stage is one warp");
+// A shuffle mask naming every lane of a warp.
+using WarpMask = std::conditional_t<(kWarpSize > 32), unsigned long long, unsigned int>;
+constexpr WarpMask kFullWarpMask = ~WarpMask(0);
 // Shared scratch of a block reduction: one slot per warp plus the result, each
 // large enough for the largest reduced type (four doubles).
 constexpr int kSlotBytes = 32;
@@ -132,7 +201,7 @@ __device__ __forceinline__ R shfl_down(const R& value, int offset) {
   unsigned int words[kWords];
   memcpy(words, &value, sizeof(R));
 #pragma unroll
-  for (int w = 0; w < kWords; ++w) words[w] = __shfl_down_sync(0xffffffffu, words[w], offset);
+  for (int w = 0; w < kWords; ++w) words[w] = __shfl_down_sync(kFullWarpMask, words[w], offset);
   R out;
   memcpy(&out, words, sizeof(R));
   return out;
@@ -141,20 +210,20 @@ __device__ __forceinline__ R shfl_down(const R& value, int offset) {
 template <typename R>
 __device__ __forceinline__ R warp_reduce(R v) {
 #pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) v.merge(shfl_down(v, offset));
+  for (int offset = kWarpSize / 2; offset > 0; offset >>= 1) v.merge(shfl_down(v, offset));
   return v;
 }
 
 // Reduces one value per thread over the block (a default-constructed R is the
-// identity; blockDim.x a multiple of 32) and returns the result to every
-// thread. Ends with a barrier so the scratch can be reused at once.
+// identity; blockDim.x a multiple of the warp size) and returns the result to
+// every thread. Ends with a barrier so the scratch can be reused at once.
 template <typename R>
 __device__ R block_reduce(R v, unsigned char* scratch) {
   static_assert(sizeof(R) <= kSlotBytes, "reduction type too large for the scratch slots");
   R* slots = reinterpret_cast<R*>(scratch);
-  const int lane = threadIdx.x & 31;
-  const int warp = threadIdx.x >> 5;
-  const int warps = blockDim.x >> 5;
+  const int lane = threadIdx.x % kWarpSize;
+  const int warp = threadIdx.x / kWarpSize;
+  const int warps = blockDim.x / kWarpSize;
   v = warp_reduce(v);
   if (lane == 0) slots[warp] = v;
   __syncthreads();
@@ -178,80 +247,66 @@ __device__ SimilarityParams<acc_t> params_of(const Problem& p) {
                             p.min_cosine, p.clamp);
 }
 
-// One block per utterance r of speaker j, threads over D: the speaker's scale
-// sigma_j (from its largest |x|), the compensated sum of speaker j's
-// utterances times sigma_j (every block of the speaker sums them again: M_j
-// loads a column, from cache), the row's OwnCosine with u = that sum without
-// e_r (e' = sigma_j e, u' = u~, or each scaled on its own where their squared
-// norms underflow), and, in the speaker's first block, the sums (hi, lo),
-// sigma_j, and when the sums are the call's own s''_j, its scale and 1/|s''_j|
-// (as the CPU kernel's speaker_stats).
+// The local speaker of row r: the map speaker_stats_kernel wrote (the labels
+// form; clamped, so that offsets no one checked cannot send a kernel out of
+// bounds), or r / M.
+__device__ __forceinline__ int64_t speaker_of_row(const Problem& p, int64_t r) {
+  if (p.row_speakers == nullptr) return r / p.utterances;
+  const int64_t j = p.row_speakers[r];
+  return j < 0 ? 0 : (j >= p.speakers ? p.speakers - 1 : j);
+}
+
+// Blocks [0, N): one per local speaker j, threads over D, as the CPU kernel's
+// speaker_stats. One pass over the speaker's rows gives its scale sigma_j (from
+// its largest |x|), one more its compensated sum times sigma_j (hi, lo) and,
+// unless the sums are given, s''_j (its largest coordinate, then its norm, in
+// [0.5, 1)), the sum's scale and 1/|s''_j|; then a block reduction per row
+// makes each row's OwnCosine with u = that sum without e_r (e' = sigma_j e,
+// u' = u~, or each scaled on its own where their squared norms underflow).
+// O(M_j D) for speaker j (a row that needs its own scales reads its speaker
+// twice more). The speaker's rows are also written into the row-to-speaker map
+// (labels form). Blocks [N, N + K) with given sums (scaled by the driver):
+// 1/|s''_k|. Block 0 also resets the finish's counter (the launches of a step
+// are ordered on one stream).
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kMaxThreads) speaker_stats_kernel(Problem p) {
   __shared__ __align__(16) unsigned char scratch[kScratchBytes];
-  const int64_t r = blockIdx.x, D = p.dim;
-  const int64_t j = speaker_of(p, r), begin = first_row(p, j), end = first_row(p, j + 1);
-  const bool first = r == begin;
+  const int64_t D = p.dim;
+  if (blockIdx.x == 0 && threadIdx.x == 0 && p.finish_counter != nullptr) *p.finish_counter = 0;
+  if (blockIdx.x >= p.speakers) {
+    const int64_t k = blockIdx.x - p.speakers;
+    const acc_t* row = static_cast<const acc_t*>(p.sums) + k * D;
+    Sums<acc_t, 1> part;
+    for (int64_t d = threadIdx.x; d < D; d += blockDim.x) part.v[0] += row[d] * row[d];
+    const auto total = block_reduce(part, scratch);
+    if (threadIdx.x == 0) static_cast<acc_t*>(p.inv_sums)[k] = inverse_norm(total.v[0]);
+    return;
+  }
+  const int64_t j = blockIdx.x, begin = first_row(p, j), end = first_row(p, j + 1);
+  if (p.row_speakers != nullptr) {
+    for (int64_t r = begin + threadIdx.x; r < end; r += blockDim.x) p.row_speakers[r] = j;
+  }
   const auto* emb = static_cast<const scalar_t*>(p.embeddings);
   auto* sums_hi = static_cast<acc_t*>(p.own_sums_hi) + j * D;
   auto* sums_lo = static_cast<acc_t*>(p.own_sums_lo) + j * D;
   Maxes<acc_t, 1> largest;
   for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
-    for (int64_t l = begin; l < end; ++l) largest.add(0, to_acc(emb[l * D + d]));
+    for (int64_t r = begin; r < end; ++r) largest.add(0, to_acc(emb[r * D + d]));
   }
   const acc_t sigma = power_of_two_scale(block_reduce(largest, scratch).v[0]);
-  Sums<acc_t, 3> part;  // e'.e', e'.u', u'.u'
+  if (threadIdx.x == 0) static_cast<acc_t*>(p.speaker_scales)[j] = sigma;
   Maxes<acc_t, 1> largest_sum;
   for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
     acc_t hi = 0, lo = 0;
-    for (int64_t l = begin; l < end; ++l) add_compensated(hi, lo, to_acc(emb[l * D + d]) * sigma);
-    const acc_t ev = to_acc(emb[r * D + d]) * sigma;
-    const acc_t uv = sum_without(hi, lo, ev);
-    part.v[0] += ev * ev;
-    part.v[1] += ev * uv;
-    part.v[2] += uv * uv;
+    for (int64_t r = begin; r < end; ++r) add_compensated(hi, lo, to_acc(emb[r * D + d]) * sigma);
+    sums_hi[d] = hi;  // read back below by this thread only
+    sums_lo[d] = lo;
     largest_sum.add(0, hi);
-    if (first) {
-      sums_hi[d] = hi;
-      sums_lo[d] = lo;
-    }
   }
-  const auto total = block_reduce(part, scratch);
-  OwnCosine<acc_t> own = own_cosine(total.v[0], total.v[1], total.v[2], sigma, acc_t(1));
-  if (needs_own_scales(own)) {  // the same in every thread: the block branches together
-    Maxes<acc_t, 2> row_largest;  // |e|, |u~|
-    for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
-      const acc_t raw = to_acc(emb[r * D + d]);
-      acc_t hi = 0, lo = 0;
-      for (int64_t l = begin; l < end; ++l) add_compensated(hi, lo, to_acc(emb[l * D + d]) * sigma);
-      row_largest.add(0, raw);
-      row_largest.add(1, sum_without(hi, lo, raw * sigma));
-    }
-    const auto scales = block_reduce(row_largest, scratch);
-    const acc_t e_scale = power_of_two_scale(scales.v[0]);
-    const acc_t u_scale = power_of_two_scale(scales.v[1]);
-    Sums<acc_t, 3> again;
-    for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
-      const acc_t raw = to_acc(emb[r * D + d]);
-      acc_t hi = 0, lo = 0;
-      for (int64_t l = begin; l < end; ++l) add_compensated(hi, lo, to_acc(emb[l * D + d]) * sigma);
-      const acc_t ev = raw * e_scale;
-      const acc_t uv = sum_without(hi, lo, raw * sigma) * u_scale;
-      again.v[0] += ev * ev;
-      again.v[1] += ev * uv;
-      again.v[2] += uv * uv;
-    }
-    const auto retotal = block_reduce(again, scratch);
-    own = own_cosine(retotal.v[0], retotal.v[1], retotal.v[2], e_scale, u_scale);
-  }
-  if (threadIdx.x == 0) {
-    store_own_cosine(static_cast<acc_t*>(p.own_terms) + r * kOwnTermsSize, own);
-    if (first) static_cast<acc_t*>(p.speaker_scales)[j] = sigma;
-  }
-  if (first && !p.sums_given) {
+  if (!p.sums_given) {
     // s'' = beta s~ with its largest coordinate, then its norm, in [0.5, 1); each
     // thread reads back the coordinates it wrote.
-    acc_t beta = power_of_two_scale(block_reduce(largest_sum, scratch).v[0]);
+    const acc_t beta = power_of_two_scale(block_reduce(largest_sum, scratch).v[0]);
     acc_t* s = static_cast<acc_t*>(p.sums) + j * D;
     Sums<acc_t, 1> squares;
     for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
@@ -268,17 +323,43 @@ __global__ void __launch_bounds__(kMaxThreads) speaker_stats_kernel(Problem p) {
       static_cast<acc_t*>(p.sum_scales)[j] = sigma * (beta * beta_norm);
     }
   }
-}
-
-// One block per row of given sums: 1/|s_k|.
-template <typename acc_t>
-__global__ void __launch_bounds__(kMaxThreads) sum_inverse_norms_kernel(Problem p) {
-  __shared__ __align__(16) unsigned char scratch[kScratchBytes];
-  const acc_t* row = static_cast<const acc_t*>(p.sums) + static_cast<int64_t>(blockIdx.x) * p.dim;
-  Sums<acc_t, 1> part;
-  for (int64_t d = threadIdx.x; d < p.dim; d += blockDim.x) part.v[0] += row[d] * row[d];
-  const auto total = block_reduce(part, scratch);
-  if (threadIdx.x == 0) static_cast<acc_t*>(p.inv_sums)[blockIdx.x] = inverse_norm(total.v[0]);
+  for (int64_t r = begin; r < end; ++r) {
+    Sums<acc_t, 3> part;  // e'.e', e'.u', u'.u'
+    for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
+      const acc_t ev = to_acc(emb[r * D + d]) * sigma;
+      const acc_t uv = sum_without(sums_hi[d], sums_lo[d], ev);
+      part.v[0] += ev * ev;
+      part.v[1] += ev * uv;
+      part.v[2] += uv * uv;
+    }
+    const auto total = block_reduce(part, scratch);
+    OwnCosine<acc_t> own = own_cosine(total.v[0], total.v[1], total.v[2], sigma, acc_t(1));
+    if (needs_own_scales(own)) {  // the same in every thread: the block branches together
+      Maxes<acc_t, 2> row_largest;  // |e|, |u~|
+      for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
+        const acc_t raw = to_acc(emb[r * D + d]);
+        row_largest.add(0, raw);
+        row_largest.add(1, sum_without(sums_hi[d], sums_lo[d], raw * sigma));
+      }
+      const auto scales = block_reduce(row_largest, scratch);
+      const acc_t e_scale = power_of_two_scale(scales.v[0]);
+      const acc_t u_scale = power_of_two_scale(scales.v[1]);
+      Sums<acc_t, 3> again;
+      for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
+        const acc_t raw = to_acc(emb[r * D + d]);
+        const acc_t ev = raw * e_scale;
+        const acc_t uv = sum_without(sums_hi[d], sums_lo[d], raw * sigma) * u_scale;
+        again.v[0] += ev * ev;
+        again.v[1] += ev * uv;
+        again.v[2] += uv * uv;
+      }
+      const auto retotal = block_reduce(again, scratch);
+      own = own_cosine(retotal.v[0], retotal.v[1], retotal.v[2], e_scale, u_scale);
+    }
+    if (threadIdx.x == 0) {
+      store_own_cosine(static_cast<acc_t*>(p.own_terms) + r * kOwnTermsSize, own);
+    }
+  }
 }
 
 // One block per row of the block, threads over K: the row kernel of
@@ -290,7 +371,7 @@ __global__ void __launch_bounds__(kMaxThreads)
   const int64_t K = p.total_speakers;
   const int64_t row_in_block = blockIdx.x;
   const int64_t r = blk.first_row + row_in_block;
-  const int64_t j = speaker_of(p, r), own = p.speaker_offset + j;
+  const int64_t j = speaker_of_row(p, r), own = p.speaker_offset + j;
   const auto params = params_of<acc_t>(p);
   const auto* inv_sums = static_cast<const acc_t*>(p.inv_sums);
   auto* own_terms = static_cast<acc_t*>(p.own_terms);
@@ -363,199 +444,304 @@ __device__ __forceinline__ acc_t sum_grad(const Problem& p, int64_t k, int64_t d
          static_cast<const acc_t*>(p.sum_scales)[k];
 }
 
-// One block per row of the block (several per speaker), threads over D: the
-// cross-speaker part from T = H S (`t_rows`, which may be the gradient's own memory:
-// each thread reads its elements before it writes them, after the barriers of
-// the reduction), the own part, the other rows' q summed directly over the
-// speaker's other utterances (no subtraction; for a speaker the block splits,
-// split_speaker_others adds it after the last block), and with z_to_fold the
-// speaker's dLoss/ds.
-template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kMaxThreads)
-    row_gradients_kernel(Problem p, Block blk, const acc_t* t_rows, const acc_t* z_to_fold,
-                         scalar_t* grad) {
-  __shared__ __align__(16) unsigned char scratch[kScratchBytes];
-  const int64_t D = p.dim;
-  const int64_t row_in_block = blockIdx.x;
-  const int64_t r = blk.first_row + row_in_block;
-  const int64_t j = speaker_of(p, r), own = p.speaker_offset + j;
-  const int64_t begin = first_row(p, j), end = first_row(p, j + 1);
-  const auto* emb = static_cast<const scalar_t*>(p.embeddings);
-  const auto* own_terms = static_cast<const acc_t*>(p.own_terms);
-  const acc_t* s_hi = static_cast<const acc_t*>(p.own_sums_hi) + j * D;
-  const acc_t* s_lo = static_cast<const acc_t*>(p.own_sums_lo) + j * D;
-  const acc_t* sums = static_cast<const acc_t*>(p.sums) + own * D;
-  const scalar_t* e = emb + r * D;
-  const acc_t* t_row = t_rows + row_in_block * D;
-  Sums<acc_t, 2> part;  // e . T, s_j . Z_j
-  for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
-    part.v[0] += to_acc(e[d]) * t_row[d];
-    if (z_to_fold != nullptr) part.v[1] += sums[d] * z_to_fold[own * D + d];
-  }
-  const auto dots = block_reduce(part, scratch);
-  const OwnCosine<acc_t> exclusive = load_own_cosine(own_terms + r * kOwnTermsSize);
-  const acc_t own_grad = own_terms[r * kOwnTermsSize + kOwnGradSlot];
-  const bool split = begin < blk.first_row || end > blk.first_row + blk.rows;
-  const acc_t sigma = static_cast<const acc_t*>(p.speaker_scales)[j];
-  const acc_t scaled_dot = dots.v[0] * exclusive.e_scale;  // e' . T
-  for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
-    const acc_t ev = to_acc(e[d]);
-    acc_t others = 0;  // sum over the speaker's other rows r2 of their q
-    for (int64_t r2 = begin; r2 < (split ? begin : end); ++r2) {
-      if (r2 == r) continue;
-      const acc_t e2 = to_acc(emb[r2 * D + d]);
-      others += own_grad_through_others(own_terms[r2 * kOwnTermsSize + kOwnGradSlot],
-                                        load_own_cosine(own_terms + r2 * kOwnTermsSize), e2,
-                                        sum_without(s_hi[d], s_lo[d], e2 * sigma), sigma);
-    }
-    const acc_t uv = sum_without(s_hi[d], s_lo[d], ev * sigma);
-    acc_t g = remove_projection(t_row[d], ev * exclusive.e_scale, scaled_dot,
-                                exclusive.inv_norm_e) +
-              own_grad_through_embedding(own_grad, exclusive, ev, uv) + others;
-    if (z_to_fold != nullptr) g += sum_grad(p, own, d, z_to_fold, dots.v[1]);
-    store(grad + r * D + d, g);
-  }
-}
-
-// Speaker j, which the blocks split, one thread per coordinate d: the
-// compensated sum (q_sums[d], q_sums[D + d]) of its rows' q.
-template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kMaxThreads)
-    split_speaker_q_kernel(Problem p, int64_t j, acc_t* q_sums) {
-  const int64_t D = p.dim;
-  const int64_t d = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (d >= D) return;
-  const auto* emb = static_cast<const scalar_t*>(p.embeddings);
-  const auto* own_terms = static_cast<const acc_t*>(p.own_terms);
-  const acc_t s_hi = static_cast<const acc_t*>(p.own_sums_hi)[j * D + d];
-  const acc_t s_lo = static_cast<const acc_t*>(p.own_sums_lo)[j * D + d];
-  const acc_t sigma = static_cast<const acc_t*>(p.speaker_scales)[j];
-  acc_t hi = 0, lo = 0;
-  for (int64_t r = first_row(p, j); r < first_row(p, j + 1); ++r) {
-    const acc_t ev = to_acc(emb[r * D + d]);
-    add_compensated(hi, lo,
-                    own_grad_through_others(own_terms[r * kOwnTermsSize + kOwnGradSlot],
-                                            load_own_cosine(own_terms + r * kOwnTermsSize), ev,
-                                            sum_without(s_hi, s_lo, ev * sigma), sigma));
-  }
-  q_sums[d] = hi;
-  q_sums[D + d] = lo;
-}
-
-// One block per row of speaker j (split by the blocks), threads over D: adds
-// the sum of the speaker's other rows' q, all of them without the row's own.
-template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kMaxThreads)
-    split_speaker_others_kernel(Problem p, int64_t j, const acc_t* q_sums, scalar_t* grad) {
-  const int64_t D = p.dim;
-  const int64_t r = first_row(p, j) + blockIdx.x;
-  const auto* emb = static_cast<const scalar_t*>(p.embeddings);
-  const auto* own_terms = static_cast<const acc_t*>(p.own_terms);
-  const acc_t* s_hi = static_cast<const acc_t*>(p.own_sums_hi) + j * D;
-  const acc_t* s_lo = static_cast<const acc_t*>(p.own_sums_lo) + j * D;
-  const OwnCosine<acc_t> exclusive = load_own_cosine(own_terms + r * kOwnTermsSize);
-  const acc_t own_grad = own_terms[r * kOwnTermsSize + kOwnGradSlot];
-  const acc_t sigma = static_cast<const acc_t*>(p.speaker_scales)[j];
-  for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
-    const acc_t ev = to_acc(emb[r * D + d]);
-    const acc_t q = own_grad_through_others(own_grad, exclusive, ev,
-                                            sum_without(s_hi[d], s_lo[d], ev * sigma), sigma);
-    scalar_t* g = grad + r * D + d;
-    store(g, to_acc(*g) + sum_without(q_sums[d], q_sums[D + d], q));
-  }
-}
-
-// One block per local row: adds its speaker's dLoss/ds (from Z).
-template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kMaxThreads)
-    fold_kernel(Problem p, const acc_t* z, scalar_t* grad) {
-  __shared__ __align__(16) unsigned char scratch[kScratchBytes];
-  const int64_t r = blockIdx.x, D = p.dim;
-  const int64_t own = p.speaker_offset + speaker_of(p, r);
-  const acc_t* s = static_cast<const acc_t*>(p.sums) + own * D;
-  Sums<acc_t, 1> part;
-  for (int64_t d = threadIdx.x; d < D; d += blockDim.x) part.v[0] += s[d] * z[own * D + d];
-  const acc_t s_dot_z = block_reduce(part, scratch).v[0];
-  for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
-    scalar_t* g = grad + r * D + d;
-    store(g, to_acc(*g) + sum_grad(p, own, d, z, s_dot_z));
-  }
-}
-
-// Blocks [0, sum_rows): Z becomes dLoss/ds in place (given sums); the last
-// block: dLoss/dw, dLoss/db and scale * the sum of the losses, in a fixed order.
+// s_k . Z_k over the block.
 template <typename acc_t>
+__device__ acc_t sum_dot_z(const Problem& p, int64_t k, const acc_t* z, unsigned char* scratch) {
+  const acc_t* s = static_cast<const acc_t*>(p.sums) + k * p.dim;
+  Sums<acc_t, 1> part;
+  for (int64_t d = threadIdx.x; d < p.dim; d += blockDim.x) part.v[0] += s[d] * z[k * p.dim + d];
+  return block_reduce(part, scratch).v[0];
+}
+
+// One block per row k of the sums, threads over D: Z_k (+)= the sum of
+// H_{r,k} e_r over the block's rows whose hardest impostor is k, in increasing
+// row order (the CPU kernel's order): the sparse gradient's H^T E, without the
+// product. Each block scans the block's B_b impostor indices once.
+template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kMaxThreads)
-    finish_kernel(Problem p, int64_t sum_rows, acc_t* z, const acc_t* w_part,
-                  const acc_t* b_part, const acc_t* loss_rows, double loss_scale, acc_t* grad_w,
-                  acc_t* grad_b, acc_t* loss_total) {
-  __shared__ __align__(16) unsigned char scratch[kScratchBytes];
-  if (blockIdx.x < sum_rows) {
-    const int64_t k = blockIdx.x, D = p.dim;
-    const acc_t* s = static_cast<const acc_t*>(p.sums) + k * D;
-    Sums<acc_t, 1> part;
-    for (int64_t d = threadIdx.x; d < D; d += blockDim.x) part.v[0] += s[d] * z[k * D + d];
-    const acc_t s_dot_z = block_reduce(part, scratch).v[0];
+    sparse_sum_grads_kernel(Problem p, Block blk, const acc_t* cosines, const int64_t* hardest,
+                            acc_t* z, bool accumulate) {
+  const int64_t k = blockIdx.x, K = p.total_speakers, D = p.dim;
+  const auto* emb = static_cast<const scalar_t*>(p.embeddings);
+  acc_t* z_row = z + k * D;
+  if (!accumulate) {
+    for (int64_t d = threadIdx.x; d < D; d += blockDim.x) z_row[d] = acc_t(0);
+  }
+  for (int64_t rb = 0; rb < blk.rows; ++rb) {
+    const int64_t r = blk.first_row + rb;
+    if (hardest[r] != k || k == p.speaker_offset + speaker_of_row(p, r)) continue;
+    const acc_t h = cosines[rb * K + k];
+    // Each thread adds into its own coordinates only.
+    for (int64_t d = threadIdx.x; d < D; d += blockDim.x) z_row[d] += h * to_acc(emb[r * D + d]);
+  }
+}
+
+// One block of the finish, which the last launch of a sweep carries in its last
+// blocks: `block` in [0, K) with given sums turns Z_k into dLoss/ds_k in place;
+// the next finish_chunks(B) blocks each sum a chunk of the rows' dLoss/dw,
+// dLoss/db and losses, and the last of them to finish sums the chunks'
+// partials in chunk order into dLoss/dw, dLoss/db and scale * the loss.
+template <typename acc_t>
+__device__ void finish_block(const Problem& p, const FinishArgs& f, int64_t block,
+                             unsigned char* scratch) {
+  __shared__ int is_last;
+  const int64_t D = p.dim;
+  const int64_t sum_rows = p.sums_given ? p.total_speakers : 0;
+  auto* z = static_cast<acc_t*>(f.z);
+  if (block < sum_rows) {
+    const int64_t k = block;
+    const acc_t s_dot_z = sum_dot_z(p, k, z, scratch);
     for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
-      z[k * D + d] = sum_grad(p, k, d, z, s_dot_z);
+      z[k * D + d] = sum_grad(p, k, d, z, s_dot_z);  // each thread its own coordinates
     }
     return;
   }
-  Sums<acc_t, 3> part;
-  for (int64_t r = threadIdx.x; r < p.total_rows; r += blockDim.x) {
+  const int64_t chunk = block - sum_rows, chunks = finish_chunks(p.total_rows);
+  const int64_t chunk_rows = finish_chunk_rows(p.total_rows);
+  const int64_t lo = chunk * chunk_rows;
+  const int64_t hi = lo + chunk_rows < p.total_rows ? lo + chunk_rows : p.total_rows;
+  const auto* w_part = static_cast<const acc_t*>(f.w_part);
+  const auto* b_part = static_cast<const acc_t*>(f.b_part);
+  const auto* loss_rows = static_cast<const acc_t*>(f.loss_rows);
+  Sums<acc_t, kFinishSums> part;
+  for (int64_t r = lo + threadIdx.x; r < hi; r += blockDim.x) {
     part.v[0] += w_part[r];
     part.v[1] += b_part[r];
     if (loss_rows != nullptr) part.v[2] += loss_rows[r];
   }
-  const auto total = block_reduce(part, scratch);
+  const auto chunk_total = block_reduce(part, scratch);
+  auto* partials = static_cast<acc_t*>(p.finish_partials);
+  if (threadIdx.x == 0) {
+#pragma unroll
+    for (int n = 0; n < kFinishSums; ++n) partials[chunk * kFinishSums + n] = chunk_total.v[n];
+    __threadfence();  // the partials are visible before the count says so
+    is_last = atomicAdd(p.finish_counter, 1u) == static_cast<unsigned int>(chunks - 1);
+  }
+  __syncthreads();
+  if (!is_last) return;
+  const volatile acc_t* done = partials;  // written by other blocks: not from a stale cache
+  Sums<acc_t, kFinishSums> all;
+  for (int64_t c = threadIdx.x; c < chunks; c += blockDim.x) {
+#pragma unroll
+    for (int n = 0; n < kFinishSums; ++n) all.v[n] += done[c * kFinishSums + n];
+  }
+  const auto total = block_reduce(all, scratch);
   if (threadIdx.x == 0) {
     const auto params = params_of<acc_t>(p);
-    *grad_w = w_grad(total.v[0], params);
-    *grad_b = b_grad(total.v[1], params);
-    if (loss_total != nullptr) *loss_total = static_cast<acc_t>(loss_scale) * total.v[2];
+    *static_cast<acc_t*>(f.grad_w) = w_grad(total.v[0], params);
+    *static_cast<acc_t*>(f.grad_b) = b_grad(total.v[1], params);
+    if (f.loss_total != nullptr) {
+      *static_cast<acc_t*>(f.loss_total) = static_cast<acc_t>(f.loss_scale) * total.v[2];
+    }
+    *p.finish_counter = 0;  // for the next sweep on this stream
+  }
+}
+
+// The cross-speaker part of row r's gradient in coordinate d: T_r[d], or with
+// the sparse gradient H_{r,k*} s_k*[d] (NaN where the impostor index is not one:
+// see the CPU kernel).
+template <bool kSparse, typename acc_t>
+__device__ __forceinline__ acc_t cross_term(const Problem& p, Block blk, const acc_t* t_rows,
+                                            const acc_t* cosines, const int64_t* hardest,
+                                            int64_t own, int64_t r, int64_t d) {
+  const int64_t rb = r - blk.first_row;
+  if (!kSparse) return t_rows[rb * p.dim + d];
+  const int64_t K = p.total_speakers, k = hardest[r];
+  const bool valid = k >= 0 && k < K && k != own;
+  const acc_t h = valid ? cosines[rb * K + k] : quiet_nan<acc_t>();
+  return h * static_cast<const acc_t*>(p.sums)[(valid ? k : 0) * p.dim + d];
+}
+
+// q_r[d] = h_r dcos(e_r, u_r)/du_r in coordinate d: what every other row of
+// the speaker receives through its u (sigma: the speaker's scale, which the
+// sums (s_hi, s_lo) carry).
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ acc_t through_others(const Problem& p, int64_t r, acc_t ev,
+                                                acc_t s_hi, acc_t s_lo, acc_t sigma) {
+  const auto* own_terms = static_cast<const acc_t*>(p.own_terms) + r * kOwnTermsSize;
+  return own_grad_through_others(own_terms[kOwnGradSlot], load_own_cosine(own_terms), ev,
+                                 sum_without(s_hi, s_lo, ev * sigma), sigma);
+}
+
+// Q = the sum of the q of rows [begin, end) of a speaker in coordinate d, as a
+// compensated pair; without(q_r) is Q - q_r without cancellation (sum_without,
+// as the CPU kernel: the other rows' term of row r).
+template <typename acc_t>
+struct OthersSum {
+  acc_t hi = 0, lo = 0;
+  __device__ acc_t without(acc_t q) const { return sum_without(hi, lo, q); }
+};
+
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ OthersSum<acc_t> others_sum(const Problem& p, int64_t begin,
+                                                       int64_t end, int64_t d, acc_t s_hi,
+                                                       acc_t s_lo, acc_t sigma) {
+  const auto* emb = static_cast<const scalar_t*>(p.embeddings);
+  OthersSum<acc_t> q;
+  for (int64_t r = begin; r < end; ++r) {
+    add_compensated(q.hi, q.lo, through_others<scalar_t>(p, r, to_acc(emb[r * p.dim + d]), s_hi,
+                                                         s_lo, sigma));
+  }
+  return q;
+}
+
+// Blocks [0, count): one per speaker j of the block, threads over D; then, with
+// `finish`, the finish's blocks. Speaker j's rows (those in the block) get
+//   cross part   T_r - e_r (e_r . T_r)/|e_r|^2, T = H S (`t_rows`, which may be
+//                the gradient's own memory: each thread reads its elements
+//                before it writes them), or with kSparse H_{r,k*} s_k*
+//   own part     h (dcos(e, u)/de)
+//   other rows   with `others`: Q - q_r, Q = the compensated sum of the
+//                speaker's q (others_term)
+//   z_to_fold    when given, dLoss/ds_j.
+// One block reduction per row (e'_r . T_r, e' = e_scale e_r, kept in
+// p.row_dots), then one pass
+// over the coordinates that sums Q over the speaker's rows and writes the rows:
+// O(M_j D). Q needs the own_grad of every row of speaker j, so `others` is for
+// a sweep of one block; with several, fold_kernel adds that term after the
+// last block (a block may then split a speaker: this launch takes only the
+// speaker's rows in the block, [lo, hi)).
+template <bool kSparse, typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kMaxThreads)
+    row_gradients_kernel(Problem p, Block blk, const acc_t* t_rows, const acc_t* cosines,
+                         const int64_t* hardest, const acc_t* z_to_fold, scalar_t* grad,
+                         bool others, FinishArgs finish) {
+  __shared__ __align__(16) unsigned char scratch[kScratchBytes];
+  if (blockIdx.x >= blk.count) {
+    finish_block<acc_t>(p, finish, blockIdx.x - blk.count, scratch);
+    return;
+  }
+  const int64_t D = p.dim;
+  const int64_t j = blk.first + blockIdx.x, own = p.speaker_offset + j;
+  const int64_t begin = first_row(p, j), end = first_row(p, j + 1);
+  const int64_t block_end = blk.first_row + blk.rows;
+  const int64_t lo = begin > blk.first_row ? begin : blk.first_row;  // the speaker's rows
+  const int64_t hi = end < block_end ? end : block_end;               // in this block
+  const auto* emb = static_cast<const scalar_t*>(p.embeddings);
+  const auto* own_terms = static_cast<const acc_t*>(p.own_terms);
+  const acc_t* s_hi = static_cast<const acc_t*>(p.own_sums_hi) + j * D;
+  const acc_t* s_lo = static_cast<const acc_t*>(p.own_sums_lo) + j * D;
+  auto* row_dots = static_cast<acc_t*>(p.row_dots);
+  const acc_t sigma = static_cast<const acc_t*>(p.speaker_scales)[j];
+  const acc_t s_dot_z = z_to_fold != nullptr ? sum_dot_z(p, own, z_to_fold, scratch) : acc_t(0);
+  for (int64_t r = lo; r < hi; ++r) {
+    Sums<acc_t, 1> part;  // e . T
+    for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
+      part.v[0] += to_acc(emb[r * D + d]) *
+                   cross_term<kSparse>(p, blk, t_rows, cosines, hardest, own, r, d);
+    }
+    const acc_t e_dot_t = block_reduce(part, scratch).v[0];
+    if (threadIdx.x == 0) row_dots[r] = e_dot_t * load_own_cosine(own_terms + r * kOwnTermsSize).e_scale;
+  }
+  __syncthreads();  // row_dots, written by thread 0, read by all
+  for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
+    OthersSum<acc_t> q_sum;
+    if (others) q_sum = others_sum<scalar_t>(p, begin, end, d, s_hi[d], s_lo[d], sigma);
+    const acc_t fold = z_to_fold != nullptr ? sum_grad(p, own, d, z_to_fold, s_dot_z) : acc_t(0);
+    for (int64_t r = lo; r < hi; ++r) {
+      const acc_t ev = to_acc(emb[r * D + d]);
+      const acc_t uv = sum_without(s_hi[d], s_lo[d], ev * sigma);
+      const acc_t own_grad = own_terms[r * kOwnTermsSize + kOwnGradSlot];
+      const OwnCosine<acc_t> exclusive = load_own_cosine(own_terms + r * kOwnTermsSize);
+      const acc_t t = cross_term<kSparse>(p, blk, t_rows, cosines, hardest, own, r, d);
+      const acc_t other_rows =
+          others ? q_sum.without(through_others<scalar_t>(p, r, ev, s_hi[d], s_lo[d], sigma))
+                 : acc_t(0);
+      const acc_t g = remove_projection(t, ev * exclusive.e_scale, row_dots[r],
+                                        exclusive.inv_norm_e) +
+                      own_grad_through_embedding(own_grad, exclusive, ev, uv) + other_rows +
+                      fold;
+      store(grad + r * D + d, g);
+    }
+  }
+}
+
+// Blocks [0, N): one per local speaker j, threads over D, after the last block
+// of a sweep of several: adds to each of its rows the other rows' term Q - q_r
+// and, with z (the call's own sums), dLoss/ds_j, one s_j . Z_j per speaker:
+// O(M_j D), wherever the speaker's rows were in the blocks. Then, with
+// `finish`, the finish's blocks.
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kMaxThreads)
+    fold_kernel(Problem p, const acc_t* z, scalar_t* grad, FinishArgs finish) {
+  __shared__ __align__(16) unsigned char scratch[kScratchBytes];
+  if (blockIdx.x >= p.speakers) {
+    finish_block<acc_t>(p, finish, blockIdx.x - p.speakers, scratch);
+    return;
+  }
+  const int64_t j = blockIdx.x, D = p.dim, own = p.speaker_offset + j;
+  const int64_t begin = first_row(p, j), end = first_row(p, j + 1);
+  const auto* emb = static_cast<const scalar_t*>(p.embeddings);
+  const acc_t* s_hi = static_cast<const acc_t*>(p.own_sums_hi) + j * D;
+  const acc_t* s_lo = static_cast<const acc_t*>(p.own_sums_lo) + j * D;
+  const acc_t sigma = static_cast<const acc_t*>(p.speaker_scales)[j];
+  const acc_t s_dot_z = z != nullptr ? sum_dot_z(p, own, z, scratch) : acc_t(0);
+  for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
+    const OthersSum<acc_t> q_sum =
+        others_sum<scalar_t>(p, begin, end, d, s_hi[d], s_lo[d], sigma);
+    const acc_t fold = z != nullptr ? sum_grad(p, own, d, z, s_dot_z) : acc_t(0);
+    for (int64_t r = begin; r < end; ++r) {
+      const acc_t ev = to_acc(emb[r * D + d]);
+      scalar_t* g = grad + r * D + d;
+      const acc_t q = through_others<scalar_t>(p, r, ev, s_hi[d], s_lo[d], sigma);
+      store(g, to_acc(*g) + (q_sum.without(q) + fold));
+    }
   }
 }
 
 // Threads for a loop over n elements: whole warps, at most kMaxThreads.
 inline int threads_for(int64_t n) {
-  const int64_t warps = (n + 31) / 32;
-  return static_cast<int>(32 * (warps < 1 ? 1 : (warps > kMaxWarps ? kMaxWarps : warps)));
+  const int64_t warps = (n + kWarpSize - 1) / kWarpSize;
+  return static_cast<int>(kWarpSize *
+                          (warps < 1 ? 1 : (warps > kMaxWarps ? kMaxWarps : warps)));
+}
+
+// The blocks the finish adds to a launch (none without `finish`).
+inline int64_t finish_blocks(const Problem& p, const FinishArgs* finish) {
+  if (finish == nullptr) return 0;
+  return (p.sums_given ? p.total_speakers : 0) + finish_chunks(p.total_rows);
 }
 
 // The grids of the kernels and their dtype and method dispatch, for an
-// execution model Launch: Launch::run(name, kernel, blocks, threads, stream,
-// args...) launches and returns a cudaError_t (0: success). The GPU's Launch
-// is in ge2e_cuda_kernels.cu, the CPU emulation's in tests/cuda_emulation.
+// execution model Launch: Launch::run(kernel, blocks, threads, stream, args...)
+// launches and returns a cudaError_t (0: success). The GPU's Launch is in
+// ge2e_cuda_kernels.cu, the CPU emulation's in tests/cuda_emulation. Every grid
+// is checked against CUDA's limit here first (kGridTooLarge), for both.
 template <class Launch>
 struct Launchers {
   // The first failure of a sequence of launches, and its kernel's name.
   struct Status {
     int error = 0;
     const char* failed = nullptr;
-    void operator()(int e, const char* name) {
-      if (error == 0 && e != 0) {
+    template <typename... Params, typename... Args>
+    void launch(const char* name, void (*kernel)(Params...), int64_t blocks, int threads,
+                Stream stream, Args... args) {
+      if (error != 0) return;
+      const int e = grid_fits(blocks) ? Launch::run(kernel, blocks, threads, stream, args...)
+                                      : kGridTooLarge;
+      if (e != 0) {
         error = e;
         failed = name;
       }
     }
+    int done(const char** name) const {
+      *name = failed;
+      return error;
+    }
   };
+
+  static FinishArgs none() { return FinishArgs{}; }
 
   static int speaker_stats(const Problem& p, Stream stream, const char** failed) {
     Status status;
     dispatch_dtype<CudaTypes>(p.dtype, [&](auto scalar_zero, auto acc_zero) {
       using scalar_t = decltype(scalar_zero);
       using acc_t = decltype(acc_zero);
-      status(Launch::run(speaker_stats_kernel<scalar_t, acc_t>, p.total_rows, threads_for(p.dim),
-                         stream, p),
-             "speaker_stats");
-      if (p.sums_given) {
-        status(Launch::run(sum_inverse_norms_kernel<acc_t>, p.total_speakers,
-                           threads_for(p.dim), stream, p),
-               "sum_inverse_norms");
-      }
+      const int64_t blocks = p.speakers + (p.sums_given ? p.total_speakers : 0);
+      status.launch("speaker_stats", speaker_stats_kernel<scalar_t, acc_t>, blocks,
+                    threads_for(p.dim), stream, p);
     });
-    *failed = status.failed;
-    return status.error;
+    return status.done(failed);
   }
 
   static int rows(const Problem& p, const RowBuffers& rb, RowPass pass, Block blk, void* cosines,
@@ -564,81 +750,66 @@ struct Launchers {
     dispatch_dtype<CudaTypes>(p.dtype, [&](auto, auto acc_zero) {
       using acc_t = decltype(acc_zero);
       dispatch_loss_method(p.method, [&](auto method) {
-        status(Launch::run(rows_kernel<decltype(method), acc_t>, blk.rows,
-                           threads_for(p.total_speakers), stream, p, rb, pass, blk,
-                           static_cast<acc_t*>(cosines)),
-               "rows");
+        status.launch("rows", rows_kernel<decltype(method), acc_t>, blk.rows,
+                      threads_for(p.total_speakers), stream, p, rb, pass, blk,
+                      static_cast<acc_t*>(cosines));
       });
     });
-    *failed = status.failed;
-    return status.error;
+    return status.done(failed);
   }
 
-  static int row_gradients(const Problem& p, Block blk, const void* t_rows, const void* z_to_fold,
-                           void* grad, Stream stream, const char** failed) {
+  static int sparse_sum_grads(const Problem& p, Block blk, const void* cosines,
+                              const int64_t* hardest, void* z, bool accumulate, Stream stream,
+                              const char** failed) {
     Status status;
     dispatch_dtype<CudaTypes>(p.dtype, [&](auto scalar_zero, auto acc_zero) {
       using scalar_t = decltype(scalar_zero);
       using acc_t = decltype(acc_zero);
-      status(Launch::run(row_gradients_kernel<scalar_t, acc_t>, blk.rows,
-                         threads_for(p.dim), stream, p, blk, static_cast<const acc_t*>(t_rows),
-                         static_cast<const acc_t*>(z_to_fold), static_cast<scalar_t*>(grad)),
-             "row_gradients");
+      status.launch("sparse_sum_grads", sparse_sum_grads_kernel<scalar_t, acc_t>,
+                    p.total_speakers, threads_for(p.dim), stream, p, blk,
+                    static_cast<const acc_t*>(cosines), hardest, static_cast<acc_t*>(z),
+                    accumulate);
     });
-    *failed = status.failed;
-    return status.error;
+    return status.done(failed);
   }
 
-  // speaker: one speaker (first) and its rows.
-  static int split_speaker_others(const Problem& p, Block speaker, void* q_sums, void* grad,
-                                  Stream stream, const char** failed) {
+  static int row_gradients(const Problem& p, Block blk, bool sparse, const void* t_rows,
+                           const void* cosines, const int64_t* hardest, const void* z_to_fold,
+                           void* grad, bool others, const FinishArgs* finish, Stream stream,
+                           const char** failed) {
     Status status;
+    const int64_t blocks = blk.count + finish_blocks(p, finish);
+    const FinishArgs f = finish != nullptr ? *finish : none();
     dispatch_dtype<CudaTypes>(p.dtype, [&](auto scalar_zero, auto acc_zero) {
       using scalar_t = decltype(scalar_zero);
       using acc_t = decltype(acc_zero);
-      const int threads = threads_for(p.dim);
-      status(Launch::run(split_speaker_q_kernel<scalar_t, acc_t>, (p.dim + threads - 1) / threads,
-                         threads, stream, p, speaker.first, static_cast<acc_t*>(q_sums)),
-             "split_speaker_q");
-      status(Launch::run(split_speaker_others_kernel<scalar_t, acc_t>,
-                         speaker.rows, threads, stream, p, speaker.first,
-                         static_cast<const acc_t*>(q_sums), static_cast<scalar_t*>(grad)),
-             "split_speaker_others");
+      const auto run = [&](auto kernel) {
+        status.launch("row_gradients", kernel, blocks, threads_for(p.dim), stream, p, blk,
+                      static_cast<const acc_t*>(t_rows), static_cast<const acc_t*>(cosines),
+                      hardest, static_cast<const acc_t*>(z_to_fold),
+                      static_cast<scalar_t*>(grad), others, f);
+      };
+      if (sparse) {
+        run(row_gradients_kernel<true, scalar_t, acc_t>);
+      } else {
+        run(row_gradients_kernel<false, scalar_t, acc_t>);
+      }
     });
-    *failed = status.failed;
-    return status.error;
+    return status.done(failed);
   }
 
-  static int fold(const Problem& p, const void* z, void* grad, Stream stream,
-                  const char** failed) {
+  static int fold(const Problem& p, const void* z, void* grad, const FinishArgs* finish,
+                  Stream stream, const char** failed) {
     Status status;
+    const int64_t blocks = p.speakers + finish_blocks(p, finish);
+    const FinishArgs f = finish != nullptr ? *finish : none();
     dispatch_dtype<CudaTypes>(p.dtype, [&](auto scalar_zero, auto acc_zero) {
       using scalar_t = decltype(scalar_zero);
       using acc_t = decltype(acc_zero);
-      status(Launch::run(fold_kernel<scalar_t, acc_t>, p.total_rows, threads_for(p.dim), stream, p,
-                         static_cast<const acc_t*>(z), static_cast<scalar_t*>(grad)),
-             "fold");
+      status.launch("fold", fold_kernel<scalar_t, acc_t>, blocks, threads_for(p.dim), stream, p,
+                    static_cast<const acc_t*>(z), static_cast<scalar_t*>(grad), f);
     });
-    *failed = status.failed;
-    return status.error;
-  }
-
-  static int finish(const Problem& p, void* z, const void* w_part, const void* b_part,
-                    const void* loss_rows, double loss_scale, void* grad_w, void* grad_b,
-                    void* loss_total, Stream stream, const char** failed) {
-    Status status;
-    dispatch_dtype<CudaTypes>(p.dtype, [&](auto, auto acc_zero) {
-      using acc_t = decltype(acc_zero);
-      const int64_t sum_rows = p.sums_given ? p.total_speakers : 0;
-      status(Launch::run(finish_kernel<acc_t>, sum_rows + 1, kMaxThreads, stream, p, sum_rows,
-                         static_cast<acc_t*>(z), static_cast<const acc_t*>(w_part),
-                         static_cast<const acc_t*>(b_part), static_cast<const acc_t*>(loss_rows),
-                         loss_scale, static_cast<acc_t*>(grad_w), static_cast<acc_t*>(grad_b),
-                         static_cast<acc_t*>(loss_total)),
-             "finish");
-    });
-    *failed = status.failed;
-    return status.error;
+    return status.done(failed);
   }
 };
 

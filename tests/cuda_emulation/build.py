@@ -33,6 +33,10 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 EMULATION = ROOT / "tests" / "cuda_emulation"
 SOURCES = ("emulated_ops.cpp", "emulation_controls.cpp")
 DEFAULT_NAMESPACE = "ge2e_emu"
+# The finish's two-stage reduction in chunks of this many rows, at most this
+# many chunks (the GPU build: 2048 and 1024), so that the tests' small batches
+# take several chunks (tests/test_cuda_emulated.py names the same numbers).
+FINISH_CHUNK_ROWS, FINISH_MAX_CHUNKS = 16, 4
 
 # `__shared__ <type and attributes> name[dims]...;` on one line (CUDA allows no
 # initializer); the name is the last identifier before the array bounds.
@@ -96,7 +100,8 @@ def build(build_dir, threads: int = 64, namespace: str = DEFAULT_NAMESPACE, cfla
     sources = copy_sources(build_dir / "src", namespace)
     abi = int(torch.compiled_with_cxx11_abi())
     common = ["-std=c++20", "-fPIC", f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
-              f"-DGE2E_CUDA_THREADS={threads}", "-Wno-attributes"]
+              f"-DGE2E_CUDA_THREADS={threads}", f"-DGE2E_FINISH_CHUNK_ROWS={FINISH_CHUNK_ROWS}",
+              f"-DGE2E_FINISH_MAX_CHUNKS={FINISH_MAX_CHUNKS}", "-Wno-attributes"]
     common += [f"-I{path}" for path in cpp_extension.include_paths()]
     common += list(cflags)
     compiler = os.environ.get("CXX", "c++")

@@ -19,6 +19,8 @@
 // - A launch whose block is not whole warps (the kernels' full-mask shuffles
 //   need that), or whose grid exceeds CUDA's 2^31 - 1 blocks in x, is refused
 //   with an exception before any thread starts.
+// - __threadfence and atomicAdd (unsigned int) are a sequentially consistent
+//   fence and atomic.
 // - GE2E_EMU_PLANT=barrier|oob plants a defect for the sanitizers to find: the
 //   first __syncthreads of every block is skipped (a race, for TSan), or one
 //   block past the end of the grid runs (its reads begin one past the end of
@@ -242,6 +244,14 @@ T __shfl_xor_sync(unsigned int mask, T value, int lane_mask) {
 template <typename T>
 T __shfl_sync(unsigned int mask, T value, int source_lane) {
   return ge2e_emulation::shuffle(mask, value, [source_lane](int) { return source_lane & 31; });
+}
+
+// The device primitives of the CUDA finish's last-block count: a fence and an
+// atomic add on global memory (blocks run one at a time here, but the block's
+// threads are real threads, so both are the real thing).
+inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
+inline unsigned int atomicAdd(unsigned int* address, unsigned int value) {
+  return __atomic_fetch_add(address, value, __ATOMIC_SEQ_CST);
 }
 
 namespace ge2e_emulation {

@@ -37,38 +37,52 @@ struct EmulatedLaunch {
 
 using Emulated = ge2e::cuda::Launchers<EmulatedLaunch>;
 
+// A launcher's error as the CUDA device reports it (csrc/cuda/ge2e_cuda.cpp).
+void check(int error, const char* kernel) {
+  TORCH_CHECK(error != ge2e::cuda::kGridTooLarge, "ge2e_ext: CUDA kernel ",
+              kernel ? kernel : "(unknown)", " would need a grid of more than 2^31 - 1 blocks "
+              "(CUDA's limit in x); split the batch (fewer rows or smaller block_speakers)");
+  TORCH_CHECK(error == 0, "ge2e_ext: emulated kernel ", kernel ? kernel : "(unknown)",
+              " failed: ", error);
+}
+
+// The ATen float32 matmul precision (CUDA) seen by the last row-kernel launch:
+// the products run between that launch and the previous one.
+std::string precision_at_rows = "none";
+
 // The CUDA device of csrc/cuda/ge2e_cuda.cpp, with emulated launches.
 struct EmulatedDevice : ge2e::cuda::BlockPolicy {
   static void speaker_stats(const Problem& p) {
-    const char* failed;
-    Emulated::speaker_stats(p, nullptr, &failed);
+    const char* failed = nullptr;
+    check(Emulated::speaker_stats(p, nullptr, &failed), failed);
   }
   template <class Method>
   static void rows(const Problem& p, const RowBuffers& rb, RowPass pass, Block blk,
                    void* cosines) {
-    const char* failed;
-    Emulated::rows(p, rb, pass, blk, cosines, nullptr, &failed);
+    precision_at_rows = at::precision2str(at::globalContext().float32Precision(
+        at::Float32Backend::CUDA, at::Float32Op::MATMUL));
+    const char* failed = nullptr;
+    check(Emulated::rows(p, rb, pass, blk, cosines, nullptr, &failed), failed);
+  }
+  static void sparse_sum_grads(const Problem& p, Block blk, const void* cosines,
+                               const int64_t* hardest, void* z, bool accumulate) {
+    const char* failed = nullptr;
+    check(Emulated::sparse_sum_grads(p, blk, cosines, hardest, z, accumulate, nullptr, &failed),
+          failed);
   }
   template <class Method>
-  static void row_gradients(const Problem& p, Block blk, const void* t_rows, const void*,
-                            const int64_t*, const void* z_to_fold, void* grad) {
-    const char* failed;
-    Emulated::row_gradients(p, blk, t_rows, z_to_fold, grad, nullptr, &failed);
+  static void row_gradients(const Problem& p, Block blk, const void* t_rows, const void* cosines,
+                            const int64_t* hardest, const void* z_to_fold, void* grad,
+                            bool others, const ge2e::FinishArgs* finish) {
+    const char* failed = nullptr;
+    constexpr bool sparse = kSparseProducts && Method::kSparseGradient;
+    check(Emulated::row_gradients(p, blk, sparse, t_rows, cosines, hardest, z_to_fold, grad,
+                                  others, finish, nullptr, &failed),
+          failed);
   }
-  static void split_speaker_others(const Problem& p, Block speaker, void* q_sums, void* grad) {
-    const char* failed;
-    Emulated::split_speaker_others(p, speaker, q_sums, grad, nullptr, &failed);
-  }
-  static void fold(const Problem& p, const void* z, void* grad) {
-    const char* failed;
-    Emulated::fold(p, z, grad, nullptr, &failed);
-  }
-  static void finish(const Problem& p, void* z, const void* w_part, const void* b_part,
-                     const void* loss_rows, double loss_scale, void* grad_w, void* grad_b,
-                     void* loss_total) {
-    const char* failed;
-    Emulated::finish(p, z, w_part, b_part, loss_rows, loss_scale, grad_w, grad_b, loss_total,
-                     nullptr, &failed);
+  static void fold(const Problem& p, const void* z, void* grad, const ge2e::FinishArgs* finish) {
+    const char* failed = nullptr;
+    check(Emulated::fold(p, z, grad, finish, nullptr, &failed), failed);
   }
 };
 
@@ -91,6 +105,28 @@ int64_t block_rows(int64_t rows, int64_t speakers, int64_t total_speakers, int64
 // Kernel launches since the last call (and resets the count).
 int64_t kernel_launches() { return launches.exchange(0); }
 
+// What the launchers say of a grid of `blocks` blocks: 0 (it fits) or
+// kGridTooLarge, without launching (a grid that large cannot be allocated here).
+int64_t grid_check(int64_t blocks) {
+  return ge2e::cuda::grid_fits(blocks) ? 0 : ge2e::cuda::kGridTooLarge;
+}
+
+// The launch of a kernel on a grid of `blocks` blocks through the launchers
+// (the row-gradient kernel of a fake problem, which a grid that fits would run;
+// only grids that do not fit are passed here): raises as the CUDA device does.
+void launch_with_grid(int64_t blocks) {
+  TORCH_CHECK(!ge2e::cuda::grid_fits(blocks), "launch_with_grid takes grids that do not fit");
+  Problem p{};
+  p.dtype = ge2e::DType::kFloat32;
+  const Block blk{0, blocks, 0, 0};
+  const char* failed = nullptr;
+  check(Emulated::row_gradients(p, blk, false, nullptr, nullptr, nullptr, nullptr, nullptr,
+                                false, nullptr, nullptr, &failed),
+        failed);
+}
+
+std::string matmul_precision_at_rows() { return precision_at_rows; }
+
 }  // namespace
 
 TORCH_LIBRARY(ge2e_emu, m) {
@@ -100,6 +136,9 @@ TORCH_LIBRARY(ge2e_emu, m) {
   m.def("kernel_launches() -> int", &kernel_launches);
   m.def("block_rows(int rows, int speakers, int total_speakers, int dim, ScalarType dtype) -> int",
         &block_rows);
+  m.def("grid_check(int blocks) -> int", &grid_check);
+  m.def("launch_with_grid(int blocks) -> ()", &launch_with_grid);
+  m.def("matmul_precision_at_rows() -> str", &matmul_precision_at_rows);
 }
 
 TORCH_LIBRARY_IMPL(ge2e_emu, CPU, m) {
