@@ -344,10 +344,12 @@ int64_t rows_per_block(const Call& c) {
     const int64_t allowed = input_bytes / acc_bytes;  // (input + gradient) / 2, in acc elements
     // own_sums_hi/lo (N x D), Z (K x D), 1/|s| and the sums' scales (2 K), the
     // speakers' scales (N), a split speaker's q sums (2 x D); per row: own_terms,
-    // loss, state (kRowStateSize float64), hardest (int64), dLoss/dw and dLoss/db parts.
+    // loss, state (kRowStateSize float64), hardest (int64), top1 (bool), dLoss/dw and
+    // dLoss/db parts.
+    const int64_t row_bytes = 8 * kRowStateSize + 8 + 1;
     int64_t others =
         (2 * p.speakers + p.total_speakers + 2) * p.dim + 2 * p.total_speakers + p.speakers +
-        p.total_rows * (kOwnTermsSize + 1 + (8 * kRowStateSize + 8) / acc_bytes + 2);
+        p.total_rows * (kOwnTermsSize + 1 + (row_bytes + acc_bytes - 1) / acc_bytes + 2);
     if constexpr (DeviceScratch<Device>::value) {
       // The scratch: row_speakers (int64) and row_dots per row, the finish's partials.
       others += p.total_rows * (1 + 8 / acc_bytes) + Device::kFinishPartials;
@@ -587,21 +589,27 @@ void sweep(const Call& c, RowPass pass, const RowBuffers& buffers, Gradients* gr
 }
 
 // The per-row outputs of a forward: the losses, the rows' saved state
-// (row shape + (kRowStateSize,), float64), and the hardest impostors (scratch).
-inline std::tuple<at::Tensor, at::Tensor, at::Tensor> row_outputs(const Call& c) {
+// (row shape + (kRowStateSize,), float64), whether each row's own speaker is
+// its top-1 (bool), and the hardest impostors (scratch).
+struct RowOutputs {
+  at::Tensor loss, state, top1, hardest;
+};
+
+inline RowOutputs row_outputs(const Call& c) {
   std::vector<int64_t> state_shape = c.row_shape;
   state_shape.push_back(kRowStateSize);
   return {at::empty(c.row_shape, c.acc_options),
           at::empty(state_shape, c.acc_options.dtype(at::kDouble)),
+          at::empty(c.row_shape, c.acc_options.dtype(at::kBool)),
           at::empty({c.problem.total_rows}, c.acc_options.dtype(at::kLong))};
 }
 
-inline RowBuffers row_buffers(at::Tensor& loss, at::Tensor& state, at::Tensor& hardest,
-                              Gradients* grads) {
+inline RowBuffers row_buffers(RowOutputs& out, Gradients* grads) {
   RowBuffers rb{};
-  rb.loss = loss.defined() ? loss.data_ptr() : nullptr;
-  rb.state = state.data_ptr<double>();
-  rb.hardest = hardest.data_ptr<int64_t>();
+  rb.loss = out.loss.defined() ? out.loss.data_ptr() : nullptr;
+  rb.state = out.state.data_ptr<double>();
+  rb.top1 = out.top1.defined() ? out.top1.data_ptr<bool>() : nullptr;
+  rb.hardest = out.hardest.data_ptr<int64_t>();
   if (grads != nullptr) {
     rb.w_grad_part = grads->w_part.data_ptr();
     rb.b_grad_part = grads->b_part.data_ptr();
@@ -609,10 +617,11 @@ inline RowBuffers row_buffers(at::Tensor& loss, at::Tensor& state, at::Tensor& h
   return rb;
 }
 
-// forward(embeddings, sums?, w, b, ...) -> (loss, state): the rows' losses,
-// (N, M) or (B,), and what each row's backward needs, shaped (..., kRowStateSize).
+// forward(embeddings, sums?, w, b, ...) -> (loss, state, top1): the rows' losses,
+// (N, M) or (B,), what each row's backward needs, shaped (..., kRowStateSize),
+// and whether each row's own speaker is its top-1 (bool, the losses' shape).
 template <class Device>
-std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& embeddings,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& embeddings,
                                            const c10::optional<at::Tensor>& sums,
                                            const at::Tensor& w, const at::Tensor& b,
                                            int64_t speaker_offset, c10::string_view loss_method,
@@ -623,13 +632,13 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& embeddings,
   check_block_speakers(block_speakers);
   const Call c = make_call<Device>(embeddings, sums, w, b, speaker_offset, loss_method,
                                    min_cosine, speaker_offsets);
-  auto [loss, state, hardest] = row_outputs(c);
-  const RowBuffers rb = row_buffers(loss, state, hardest, nullptr);
+  RowOutputs out = row_outputs(c);
+  const RowBuffers rb = row_buffers(out, nullptr);
   const Problem& p = c.problem;
   dispatch_loss_method(p.method, [&](auto method) {
     sweep<Device, decltype(method)>(c, RowPass::kLoss, rb, nullptr, block_speakers, nullptr);
   });
-  return {loss, state};
+  return {out.loss, out.state, out.top1};
 }
 
 // The end of a gradient sweep (FinishArgs) and its outputs: dLoss/ds (when
@@ -679,11 +688,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
   // The upstream gradient is read through its strides (an expanded scalar is
   // not copied); the saved state is small.
   const at::Tensor grad_rows = grad_loss.to(c.acc_options);
-  at::Tensor state_c = state.to(c.acc_options.dtype(at::kDouble)).contiguous();
-  at::Tensor hardest = at::empty({p.total_rows}, c.acc_options.dtype(at::kLong));
-  at::Tensor no_loss;
+  RowOutputs given{at::Tensor(), state.to(c.acc_options.dtype(at::kDouble)).contiguous(),
+                   at::Tensor(), at::empty({p.total_rows}, c.acc_options.dtype(at::kLong))};
   Gradients g = allocate_gradients(c);
-  RowBuffers rb = row_buffers(no_loss, state_c, hardest, &g);
+  RowBuffers rb = row_buffers(given, &g);
   rb.grad_loss = grad_rows.data_ptr();
   rb.grad_stride_speaker = grad_rows.stride(0);
   rb.grad_stride_utterance = grad_rows.stride(grad_rows.dim() - 1);
@@ -694,11 +702,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
   return {g.embeddings, g.sums, f.grad_w.view(w.sizes()), f.grad_b.view(b.sizes())};
 }
 
-// forward_backward(embeddings, sums?, w, b, ..., scale) -> (loss, grad_embeddings,
-// grad_sums, grad_w, grad_b): loss = scale * sum of the rows' losses (0-dim)
-// and its gradients, in one sweep.
+// forward_backward(embeddings, sums?, w, b, ..., scale) -> (loss, top1,
+// grad_embeddings, grad_sums, grad_w, grad_b): loss = scale * sum of the rows'
+// losses (0-dim), the rows' top1 (as forward's) and the loss's gradients, in
+// one sweep.
 template <class Device>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_backward(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+forward_backward(
     const at::Tensor& embeddings, const c10::optional<at::Tensor>& sums, const at::Tensor& w,
     const at::Tensor& b, int64_t speaker_offset, c10::string_view loss_method,
     c10::optional<double> min_cosine, double scale, int64_t block_speakers,
@@ -707,18 +717,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_b
   check_block_speakers(block_speakers);
   const Call c = make_call<Device>(embeddings, sums, w, b, speaker_offset, loss_method,
                                    min_cosine, speaker_offsets);
-  auto [loss, state, hardest] = row_outputs(c);
+  RowOutputs out = row_outputs(c);
   Gradients g = allocate_gradients(c);
-  RowBuffers rb = row_buffers(loss, state, hardest, &g);
+  RowBuffers rb = row_buffers(out, &g);
   const Problem& p = c.problem;
   rb.grad_scale = scale;
   at::Tensor loss_total = at::empty({}, c.acc_options);
-  const FinishOutputs f = finish_outputs(c, g, &loss, scale, &loss_total);
+  const FinishOutputs f = finish_outputs(c, g, &out.loss, scale, &loss_total);
   dispatch_loss_method(p.method, [&](auto method) {
     sweep<Device, decltype(method)>(c, RowPass::kLossAndGradient, rb, &g, block_speakers,
                                     &f.args);
   });
-  return {loss_total, g.embeddings, g.sums, f.grad_w.view(w.sizes()), f.grad_b.view(b.sizes())};
+  return {loss_total,  out.top1,
+          g.embeddings, g.sums,
+          f.grad_w.view(w.sizes()), f.grad_b.view(b.sizes())};
 }
 
 }  // namespace ge2e

@@ -439,6 +439,20 @@ struct RowView {
 // owns and may change, but what the method's gradient is taken from.
 constexpr int kRowStateSize = 2;
 
+// Every method's forward also says whether each row's own speaker is its
+// top-1 (the forward ops' `top1` output: the batch's accuracy, read from the
+// loss's own pass): whether no speaker k != own, at clamped cosine cos_k,
+// takes the top-1 from the own speaker (own_cos, against the exclusive
+// centroid). The top-1 is the arg-max of the row's clamped cosines with ties going to the lower index,
+// as torch.argmax, so an impostor before the own speaker takes it on a tie and
+// one after it does not; a NaN on either side takes it (a row with a NaN
+// cosine has no top-1). Cosines, not similarities: w > 0 and b do not change
+// the order, and a trained w that went negative would reverse it.
+template <typename T>
+GE2E_HD bool takes_top1(T cos_k, int64_t k, int64_t own, T own_cos) {
+  return k < own ? !(own_cos > cos_k) : !(own_cos >= cos_k);
+}
+
 template <typename T>
 struct RowSummary {
   T loss;

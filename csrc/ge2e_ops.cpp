@@ -23,17 +23,18 @@ std::vector<std::string> built_devices() {
 #endif
 }
 
-// ge2e_loss where no gradient is needed (or below autograd): the losses, reduced.
-at::Tensor loss_without_autograd(const at::Tensor& embeddings,
+// ge2e_loss where no gradient is needed (or below autograd): the losses, reduced,
+// and the rows' top1.
+std::tuple<at::Tensor, at::Tensor> loss_without_autograd(const at::Tensor& embeddings,
                                  const c10::optional<at::Tensor>& sums, const at::Tensor& w,
                                  const at::Tensor& b, int64_t speaker_offset,
                                  c10::string_view loss_method, c10::optional<double> min_cosine,
                                  bool reduce, double scale, int64_t block_speakers,
                                  const c10::optional<at::Tensor>& speaker_offsets) {
-  at::Tensor loss = std::get<0>(ops::forward(embeddings, sums, w, b, speaker_offset, loss_method,
-                                             min_cosine, block_speakers, speaker_offsets));
-  if (!reduce) return loss;
-  return scale == 1.0 ? loss.sum() : loss.sum().mul_(scale);
+  auto [loss, state, top1] = ops::forward(embeddings, sums, w, b, speaker_offset, loss_method,
+                                          min_cosine, block_speakers, speaker_offsets);
+  if (!reduce) return {loss, top1};
+  return {scale == 1.0 ? loss.sum() : loss.sum().mul_(scale), top1};
 }
 
 }  // namespace

@@ -12,7 +12,7 @@
 namespace ge2e {
 namespace ops {
 
-inline std::tuple<at::Tensor, at::Tensor> forward(
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
     const at::Tensor& embeddings, const c10::optional<at::Tensor>& sums, const at::Tensor& w,
     const at::Tensor& b, int64_t speaker_offset, c10::string_view loss_method,
     c10::optional<double> min_cosine, int64_t block_speakers,
@@ -20,7 +20,7 @@ inline std::tuple<at::Tensor, at::Tensor> forward(
   static const auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("ge2e_ext::ge2e_forward", "")
-          .typed<std::tuple<at::Tensor, at::Tensor>(
+          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
               const at::Tensor&, const c10::optional<at::Tensor>&, const at::Tensor&,
               const at::Tensor&, int64_t, c10::string_view, c10::optional<double>, int64_t,
               const c10::optional<at::Tensor>&)>();
@@ -46,7 +46,8 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
                  min_cosine, block_speakers, speaker_offsets);
 }
 
-inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_backward(
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+forward_backward(
     const at::Tensor& embeddings, const c10::optional<at::Tensor>& sums, const at::Tensor& w,
     const at::Tensor& b, int64_t speaker_offset, c10::string_view loss_method,
     c10::optional<double> min_cosine, double scale, int64_t block_speakers,
@@ -54,7 +55,8 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fo
   static const auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("ge2e_ext::ge2e_forward_backward", "")
-          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                            at::Tensor>(
               const at::Tensor&, const c10::optional<at::Tensor>&, const at::Tensor&,
               const at::Tensor&, int64_t, c10::string_view, c10::optional<double>, double,
               int64_t, const c10::optional<at::Tensor>&)>();

@@ -121,6 +121,8 @@ struct RowBuffers {
   double* state;              // (B, kRowStateSize) float64: written (kLoss*) or read (kGradient)
   int64_t* hardest;           // (B): the hardest impostor (-1 where the method has none),
                               //   written by every pass for the sparse products
+  bool* top1;                 // (B): whether the row's own speaker is its top-1 (takes_top1
+                              //   in ge2e_math.h), written (kLoss*)
   const void* grad_loss;      // kGradient: dLoss/dL of row r = utterance i of speaker j, at
   int64_t grad_stride_speaker;    // j * stride_speaker + i * stride_utterance (N, M),
   int64_t grad_stride_utterance;  // or r * stride_utterance (B,) with speaker_offsets

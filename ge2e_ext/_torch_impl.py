@@ -63,8 +63,19 @@ def exclusive_sums(embeddings: torch.Tensor) -> torch.Tensor:
     return prefix + suffix
 
 
-def ge2e_rows(embeddings, sums, w, b, speaker_offset, loss_method, min_cosine):
-    """Per-utterance GE2E losses (N, M).
+def top1(cos: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
+    """Whether each row's own speaker is its top-1: the arg-max of the row's
+    clamped cosines ``cos`` (..., K) (ties to the lower index, as torch.argmax) is
+    ``own`` (..., 1), and no cosine of the row is NaN (such a row has no top-1).
+    The kernels' rule (takes_top1 in csrc/ge2e_math.h). bool, cos's shape
+    without K."""
+    with torch.no_grad():
+        hit = (cos.argmax(-1, keepdim=True) == own).squeeze(-1)
+        return hit & ~cos.isnan().any(-1)
+
+
+def ge2e_rows(embeddings, sums, w, b, speaker_offset, loss_method, min_cosine, with_top1=False):
+    """Per-utterance GE2E losses (N, M) (with with_top1, and the rows' ``top1``).
 
     embeddings (N, M, D) and sums (K, D) (None: ``embeddings.sum(1)``) in the
     accumulation dtype; w, b 0-dim tensors of that dtype; local speaker j is row
@@ -90,7 +101,8 @@ def ge2e_rows(embeddings, sums, w, b, speaker_offset, loss_method, min_cosine):
     # every output is NaN, as in the kernels (a saturated sigmoid, or the
     # softmax loss, which does not depend on b, would otherwise hide it).
     w = w.clamp(min=MIN_W) + (w + b) * 0
-    return METHODS[loss_method].rows(cos, cos.gather(-1, own).squeeze(-1), own, w, b)
+    losses = METHODS[loss_method].rows(cos, cos.gather(-1, own).squeeze(-1), own, w, b)
+    return (losses, top1(cos, own)) if with_top1 else losses
 
 
 def _segmented_inclusive_sums(rows: torch.Tensor, segment: torch.Tensor) -> torch.Tensor:
@@ -123,9 +135,10 @@ def _shift_within(sums: torch.Tensor, segment: torch.Tensor, down: bool) -> torc
     return torch.where(same.unsqueeze(-1), moved, torch.zeros_like(moved))
 
 
-def ge2e_rows_grouped(rows, grouping, sums, w, b, speaker_offset, loss_method, min_cosine):
-    """Per-utterance GE2E losses (B,) of rows (B, D) grouped by speaker (in the
-    order of ``grouping``), with segment sums: no padding, O(B K + B D) memory
+def ge2e_rows_grouped(rows, grouping, sums, w, b, speaker_offset, loss_method, min_cosine,
+                      with_top1=False):
+    """Per-utterance GE2E losses (B,) (with with_top1, and the rows' ``top1``) of
+    rows (B, D) grouped by speaker (in the order of ``grouping``), with segment sums: no padding, O(B K + B D) memory
     whatever the groups' sizes, and no value read from the device.
 
     u_ji = (the speaker's rows before it) + (those after it), each a segmented
@@ -146,4 +159,5 @@ def ge2e_rows_grouped(rows, grouping, sums, w, b, speaker_offset, loss_method, m
     if min_cosine is not None:
         cos = cos.clamp(min=min_cosine)
     w = w.clamp(min=MIN_W) + (w + b) * 0  # NaN everywhere for a non-finite w or b (ge2e_rows)
-    return METHODS[loss_method].rows(cos, cos.gather(-1, own).squeeze(-1), own, w, b)
+    losses = METHODS[loss_method].rows(cos, cos.gather(-1, own).squeeze(-1), own, w, b)
+    return (losses, top1(cos, own)) if with_top1 else losses

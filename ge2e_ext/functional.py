@@ -231,7 +231,8 @@ def ge2e_loss(embeddings: torch.Tensor, w: torch.Tensor | float, b: torch.Tensor
               loss_method: str = "softmax", *, labels: torch.Tensor | None = None,
               num_speakers: int | None = None, reduction: str = "sum",
               min_cosine: float | None = 1e-6, backend: str = "auto", distributed: bool = False,
-              group: torch.distributed.ProcessGroup | None = None) -> torch.Tensor:
+              group: torch.distributed.ProcessGroup | None = None,
+              return_top1: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     r"""The generalized end-to-end (GE2E) loss of Wan et al., 2018 (arXiv 1710.10467).
 
     Each utterance embedding :math:`e_{ji}` is scored against every speaker's
@@ -273,17 +274,27 @@ def ge2e_loss(embeddings: torch.Tensor, w: torch.Tensor | float, b: torch.Tensor
             Default: False.
         group (ProcessGroup, optional): the process group, with ``distributed=True``
             only. Default: None (the default group).
+        return_top1 (bool, optional): also return ``top1``, whether each row's own
+            speaker is its most similar: the arg-max of its cosines (as the loss
+            clamps them; ties go to the lower speaker index, as ``torch.argmax``) is
+            its own exclusive centroid, False for a row with a NaN cosine.
+            ``top1.float().mean()`` is the batch's top-1 accuracy (voxceleb_trainer's
+            ``prec1``, as a fraction). It comes from the loss's own pass: no extra
+            matrix product. Default: False.
 
     Shape:
         - embeddings: :math:`(N, M, D)`, or :math:`(B, D)` with labels :math:`(B)`.
         - Output: a scalar; with ``reduction="none"``, :math:`(N, M)`, or :math:`(B)` in
           the rows' order with labels.
+        - top1 (with ``return_top1``): :math:`(N, M)`, or :math:`(B)` in the rows'
+          order, whatever the reduction.
 
     Returns:
         Tensor: the loss, float32 (float64 for float64 embeddings). With ``"sum"`` or
         ``"mean"`` and a gradient to compute, the compiled op computes the gradient
         in the same pass (the backward only scales it): evaluate without gradients
-        under ``torch.no_grad()``.
+        under ``torch.no_grad()``. With ``return_top1``, ``(loss, top1)``, top1 a
+        bool tensor of this call's rows (with ``distributed``, this rank's).
 
     Example::
 
@@ -297,6 +308,9 @@ def ge2e_loss(embeddings: torch.Tensor, w: torch.Tensor | float, b: torch.Tensor
         >>> rows = torch.randn(7, 64)  # speakers 0, 1, 2 with 2, 3 and 2 utterances
         >>> ge2e_loss(rows, 10.0, -5.0, labels=torch.tensor([2, 0, 1, 1, 0, 2, 1])).dim()
         0
+        >>> loss, top1 = ge2e_loss(embeddings, 10.0, -5.0, return_top1=True)
+        >>> top1.shape, top1.dtype
+        (torch.Size([4, 5]), torch.bool)
     """
     # In distributed mode a rank whose inputs are bad must not leave the others
     # waiting in a collective: its error travels with the metadata exchange and
@@ -304,6 +318,8 @@ def ge2e_loss(embeddings: torch.Tensor, w: torch.Tensor | float, b: torch.Tensor
     local_error, grouping, use_extension = None, None, False
     try:
         check_options(loss_method, reduction, min_cosine, backend, distributed, group)
+        if not isinstance(return_top1, bool):
+            raise TypeError(f"return_top1 must be a bool, got {type(return_top1).__name__}")
         if labels is None:
             if num_speakers is not None:
                 raise ValueError("num_speakers goes with labels=; the dense form's N is its shape")
@@ -356,22 +372,27 @@ def ge2e_loss(embeddings: torch.Tensor, w: torch.Tensor | float, b: torch.Tensor
     reduce = reduction != "none"
     scale = 1.0 / total_utterances if reduction == "mean" else 1.0
     if use_extension:
-        loss = _ops.loss(embeddings, sums, w, b, offset, loss_method, min_cosine, reduce, scale,
-                         0, offsets)
+        loss, top1 = _ops.loss(embeddings, sums, w, b, offset, loss_method, min_cosine, reduce,
+                               scale, 0, offsets)
     else:
-        loss = _torch_loss(embeddings, sums, w, b, offset, loss_method, min_cosine, grouping)
+        loss, top1 = _torch_loss(embeddings, sums, w, b, offset, loss_method, min_cosine,
+                                 grouping)
         if reduce:
             loss = loss.sum() if scale == 1.0 else loss.sum() * scale
     if grouping is not None:
         if not reduce:
             loss = grouping.restore(loss)
+        if return_top1:
+            top1 = grouping.restore(top1)
         if grouping.valid is not None:
             loss = torch.where(grouping.valid, loss, torch.full_like(loss, float("nan")))
-    return loss
+            top1 = top1 & grouping.valid
+    return (loss, top1) if return_top1 else loss
 
 
 def _torch_loss(embeddings, sums, w, b, offset, loss_method, min_cosine, grouping):
-    """The per-row losses by the pure-PyTorch path, in the accumulation dtype."""
+    """The per-row losses by the pure-PyTorch path, in the accumulation dtype, and
+    the rows' top1."""
     acc = _ops.accumulation_dtype(embeddings.dtype)
     # Under autocast the matrix product would run in float16/bfloat16; the
     # loss is computed in the accumulation dtype, as the kernels do.
@@ -383,6 +404,6 @@ def _torch_loss(embeddings, sums, w, b, offset, loss_method, min_cosine, groupin
     with precision:
         if grouping is None:
             return _torch_impl.ge2e_rows(embeddings.to(acc), sums, w, b, offset, loss_method,
-                                         min_cosine)
+                                         min_cosine, with_top1=True)
         return _torch_impl.ge2e_rows_grouped(embeddings.to(acc), grouping, sums, w, b, offset,
-                                             loss_method, min_cosine)
+                                             loss_method, min_cosine, with_top1=True)

@@ -97,14 +97,19 @@ class GE2ELoss(nn.Module):
         self.group = group
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor | None = None,
-                num_speakers: int | None = None) -> torch.Tensor:
+                num_speakers: int | None = None, *, return_top1: bool = False
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         r"""The loss of ``embeddings`` ``(N, M, D)``, or of ``(B, D)`` rows with their
         ``(B,)`` speaker ``labels`` (and ``num_speakers``, the number of distinct
-        labels if known); see :func:`~ge2e_ext.ge2e_loss`."""
+        labels if known); with ``return_top1``, ``(loss, top1)``, top1 saying for
+        each row whether its own speaker is the most similar (``top1.float().mean()``:
+        the batch's top-1 accuracy, from the same pass); see
+        :func:`~ge2e_ext.ge2e_loss`."""
         return ge2e_loss(embeddings, self.w, self.b, self.loss_method, labels=labels,
                          num_speakers=num_speakers, reduction=self.reduction,
                          min_cosine=self.min_cosine, backend=self.backend,
-                         distributed=self.distributed, group=self.group)
+                         distributed=self.distributed, group=self.group,
+                         return_top1=return_top1)
 
     def extra_repr(self) -> str:
         return (f"loss_method={self.loss_method!r}, reduction={self.reduction!r}, "

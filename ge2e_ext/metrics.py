@@ -15,7 +15,10 @@
 The batch metrics are computed here by the pure-PyTorch path under
 ``torch.no_grad()``: they materialise the ``N x M x N`` cosines and cost one
 more matrix product than the loss. They are for logging; the loss itself never
-builds that matrix.
+builds that matrix. Beside a training step's loss, the top-1 accuracy costs
+nothing: ``ge2e_loss(..., return_top1=True)`` (or ``GE2ELoss()(x,
+return_top1=True)``) returns each row's top-1 from the loss's own pass, and
+``top1.float().mean()`` equals ``top1_accuracy``.
 """
 
 from __future__ import annotations
@@ -182,12 +185,11 @@ def top1_accuracy(embeddings: torch.Tensor, labels: Optional[torch.Tensor] = Non
     change an argmax, so they are not needed.
     """
     # The PyTorch path's similarity matrix, under no_grad: one more matrix
-    # product than the loss. The compiled op already knows each row's best
-    # impostor (the contrast loss needs it); reading the accuracy from the
-    # loss's own pass is to replace this.
+    # product than the loss. Beside a loss, ge2e_loss(..., return_top1=True)
+    # gives the same rows' top1 from the loss's own pass.
     with torch.no_grad():
         cos, own = _cosines(embeddings, labels, min_cosine)
-        return (cos.argmax(-1) == own).to(cos.dtype).mean()
+        return _torch_impl.top1(cos, own.unsqueeze(-1)).to(cos.dtype).mean()
 
 
 def batch_equal_error_rate(embeddings: torch.Tensor, labels: Optional[torch.Tensor] = None, *,

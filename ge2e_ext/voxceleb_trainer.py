@@ -18,7 +18,6 @@ from __future__ import annotations
 import torch
 
 from .loss import GE2ELoss
-from .metrics import top1_accuracy
 
 
 class LossFunction(GE2ELoss):
@@ -36,8 +35,6 @@ class LossFunction(GE2ELoss):
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"GE2E takes (speakers, utterances >= 2, D) embeddings, got {shape}: "
                              f"train with --nPerSpeaker 2 or more")
-        loss = super().forward(x)
-        # prec1 from the PyTorch path's similarity matrix (ge2e_ext.metrics.top1_accuracy,
-        # under no_grad); to come from the loss's own pass instead.
-        prec1 = 100.0 * top1_accuracy(x, min_cosine=self.min_cosine)
-        return loss, prec1
+        # prec1 from the loss's own pass: each row's top-1 comes with its loss.
+        loss, top1 = super().forward(x, return_top1=True)
+        return loss, 100.0 * top1.to(loss.dtype).mean()

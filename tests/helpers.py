@@ -74,7 +74,7 @@ def compiled_op(method="softmax", reduce=True, min_cosine=1e-6, block_speakers=0
     """fn(x, w, b) calling the compiled op directly, with a chosen block size."""
     def fn(x, w, b):
         return ge2e_ext._ops.loss(x, None, w, b, 0, method, min_cosine, reduce, scale,
-                                  block_speakers)
+                                  block_speakers)[0]
     return fn
 
 

@@ -39,7 +39,7 @@ def test_gradcheck_with_external_sums(device, method, reduce):
 
     def fn(x, others, w, b):
         sums = torch.cat([others[:1], x.sum(1), others[1:]])  # local speakers at rows 1, 2
-        return _ops.loss(x, sums, w, b, 1, method, 1e-6, reduce, 0.5)
+        return _ops.loss(x, sums, w, b, 1, method, 1e-6, reduce, 0.5)[0]
 
     assert torch.autograd.gradcheck(fn, (x, others, w, b), eps=1e-6, atol=1e-7, rtol=1e-6)
 
@@ -59,7 +59,7 @@ def test_opcheck(device, method, with_sums):
                           plain + (0, method, 1e-6, 0), test_utils=kernel_checks)
     torch.library.opcheck(torch.ops.ge2e_ext.ge2e_forward_backward.default,
                           plain + (0, method, 1e-6, 1.0, 0), test_utils=kernel_checks)
-    loss, state = torch.ops.ge2e_ext.ge2e_forward(*plain, 0, method, 1e-6)
+    loss, state, _ = torch.ops.ge2e_ext.ge2e_forward(*plain, 0, method, 1e-6)
     torch.library.opcheck(torch.ops.ge2e_ext.ge2e_backward.default,
                           (torch.ones_like(loss),) + plain + (state, 0, method, None, 0),
                           test_utils=kernel_checks)
@@ -69,7 +69,7 @@ def test_opcheck(device, method, with_sums):
 def test_kernel_ops_refuse_to_be_differentiated(device):
     """The kernel ops are ge2e_loss's building blocks, without autograd of their own."""
     x, w, b = _inputs(device=device)
-    loss, _ = torch.ops.ge2e_ext.ge2e_forward(x, None, w, b, 0, "softmax", 1e-6)
+    loss, _, _ = torch.ops.ge2e_ext.ge2e_forward(x, None, w, b, 0, "softmax", 1e-6)
     with pytest.raises(RuntimeError, match="not implemented|autograd"):
         loss.sum().backward()
 

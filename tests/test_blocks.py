@@ -28,7 +28,7 @@ def _rows(sizes, d, seed, dtype=torch.float64):
 
 def _op(method, reduce, block, offsets, sums=None, offset=0):
     return lambda x, w, b: ge2e_ext._ops.loss(x, sums, w, b, offset, method, 1e-6, reduce, 0.5,
-                                              block, offsets)
+                                              block, offsets)[0]
 
 
 @needs_cpu_extension
@@ -89,7 +89,7 @@ def test_split_blocks_of_the_dense_form_and_with_given_sums(method):
         whole = torch.ops.ge2e_ext.ge2e_forward_backward(x, None, w, b, 0, method, 1e-6, 1.0, 0)
         split = torch.ops.ge2e_ext.ge2e_forward_backward(x, None, w, b, 0, method, 1e-6, 1.0,
                                                           block)
-        for name, s, r in zip(("loss", "embeddings", "sums", "w", "b"), split, whole):
+        for name, s, r in zip(("loss", "top1", "embeddings", "sums", "w", "b"), split, whole):
             if name != "sums":
                 assert_close_rel(s, r, 1e-12, f"block {block}: {name}")
     rows, offsets = _rows(SIZES, 6, seed=3)
@@ -101,7 +101,7 @@ def test_split_blocks_of_the_dense_form_and_with_given_sums(method):
     whole = torch.ops.ge2e_ext.ge2e_forward_backward(rows, *args, 0, offsets)
     for block in (-5, -17):
         split = torch.ops.ge2e_ext.ge2e_forward_backward(rows, *args, block, offsets)
-        for name, s, r in zip(("loss", "embeddings", "sums", "w", "b"), split, whole):
+        for name, s, r in zip(("loss", "top1", "embeddings", "sums", "w", "b"), split, whole):
             assert_close_rel(s, r, 1e-12, f"block {block}: {name}")
 
 
@@ -117,7 +117,7 @@ def test_split_blocks_in_float32_and_half_precision(dtype):
     split = torch.ops.ge2e_ext.ge2e_forward_backward(rows, None, w, b, 0, "softmax", 1e-6, 1.0,
                                                       -7, offsets)
     tol = 1e-5 if dtype == torch.float32 else 2 * torch.finfo(dtype).eps
-    for name, s, r in zip(("loss", "embeddings", "sums", "w", "b"), split, whole):
+    for name, s, r in zip(("loss", "top1", "embeddings", "sums", "w", "b"), split, whole):
         if name != "sums":
             assert_close_rel(s.double(), r.double(), tol, name)
 

@@ -52,13 +52,13 @@ def _all_ops(ops, x, method, min_cosine, sums=None, offset=0, block=0, w=3.0, b=
     acc = w.dtype
     rows = x.shape[:1] if speaker_offsets is not None else x.shape[:2]
     grad = torch.randn(rows, dtype=acc, generator=torch.Generator().manual_seed(1))
-    loss, state = ops.ge2e_forward(x, sums, w, b, offset, method, min_cosine, block,
-                                   speaker_offsets)
+    loss, state, top1 = ops.ge2e_forward(x, sums, w, b, offset, method, min_cosine, block,
+                                         speaker_offsets)
     backward = ops.ge2e_backward(grad, x, sums, w, b, state, offset, method, min_cosine,
                                  block, speaker_offsets)
     fused = ops.ge2e_forward_backward(x, sums, w, b, offset, method, min_cosine, scale, block,
                                       speaker_offsets)
-    return loss, state, backward, fused
+    return loss, state, backward, fused, top1
 
 
 def _assert_same(emulated, x, method, min_cosine, rtol=1e-12, **kwargs):
@@ -68,8 +68,10 @@ def _assert_same(emulated, x, method, min_cosine, rtol=1e-12, **kwargs):
     # The rows' saved state: the hardest impostor (contrast, exactly), or the
     # softmax row's largest difference and log-normaliser (to rounding).
     assert_close_rel(emu[1], cpu[1], rtol, "row state")
+    # The rows' top1, from either forward, exactly.
+    assert torch.equal(emu[4], cpu[4]) and torch.equal(emu[3][1], cpu[4]), "top1"
     sums_given = kwargs.get("sums") is not None
-    for which, e_out, c_out in (("backward", emu[2], cpu[2]), ("fused", emu[3][1:], cpu[3][1:])):
+    for which, e_out, c_out in (("backward", emu[2], cpu[2]), ("fused", emu[3][2:], cpu[3][2:])):
         for name, e, c in zip(("embeddings", "sums", "w", "b"), e_out, c_out):
             if name == "sums" and not sums_given:
                 continue  # scratch when the sums are the call's own
@@ -116,7 +118,7 @@ def test_every_kernel_at_256_threads(emulated_256, method):
     kwargs = dict(sums=sums, offset=100)
     emu = _all_ops(emulated_256, local, method, 1e-6, fused_only=True, **kwargs)
     cpu = _all_ops(torch.ops.ge2e_ext, local, method, 1e-6, fused_only=True, **kwargs)
-    for name, e, c in zip(("loss", "embeddings", "sums", "w", "b"), emu, cpu):
+    for name, e, c in zip(("loss", "top1", "embeddings", "sums", "w", "b"), emu, cpu):
         assert_close_rel(e, c, 1e-12, f"fused {name}")
     launches = _kernels_and_threads(emulated_256)
     assert launches and all(threads <= GPU_THREADS for _, threads in launches)
@@ -343,9 +345,9 @@ def test_dominant_utterance_and_converged_rows(emulated, method):
 def test_non_finite_w_or_b_gives_nan_everywhere(emulated, method, bad):
     x = make_embeddings(3, 2, 4, seed=8, requires_grad=False)
     for w, b in ((bad, -1.0), (3.0, bad)):
-        loss, _, backward, fused = _all_ops(emulated, x, method, 1e-6, w=w, b=b)
+        loss, _, backward, fused, _ = _all_ops(emulated, x, method, 1e-6, w=w, b=b)
         assert torch.isnan(loss).all() and torch.isnan(fused[0])
-        for grad in (backward[0], backward[2], backward[3], fused[1], fused[3], fused[4]):
+        for grad in (backward[0], backward[2], backward[3], fused[2], fused[4], fused[5]):
             assert torch.isnan(grad).all()
 
 
@@ -353,7 +355,7 @@ def test_non_finite_w_or_b_gives_nan_everywhere(emulated, method, bad):
 def test_non_finite_input_stays_non_finite(emulated, method):
     x = make_embeddings(3, 2, 4, seed=8, requires_grad=False)
     x[1, 0, 2] = float("nan")
-    loss, _, _, fused = _all_ops(emulated, x, method, 1e-6)
+    loss, _, _, fused, top1 = _all_ops(emulated, x, method, 1e-6)
     assert not torch.isfinite(loss.sum()) and not torch.isfinite(fused[0])
 
 
@@ -373,7 +375,7 @@ def test_a_training_step_is_at_most_four_kernel_launches(emulated, method):
     emulated.ge2e_forward_backward(x, None, w, b, 0, method, 1e-6, 1.0, 0)
     assert emulated.kernel_launches() == STEP_LAUNCHES[method] <= 4
     # The backward op (the unfused autograd path): the same launches.
-    loss, state = emulated.ge2e_forward(x, None, w, b, 0, method, 1e-6, 0)
+    loss, state, _ = emulated.ge2e_forward(x, None, w, b, 0, method, 1e-6, 0)
     assert emulated.kernel_launches() == 2  # inference: statistics and rows
     emulated.ge2e_backward(torch.ones_like(loss), x, None, w, b, state, 0, method, 1e-6, 0)
     assert emulated.kernel_launches() == STEP_LAUNCHES[method]

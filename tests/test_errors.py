@@ -138,7 +138,7 @@ class TestOpChecks:
         """A hardest impostor that is not one (only a direct call of the backward op can
         pass one) gives NaN gradients, never a read out of bounds or a finite answer."""
         w, b = torch.tensor(1.0), torch.tensor(0.0)
-        _, state = self.op(GOOD, None, w, b, 0, "contrast", 1e-6)
+        _, state, _ = self.op(GOOD, None, w, b, 0, "contrast", 1e-6)
         # out of range, negative, the own speaker of row 0, not a whole number, NaN
         for bad in (7, -1, 0, 0.5, float("nan")):
             grads = torch.ops.ge2e_ext.ge2e_backward(torch.ones(3, 2), GOOD, None, w, b,

@@ -45,7 +45,7 @@ def _scalars(dtype, w=10.0, b=-5.0):
 def _fused(ops, x, method, w=10.0, b=-5.0, min_cosine=1e-6):
     """The fused op's (loss, grad_embeddings, grad_w) of a library (CPU or emulated)."""
     wt, bt = _scalars(x.dtype, w, b)
-    loss, grad, _, grad_w, _ = ops.ge2e_forward_backward(x, None, wt, bt, 0, method, min_cosine,
+    loss, _, grad, _, grad_w, _ = ops.ge2e_forward_backward(x, None, wt, bt, 0, method, min_cosine,
                                                          1.0, 0)
     return loss, grad, grad_w
 
@@ -53,7 +53,7 @@ def _fused(ops, x, method, w=10.0, b=-5.0, min_cosine=1e-6):
 def _rows_backward(ops, x, method, w=10.0, b=-5.0, min_cosine=1e-6):
     """The per-row forward and backward ops (upstream gradient 1 on every row)."""
     wt, bt = _scalars(x.dtype, w, b)
-    loss, state = ops.ge2e_forward(x, None, wt, bt, 0, method, min_cosine, 0)
+    loss, state, _ = ops.ge2e_forward(x, None, wt, bt, 0, method, min_cosine, 0)
     grads = ops.ge2e_backward(torch.ones_like(loss), x, None, wt, bt, state, 0, method,
                               min_cosine, 0)
     return loss.sum(), grads[0], grads[2]
@@ -92,7 +92,7 @@ class TestIntegerArguments:
 
     def test_the_largest_valid_offset_is_accepted(self):
         sums = torch.cat([torch.randn(2, 4, dtype=torch.float64), self.x.sum(1)])
-        loss, _ = torch.ops.ge2e_ext.ge2e_forward(self.x, sums, self.w, self.b, 2, "softmax",
+        loss, _, _ = torch.ops.ge2e_ext.ge2e_forward(self.x, sums, self.w, self.b, 2, "softmax",
                                                   1e-6)
         assert torch.isfinite(loss).all()
 
@@ -109,7 +109,7 @@ class TestIntegerArguments:
 
     @pytest.mark.parametrize("block", [INT64_MAX, 1, -1, -INT64_MAX])
     def test_any_positive_block_size_works(self, block):
-        loss, _ = torch.ops.ge2e_ext.ge2e_forward(self.x, None, self.w, self.b, 0, "softmax",
+        loss, _, _ = torch.ops.ge2e_ext.ge2e_forward(self.x, None, self.w, self.b, 0, "softmax",
                                                   1e-6, block)
         ref = ge2e_ext.ge2e_loss(self.x, 10.0, -5.0, reduction="none", backend="torch")
         assert_close_rel(loss, ref, 1e-12, "loss")
@@ -132,7 +132,7 @@ class TestIntegerArguments:
                                                      1e-6, 1.0, 0, o)
 
     def test_bad_state_shape_is_a_value_error(self):
-        loss, state = torch.ops.ge2e_ext.ge2e_forward(self.x, None, self.w, self.b, 0,
+        loss, state, _ = torch.ops.ge2e_ext.ge2e_forward(self.x, None, self.w, self.b, 0,
                                                       "softmax", 1e-6)
         with pytest.raises(ValueError, match="state"):
             torch.ops.ge2e_ext.ge2e_backward(torch.ones_like(loss), self.x, None, self.w, self.b,
@@ -303,7 +303,7 @@ def test_given_sums_at_any_scale(method):
         xx = x * scale_x
         sums = torch.cat([others[:1] * scale_others, xx.sum(1), others[1:] * scale_others])
         out = torch.ops.ge2e_ext.ge2e_forward_backward(xx, sums, w, b, 1, method, 1e-6, 1.0)
-        return out[0], out[1] * scale_x, out[2] * torch.tensor(
+        return out[0], out[2] * scale_x, out[3] * torch.tensor(
             [scale_others, scale_x, scale_x, scale_others], dtype=torch.float64).unsqueeze(1)
 
     base = run(1.0, 1.0)

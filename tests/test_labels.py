@@ -189,7 +189,7 @@ def test_blocks_of_unequal_speakers(method, block, reduce):
 
     def op(block_speakers):
         return lambda x, w, b: ge2e_ext._ops.loss(x, None, w, b, 0, method, 1e-6, reduce, 1.0,
-                                                  block_speakers, offsets)
+                                                  block_speakers, offsets)[0]
 
     whole = loss_and_grads(op(0), rows, w, b)
     blocked = loss_and_grads(op(block), rows, w, b)

@@ -255,7 +255,7 @@ def test_contrast_hardest_impostor_is_chosen_before_rounding(device):
         cos = cos.clamp(min=1e-6)
         cos[torch.arange(4), :, torch.arange(4)] = -2.0  # the own speaker is no impostor
     scalar = dict(dtype=torch.float64, device=device)
-    _, state = torch.ops.ge2e_ext.ge2e_forward(x.to(device), None, torch.tensor(w, **scalar),
+    _, state, _ = torch.ops.ge2e_ext.ge2e_forward(x.to(device), None, torch.tensor(w, **scalar),
                                                torch.tensor(b, **scalar), 0, "contrast", 1e-6)
     assert torch.equal(state[..., 0].cpu().long(), cos.argmax(-1))  # contrast state: hardest
     _, grads = loss_and_grads(ge2e("extension", "contrast"), leaf(x.to(device)),

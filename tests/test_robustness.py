@@ -81,7 +81,7 @@ def test_hardest_impostor_ties_go_to_the_lowest_index(device):
     x = make_embeddings(3, 2, 4, seed=12, offset=1.0, requires_grad=False)
     x[2] = x[1]  # speakers 1 and 2 are the same
     scalar = dict(dtype=torch.float64, device=device)
-    rows, state = torch.ops.ge2e_ext.ge2e_forward(
+    rows, state, _ = torch.ops.ge2e_ext.ge2e_forward(
         x.to(device), None, torch.tensor(10.0, **scalar), torch.tensor(-5.0, **scalar), 0,
         "contrast", 1e-6)
     assert state[0, :, 0].tolist() == [1, 1]  # the contrast state: the hardest impostor

@@ -92,14 +92,14 @@ const char* const kGradientKeys[4] = {"grad_embeddings", "grad_sums", "grad_w", 
 // Python shows this node as Ge2eLossBackward0 (register_python_node_names).
 class ReducedLoss : public torch::autograd::Function<ReducedLoss> {
  public:
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& embeddings,
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& embeddings,
                             const c10::optional<at::Tensor>& sums, const at::Tensor& w,
                             const at::Tensor& b, int64_t speaker_offset,
                             c10::string_view loss_method, c10::optional<double> min_cosine,
                             double scale, int64_t block_speakers,
                             const c10::optional<at::Tensor>& speaker_offsets) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [loss, grad_embeddings, grad_sums, grad_w, grad_b] =
+    auto [loss, top1, grad_embeddings, grad_sums, grad_w, grad_b] =
         ops::forward_backward(embeddings, sums, w, b, speaker_offset, loss_method, min_cosine,
                               scale, block_speakers, speaker_offsets);
     // The inputs are kept for a retained second backward (and for a
@@ -116,7 +116,8 @@ class ReducedLoss : public torch::autograd::Function<ReducedLoss> {
     ctx->saved_data["min_cosine"] = min_cosine;
     ctx->saved_data["scale"] = scale;
     ctx->saved_data["block_speakers"] = block_speakers;
-    return loss;
+    ctx->mark_non_differentiable({top1});
+    return {loss, top1};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
@@ -144,10 +145,10 @@ class ReducedLoss : public torch::autograd::Function<ReducedLoss> {
             ctx->saved_data["min_cosine"].toOptional<double>(),
             ctx->saved_data["scale"].toDouble(), ctx->saved_data["block_speakers"].toInt(),
             speaker_offsets);
-        gradients[0] = std::get<1>(recomputed);
-        gradients[1] = sums.has_value() ? std::get<2>(recomputed) : at::Tensor();
-        gradients[2] = std::get<3>(recomputed);
-        gradients[3] = std::get<4>(recomputed);
+        gradients[0] = std::get<2>(recomputed);
+        gradients[1] = sums.has_value() ? std::get<3>(recomputed) : at::Tensor();
+        gradients[2] = std::get<4>(recomputed);
+        gradients[3] = std::get<5>(recomputed);
       }
       if (!is_plain_cpu_one(grad_loss)) {
         at::NoGradGuard no_grad;  // a create_graph backward is tied below instead
@@ -166,14 +167,14 @@ class ReducedLoss : public torch::autograd::Function<ReducedLoss> {
 // recomputes the cosines. Python shows this node as Ge2eLossBackward1.
 class RowLosses : public torch::autograd::Function<RowLosses> {
  public:
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& embeddings,
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& embeddings,
                             const c10::optional<at::Tensor>& sums, const at::Tensor& w,
                             const at::Tensor& b, int64_t speaker_offset,
                             c10::string_view loss_method, c10::optional<double> min_cosine,
                             int64_t block_speakers,
                             const c10::optional<at::Tensor>& speaker_offsets) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [loss, state] = ops::forward(embeddings, sums, w, b, speaker_offset, loss_method,
+    auto [loss, state, top1] = ops::forward(embeddings, sums, w, b, speaker_offset, loss_method,
                                       min_cosine, block_speakers, speaker_offsets);
     ctx->save_for_backward({savable(embeddings), savable(sums.value_or(at::Tensor())),
                             savable(w), savable(b), state,
@@ -182,7 +183,8 @@ class RowLosses : public torch::autograd::Function<RowLosses> {
     ctx->saved_data["loss_method"] = std::string(loss_method);
     ctx->saved_data["min_cosine"] = min_cosine;
     ctx->saved_data["block_speakers"] = block_speakers;
-    return loss;
+    ctx->mark_non_differentiable({top1});
+    return {loss, top1};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
@@ -212,7 +214,7 @@ class RowLosses : public torch::autograd::Function<RowLosses> {
   }
 };
 
-at::Tensor loss_autograd(const at::Tensor& embeddings, const c10::optional<at::Tensor>& sums,
+std::tuple<at::Tensor, at::Tensor> loss_autograd(const at::Tensor& embeddings, const c10::optional<at::Tensor>& sums,
                          const at::Tensor& w, const at::Tensor& b, int64_t speaker_offset,
                          c10::string_view loss_method, c10::optional<double> min_cosine,
                          bool reduce, double scale, int64_t block_speakers,
@@ -224,7 +226,7 @@ at::Tensor loss_autograd(const at::Tensor& embeddings, const c10::optional<at::T
   if (!needs_grad) {
     static const auto op = c10::Dispatcher::singleton()
                                .findSchemaOrThrow("ge2e_ext::ge2e_loss", "")
-                               .typed<at::Tensor(const at::Tensor&,
+                               .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&,
                                                  const c10::optional<at::Tensor>&,
                                                  const at::Tensor&, const at::Tensor&, int64_t,
                                                  c10::string_view, c10::optional<double>, bool,
@@ -234,12 +236,12 @@ at::Tensor loss_autograd(const at::Tensor& embeddings, const c10::optional<at::T
     return op.call(embeddings, sums, w, b, speaker_offset, loss_method, min_cosine, reduce,
                    scale, block_speakers, speaker_offsets);
   }
-  if (reduce) {
-    return ReducedLoss::apply(embeddings, sums, w, b, speaker_offset, loss_method, min_cosine,
-                              scale, block_speakers, speaker_offsets);
-  }
-  return RowLosses::apply(embeddings, sums, w, b, speaker_offset, loss_method, min_cosine,
-                          block_speakers, speaker_offsets);
+  const variable_list outputs =
+      reduce ? ReducedLoss::apply(embeddings, sums, w, b, speaker_offset, loss_method,
+                                  min_cosine, scale, block_speakers, speaker_offsets)
+             : RowLosses::apply(embeddings, sums, w, b, speaker_offset, loss_method, min_cosine,
+                                block_speakers, speaker_offsets);
+  return {outputs[0], outputs[1]};
 }
 
 }  // namespace

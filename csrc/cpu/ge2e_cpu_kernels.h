@@ -234,6 +234,19 @@ void row_values(const acc_t* __restrict__ row, RowView<acc_t> view, acc_t* __res
   }
 }
 
+// Whether the row's own speaker (own_cos, clamped) is its top-1 among the
+// raw cosines `row` (no impostor takes_top1). Compares OR-ed into an int, so
+// that the loop vectorizes.
+template <typename acc_t>
+bool own_is_top1(const acc_t* __restrict__ row, int64_t n, int64_t own,
+                 SimilarityParams<acc_t> params, acc_t own_cos) {
+  int beaten = 0;
+  for (int64_t k = 0; k < n; ++k) {
+    beaten |= k != own && takes_top1(clamp_cosine(row[k], params), k, own, own_cos);
+  }
+  return beaten == 0;
+}
+
 // Every k of one row: the similarity gradient g_k (0 for the own speaker),
 // g_k (c_k - c_own), and the raw cosines turned into H_rk = dLoss/dcos_rk /
 // (|e_r||s_k|). Elementwise, with restrict pointers and scalars by value, so
@@ -299,6 +312,7 @@ void rows(const Problem& p, const RowBuffers& rb, RowPass pass, Block blk, acc_t
         summary = Method::summarize(stat, view);
         loss[r] = summary.loss;
         Method::save_state(summary, state);
+        rb.top1[r] = own_is_top1(row, K, own, params, view.own_cos);
       }
       rb.hardest[r] = summary.hardest;
       if (pass == RowPass::kLoss) continue;

@@ -191,6 +191,19 @@ struct Maxes {
   }
 };
 
+// A row's scan: the method's statistic and whether an impostor takes the
+// row's top-1 (takes_top1), reduced in one tree. beaten is an int so that the
+// struct shuffles in 32-bit words.
+template <typename Statistic>
+struct RowScan {
+  Statistic stat;
+  int beaten = 0;
+  __device__ void merge(const RowScan& o) {
+    stat.merge(o.stat);
+    beaten |= o.beaten;
+  }
+};
+
 // A warp shuffle of any trivially copyable value (a Sums, a method's
 // Statistic), 32 bits at a time, so that a new method's statistic needs no
 // shuffle of its own.
@@ -379,12 +392,14 @@ __global__ void __launch_bounds__(kMaxThreads)
   const RowView<acc_t> view{clamp_cosine(exclusive.raw_cos, params), params};
   acc_t* row = cosines + row_in_block * K;
 
-  typename Method::template Statistic<acc_t> stat;
+  RowScan<typename Method::template Statistic<acc_t>> scan;
   for (int64_t k = threadIdx.x; k < K; k += blockDim.x) {
     const acc_t raw = cross_cosine(row[k], exclusive, inv_sums[k]);
     row[k] = raw;  // read back below by this thread only
     if (pass != RowPass::kGradient && k != own) {
-      stat.add(Method::value(clamp_cosine(raw, params), view), k);
+      const acc_t c = clamp_cosine(raw, params);
+      scan.stat.add(Method::value(c, view), k);
+      scan.beaten |= takes_top1(c, k, own, view.own_cos);
     }
   }
   RowSummary<acc_t> summary;
@@ -392,11 +407,12 @@ __global__ void __launch_bounds__(kMaxThreads)
   if (pass == RowPass::kGradient) {
     summary = Method::template load_state<acc_t>(state);
   } else {
-    stat = block_reduce(stat, scratch);
-    summary = Method::summarize(stat, view);
+    scan = block_reduce(scan, scratch);
+    summary = Method::summarize(scan.stat, view);
     if (threadIdx.x == 0) {
       static_cast<acc_t*>(rb.loss)[r] = summary.loss;
       Method::save_state(summary, state);
+      rb.top1[r] = scan.beaten == 0;
     }
   }
   if (threadIdx.x == 0) rb.hardest[r] = summary.hardest;
