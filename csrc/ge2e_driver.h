@@ -24,6 +24,10 @@
 //                                (not a DeviceScratch device's: its fold does)
 //   fold(p, z, grad)             adds dLoss/ds_j to every utterance of speaker j
 //   finish(p, z, w_part, b_part, loss_rows, loss_scale, grad_w, grad_b, loss_total)
+//   unit_rows(p, in, out, norms)       normalize=True: the rows as unit rows, and
+//                                      their norms (ge2e_math.h, "unit rows")
+//   unit_row_grads(p, in, norms, grad) normalize=True: the gradient through the
+//                                      normalisation, in place
 // each taking the call's Problem (ge2e_problem.h). A device whose policy has
 // kFinishPartials (DeviceScratch; the CUDA device) gets the Problem's scratch
 // and runs the finish inside the sweep's last launch instead:
@@ -127,7 +131,8 @@ struct DeviceScratch<Device, std::void_t<decltype(Device::kFinishPartials)>> : s
 
 // The tensors of one call, and the Problem that points into them.
 struct Call {
-  at::Tensor embeddings;  // contiguous, viewed as (B, D)
+  at::Tensor embeddings;  // contiguous, viewed as (B, D); with normalize, the unit rows
+  at::Tensor input_rows, row_norms;  // normalize: the input (contiguous), its rows' norms
   at::Tensor speaker_offsets, sums, sum_scales, own_sums_hi, own_sums_lo, speaker_scales,
       inv_sums, own_terms, w, b;
   at::Tensor row_speakers, row_dots, finish_partials, finish_counter;  // DeviceScratch
@@ -232,7 +237,7 @@ template <class Device>
 Call make_call(const at::Tensor& embeddings, const c10::optional<at::Tensor>& sums,
                const at::Tensor& w, const at::Tensor& b, int64_t speaker_offset,
                c10::string_view loss_method, c10::optional<double> min_cosine,
-               const c10::optional<at::Tensor>& speaker_offsets) {
+               const c10::optional<at::Tensor>& speaker_offsets, bool normalize) {
   Call c;
   Problem& p = c.problem;
   check_layout(embeddings, speaker_offsets, c);
@@ -256,6 +261,14 @@ Call make_call(const at::Tensor& embeddings, const c10::optional<at::Tensor>& su
   p.min_cosine = min_cosine.value_or(0.0);
   c.acc_options = embeddings.options().dtype(acc);
   c.embeddings = embeddings.contiguous();
+  if (normalize) {  // the loss of the unit rows: one pass, one input-sized buffer
+    c.input_rows = c.embeddings;
+    c.row_norms = at::empty({p.total_rows}, c.acc_options);
+    c.embeddings = at::empty_like(c.input_rows);
+    RECORD_FUNCTION("ge2e_ext::unit_rows", {});
+    Device::unit_rows(p, c.input_rows.data_ptr(), c.embeddings.data_ptr(),
+                      c.row_norms.data_ptr());
+  }
   c.w = w.dim() == 0 ? w : w.reshape({});
   c.b = b.dim() == 0 ? b : b.reshape({});
   p.sums_given = sums.has_value();
@@ -627,11 +640,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& embeddi
                                            int64_t speaker_offset, c10::string_view loss_method,
                                            c10::optional<double> min_cosine,
                                            int64_t block_speakers,
-                                           const c10::optional<at::Tensor>& speaker_offsets) {
+                                           const c10::optional<at::Tensor>& speaker_offsets,
+                                           bool normalize) {
   const c10::OptionalDeviceGuard device_guard(embeddings.device());
   check_block_speakers(block_speakers);
   const Call c = make_call<Device>(embeddings, sums, w, b, speaker_offset, loss_method,
-                                   min_cosine, speaker_offsets);
+                                   min_cosine, speaker_offsets, normalize);
   RowOutputs out = row_outputs(c);
   const RowBuffers rb = row_buffers(out, nullptr);
   const Problem& p = c.problem;
@@ -639,6 +653,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& embeddi
     sweep<Device, decltype(method)>(c, RowPass::kLoss, rb, nullptr, block_speakers, nullptr);
   });
   return {out.loss, out.state, out.top1};
+}
+
+// normalize=True: the embeddings' gradient through the normalisation, in place
+// (the sweep gave the unit rows' gradient).
+template <class Device>
+void unit_row_grads(const Call& c, Gradients& g) {
+  if (!c.input_rows.defined()) return;
+  RECORD_FUNCTION("ge2e_ext::unit_row_grads", {});
+  Device::unit_row_grads(c.problem, c.input_rows.data_ptr(), c.row_norms.data_ptr(),
+                         g.embeddings.data_ptr());
 }
 
 // The end of a gradient sweep (FinishArgs) and its outputs: dLoss/ds (when
@@ -673,11 +697,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
     const c10::optional<at::Tensor>& sums, const at::Tensor& w, const at::Tensor& b,
     const at::Tensor& state, int64_t speaker_offset, c10::string_view loss_method,
     c10::optional<double> min_cosine, int64_t block_speakers,
-    const c10::optional<at::Tensor>& speaker_offsets) {
+    const c10::optional<at::Tensor>& speaker_offsets, bool normalize) {
   const c10::OptionalDeviceGuard device_guard(embeddings.device());
   check_block_speakers(block_speakers);
   const Call c = make_call<Device>(embeddings, sums, w, b, speaker_offset, loss_method,
-                                   min_cosine, speaker_offsets);
+                                   min_cosine, speaker_offsets, normalize);
   const Problem& p = c.problem;
   std::vector<int64_t> state_shape = c.row_shape;
   state_shape.push_back(kRowStateSize);
@@ -699,6 +723,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
   dispatch_loss_method(p.method, [&](auto method) {
     sweep<Device, decltype(method)>(c, RowPass::kGradient, rb, &g, block_speakers, &f.args);
   });
+  unit_row_grads<Device>(c, g);
   return {g.embeddings, g.sums, f.grad_w.view(w.sizes()), f.grad_b.view(b.sizes())};
 }
 
@@ -712,11 +737,11 @@ forward_backward(
     const at::Tensor& embeddings, const c10::optional<at::Tensor>& sums, const at::Tensor& w,
     const at::Tensor& b, int64_t speaker_offset, c10::string_view loss_method,
     c10::optional<double> min_cosine, double scale, int64_t block_speakers,
-    const c10::optional<at::Tensor>& speaker_offsets) {
+    const c10::optional<at::Tensor>& speaker_offsets, bool normalize) {
   const c10::OptionalDeviceGuard device_guard(embeddings.device());
   check_block_speakers(block_speakers);
   const Call c = make_call<Device>(embeddings, sums, w, b, speaker_offset, loss_method,
-                                   min_cosine, speaker_offsets);
+                                   min_cosine, speaker_offsets, normalize);
   RowOutputs out = row_outputs(c);
   Gradients g = allocate_gradients(c);
   RowBuffers rb = row_buffers(out, &g);
@@ -728,6 +753,7 @@ forward_backward(
     sweep<Device, decltype(method)>(c, RowPass::kLossAndGradient, rb, &g, block_speakers,
                                     &f.args);
   });
+  unit_row_grads<Device>(c, g);
   return {loss_total,  out.top1,
           g.embeddings, g.sums,
           f.grad_w.view(w.sizes()), f.grad_b.view(b.sizes())};

@@ -195,6 +195,40 @@ GE2E_HD T safe_max_inverse_norm() {
                                      : T(1073741824.0) /* 2^30 */;
 }
 
+// ------------------------------------------------------------- unit rows
+//
+// normalize=True: the loss of the rows e_r / max(|e_r|, eps), eps = 1e-12, as
+// torch.nn.functional.normalize makes them (the paper's e_ji is the network's
+// L2-normalised output; the centroids are then means of unit vectors). |e_r|
+// is taken of e_r times power_of_two_scale(max |e_r,d|), so that its square
+// neither overflows nor underflows. The gradient through the normalisation,
+// from g = dLoss/d(unit row) u = e / |e|:
+//   |e| > eps:  (g - u (u . g)) / |e|     (d(e/|e|)/de = (I - u u^T) / |e|)
+//   otherwise:  g / eps                   (the clamp at eps passes no gradient
+//                                          to |e|, at the bound included)
+// A NaN norm stays NaN in both (as torch's clamp propagates it).
+constexpr double kNormalizeEps = 1e-12;
+
+// |e| from the scaled sum of squares of e times scale (power_of_two_scale).
+template <typename T>
+GE2E_HD T row_norm(T scaled_squares, T scale) { return sqrt_(scaled_squares) / scale; }
+
+// max(|e|, eps): what the row is divided by (NaN stays NaN).
+template <typename T>
+GE2E_HD T normalize_denominator(T norm) { return norm < T(kNormalizeEps) ? T(kNormalizeEps) : norm; }
+
+// Whether the row's gradient goes through its norm: |e| > eps, or NaN.
+template <typename T>
+GE2E_HD bool norm_passes_gradient(T norm) { return !(norm <= T(kNormalizeEps)); }
+
+// Coordinate d of dLoss/de_r from g_d = dLoss/du_d, u_d = e_d / |e| and
+// u_dot_g = u . g (computed where norm_passes_gradient(norm)).
+template <typename T>
+GE2E_HD T unit_row_grad(T g_d, T e_d, T u_dot_g, T norm) {
+  return norm_passes_gradient(norm) ? (g_d - (e_d / norm) * u_dot_g) / norm
+                                    : g_d / T(kNormalizeEps);
+}
+
 // ------------------------------------------------- sums without cancellation
 
 // hi += x keeping lo += the rounding error of hi (Knuth's TwoSum,

@@ -30,9 +30,10 @@ std::tuple<at::Tensor, at::Tensor> loss_without_autograd(const at::Tensor& embed
                                  const at::Tensor& b, int64_t speaker_offset,
                                  c10::string_view loss_method, c10::optional<double> min_cosine,
                                  bool reduce, double scale, int64_t block_speakers,
-                                 const c10::optional<at::Tensor>& speaker_offsets) {
+                                 const c10::optional<at::Tensor>& speaker_offsets,
+                                 bool normalize) {
   auto [loss, state, top1] = ops::forward(embeddings, sums, w, b, speaker_offset, loss_method,
-                                          min_cosine, block_speakers, speaker_offsets);
+                                          min_cosine, block_speakers, speaker_offsets, normalize);
   if (!reduce) return {loss, top1};
   return {scale == 1.0 ? loss.sum() : loss.sum().mul_(scale), top1};
 }

@@ -16,16 +16,16 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
     const at::Tensor& embeddings, const c10::optional<at::Tensor>& sums, const at::Tensor& w,
     const at::Tensor& b, int64_t speaker_offset, c10::string_view loss_method,
     c10::optional<double> min_cosine, int64_t block_speakers,
-    const c10::optional<at::Tensor>& speaker_offsets) {
+    const c10::optional<at::Tensor>& speaker_offsets, bool normalize) {
   static const auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("ge2e_ext::ge2e_forward", "")
           .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
               const at::Tensor&, const c10::optional<at::Tensor>&, const at::Tensor&,
               const at::Tensor&, int64_t, c10::string_view, c10::optional<double>, int64_t,
-              const c10::optional<at::Tensor>&)>();
+              const c10::optional<at::Tensor>&, bool)>();
   return op.call(embeddings, sums, w, b, speaker_offset, loss_method, min_cosine,
-                 block_speakers, speaker_offsets);
+                 block_speakers, speaker_offsets, normalize);
 }
 
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
@@ -33,7 +33,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
     const c10::optional<at::Tensor>& sums, const at::Tensor& w, const at::Tensor& b,
     const at::Tensor& state, int64_t speaker_offset, c10::string_view loss_method,
     c10::optional<double> min_cosine, int64_t block_speakers,
-    const c10::optional<at::Tensor>& speaker_offsets) {
+    const c10::optional<at::Tensor>& speaker_offsets, bool normalize) {
   static const auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("ge2e_ext::ge2e_backward", "")
@@ -41,9 +41,9 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
               const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
               const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
               c10::string_view, c10::optional<double>, int64_t,
-              const c10::optional<at::Tensor>&)>();
+              const c10::optional<at::Tensor>&, bool)>();
   return op.call(grad_loss, embeddings, sums, w, b, state, speaker_offset, loss_method,
-                 min_cosine, block_speakers, speaker_offsets);
+                 min_cosine, block_speakers, speaker_offsets, normalize);
 }
 
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
@@ -51,7 +51,7 @@ forward_backward(
     const at::Tensor& embeddings, const c10::optional<at::Tensor>& sums, const at::Tensor& w,
     const at::Tensor& b, int64_t speaker_offset, c10::string_view loss_method,
     c10::optional<double> min_cosine, double scale, int64_t block_speakers,
-    const c10::optional<at::Tensor>& speaker_offsets) {
+    const c10::optional<at::Tensor>& speaker_offsets, bool normalize) {
   static const auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("ge2e_ext::ge2e_forward_backward", "")
@@ -59,9 +59,9 @@ forward_backward(
                             at::Tensor>(
               const at::Tensor&, const c10::optional<at::Tensor>&, const at::Tensor&,
               const at::Tensor&, int64_t, c10::string_view, c10::optional<double>, double,
-              int64_t, const c10::optional<at::Tensor>&)>();
+              int64_t, const c10::optional<at::Tensor>&, bool)>();
   return op.call(embeddings, sums, w, b, speaker_offset, loss_method, min_cosine, scale,
-                 block_speakers, speaker_offsets);
+                 block_speakers, speaker_offsets, normalize);
 }
 
 }  // namespace ops

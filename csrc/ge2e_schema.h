@@ -17,14 +17,17 @@ namespace ge2e {
 // sum; and the rows' top1 (bool, (N, M) or (B,)): whether each row's own
 // speaker is the most similar (the arg-max of its clamped cosines, ties to the
 // lower index; false where a cosine is NaN), from the same pass. The loss is
-// differentiable in embeddings, sums, w, b; top1 is not differentiable. block_speakers (tests):
+// differentiable in embeddings, sums, w, b; top1 is not differentiable. With
+// normalize, of every op: the loss of the rows scaled to unit length,
+// e / max(|e|, 1e-12) (torch.nn.functional.normalize), and the gradients
+// through that (given sums are taken as sums of unit rows). block_speakers (tests):
 // 0 sizes the blocks from the memory budget, > 0 asks for blocks of that many
 // whole speakers, < 0 for blocks of -block_speakers rows (which may split a
 // speaker across blocks).
 inline constexpr const char* kLossSchema =
     "ge2e_loss(Tensor embeddings, Tensor? sums, Tensor w, Tensor b, int speaker_offset, "
     "str loss_method, float? min_cosine, bool reduce, float scale, int block_speakers=0, "
-    "Tensor? speaker_offsets=None) -> (Tensor, Tensor)";
+    "Tensor? speaker_offsets=None, bool normalize=False) -> (Tensor, Tensor)";
 
 // The per-utterance losses, (N, M) or (B,), each row's saved state, shaped
 // (..., 2) float64: what the method's gradient is taken from (softmax: the
@@ -34,7 +37,7 @@ inline constexpr const char* kLossSchema =
 // returned losses in place.
 inline constexpr const char* kForwardSchema =
     "ge2e_forward(Tensor embeddings, Tensor? sums, Tensor w, Tensor b, int speaker_offset, "
-    "str loss_method, float? min_cosine, int block_speakers=0, Tensor? speaker_offsets=None) "
+    "str loss_method, float? min_cosine, int block_speakers=0, Tensor? speaker_offsets=None, bool normalize=False) "
     "-> (Tensor, Tensor, Tensor)";
 
 // The gradients (embeddings, sums, w, b) for the upstream gradient of the
@@ -43,7 +46,7 @@ inline constexpr const char* kForwardSchema =
 inline constexpr const char* kBackwardSchema =
     "ge2e_backward(Tensor grad_loss, Tensor embeddings, Tensor? sums, Tensor w, Tensor b, "
     "Tensor state, int speaker_offset, str loss_method, float? min_cosine, "
-    "int block_speakers=0, Tensor? speaker_offsets=None) -> (Tensor, Tensor, Tensor, Tensor)";
+    "int block_speakers=0, Tensor? speaker_offsets=None, bool normalize=False) -> (Tensor, Tensor, Tensor, Tensor)";
 
 // scale times the sum of the losses (0-dim), the rows' top1 and the loss's
 // gradients (embeddings, sums, w, b), in one sweep: what a training step with
@@ -51,7 +54,7 @@ inline constexpr const char* kBackwardSchema =
 inline constexpr const char* kForwardBackwardSchema =
     "ge2e_forward_backward(Tensor embeddings, Tensor? sums, Tensor w, Tensor b, "
     "int speaker_offset, str loss_method, float? min_cosine, float scale, "
-    "int block_speakers=0, Tensor? speaker_offsets=None) "
+    "int block_speakers=0, Tensor? speaker_offsets=None, bool normalize=False) "
     "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)";
 
 }  // namespace ge2e

@@ -57,13 +57,13 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def loss(embeddings, sums, w, b, speaker_offset, loss_method, min_cosine, reduce, scale,
-         block_speakers=0, speaker_offsets=None):
+         block_speakers=0, speaker_offsets=None, normalize=False):
     """The compiled, differentiable GE2E loss and the rows' top1: the per-row losses
     ((N, M), or (B,) for (B, D) rows grouped by speaker_offsets), or scale * their
     sum; and whether each row's own speaker is its most similar (bool, per row)."""
     return torch.ops.ge2e_ext.ge2e_loss(embeddings, sums, w, b, speaker_offset, loss_method,
                                         min_cosine, reduce, scale, block_speakers,
-                                        speaker_offsets)
+                                        speaker_offsets, normalize)
 
 
 if _C is not None:
@@ -90,7 +90,7 @@ if _C is not None:
 
     @torch.library.register_fake("ge2e_ext::ge2e_loss")
     def _loss_fake(embeddings, sums, w, b, speaker_offset, loss_method, min_cosine, reduce,
-                   scale, block_speakers=0, speaker_offsets=None):
+                   scale, block_speakers=0, speaker_offsets=None, normalize=False):
         rows = _rows_like(embeddings)
         return (rows.new_empty(()) if reduce else rows), _top1_like(rows)
 
@@ -98,21 +98,22 @@ if _C is not None:
 
     @torch.library.register_fake("ge2e_ext::ge2e_forward")
     def _forward_fake(embeddings, sums, w, b, speaker_offset, loss_method, min_cosine,
-                      block_speakers=0, speaker_offsets=None):
+                      block_speakers=0, speaker_offsets=None, normalize=False):
         rows = _rows_like(embeddings)
         return (rows, rows.new_empty((*rows.shape, ROW_STATE_SIZE), dtype=torch.float64),
                 _top1_like(rows))
 
     @torch.library.register_fake("ge2e_ext::ge2e_backward")
     def _backward_fake(grad_loss, embeddings, sums, w, b, state, speaker_offset,
-                       loss_method, min_cosine, block_speakers=0, speaker_offsets=None):
+                       loss_method, min_cosine, block_speakers=0, speaker_offsets=None,
+                       normalize=False):
         return (torch.empty_like(embeddings, memory_format=torch.contiguous_format),
                 _sums_grad_like(embeddings, sums, speaker_offsets), _scalar_like(embeddings, w),
                 _scalar_like(embeddings, b))
 
     @torch.library.register_fake("ge2e_ext::ge2e_forward_backward")
     def _forward_backward_fake(embeddings, sums, w, b, speaker_offset, loss_method, min_cosine,
-                               scale, block_speakers=0, speaker_offsets=None):
+                               scale, block_speakers=0, speaker_offsets=None, normalize=False):
         rows = _rows_like(embeddings)
         return (rows.new_empty(()), _top1_like(rows),
                 torch.empty_like(embeddings, memory_format=torch.contiguous_format),

@@ -54,6 +54,21 @@ def unit(vectors: torch.Tensor) -> torch.Tensor:
     return vectors * inverse_norm(vectors).unsqueeze(-1)
 
 
+NORMALIZE_EPS = 1e-12  # kNormalizeEps in csrc/ge2e_math.h: torch.nn.functional.normalize's
+
+
+def normalized_rows(rows: torch.Tensor) -> torch.Tensor:
+    """rows / max(|rows|, 1e-12) over the last dimension (``normalize=True``), as
+    torch.nn.functional.normalize, with the norm taken of the rows times a power of
+    two (no overflow of its square) and computed in the accumulation dtype; the
+    result in the rows' dtype. The kernels' unit_rows (csrc/ge2e_math.h)."""
+    acc = torch.float64 if rows.dtype == torch.float64 else torch.float32
+    x = rows.to(acc)
+    scale = power_of_two_scale(x.abs().amax(-1, keepdim=True))
+    norm = torch.linalg.vector_norm(x * scale, dim=-1, keepdim=True) / scale
+    return (x / norm.clamp(min=NORMALIZE_EPS)).to(rows.dtype)
+
+
 def exclusive_sums(embeddings: torch.Tensor) -> torch.Tensor:
     """u_ji = sum_{l != i} e_jl as prefix plus suffix sums: never s_j - e_ji, which
     cancels when e_ji dominates its speaker."""

@@ -52,7 +52,8 @@ def _communication_device(dist, group, device: torch.device) -> torch.device:
 
 
 # The metadata every rank announces, in order, as int64 (floats as their bits).
-_FIELDS = ("n", "m", "d", "dtype", "rows", "grad", "method", "reduction", "min_cosine", "w", "b")
+_FIELDS = ("n", "m", "d", "dtype", "rows", "grad", "method", "reduction", "min_cosine", "w", "b",
+           "normalize")
 # Fields that must agree on every rank, and how a message names them.
 _AGREED = {
     "form": "the form (some ranks pass labels, some (N, M, D) embeddings)",
@@ -66,6 +67,7 @@ _AGREED = {
     "min_cosine": "min_cosine",
     "w": "w",
     "b": "b",
+    "normalize": "normalize",
 }
 _METHOD_CODES = {"softmax": 0, "contrast": 1}
 _REDUCTION_CODES = {"sum": 0, "mean": 1, "none": 2}
@@ -91,7 +93,8 @@ def _describe(row) -> str:
             + f" {names.get(row['method'], row['method'])}"
             + f" reduction={reductions.get(row['reduction'], row['reduction'])}"
             + f" min_cosine={'None' if min_cosine != min_cosine else min_cosine}"
-            + f" w={_bits_float(row['w'])!r} b={_bits_float(row['b'])!r}")
+            + f" w={_bits_float(row['w'])!r} b={_bits_float(row['b'])!r}"
+            + f" normalize={'yes' if row['normalize'] == 1 else 'no'}")
 
 
 def _check_table(table):
@@ -109,7 +112,8 @@ def _check_table(table):
     raise ValueError(
         "ge2e_loss(distributed=True): every rank of the process group must pass embeddings "
         "of the same form, D and dtype (and the same M when dense; only N may differ), the "
-        "same loss_method, reduction, min_cosine, w and b, and need a gradient on all ranks "
+        "same loss_method, reduction, min_cosine, w, b and normalize, and need a gradient on "
+        "all ranks "
         f"or none; they differ in {', '.join(_AGREED[key] for key in differ)}: {per_rank}"
     )
 
@@ -196,7 +200,8 @@ def gather_speaker_sums(embeddings: torch.Tensor, group=None, local_error=None, 
         grouping: the labels form's ``ge2e_ext.labels.Grouping`` of this rank's rows.
         options: what must agree on every rank besides the shapes: a dict with
             loss_method, reduction, min_cosine, w and b (0-dim tensors or
-            numbers) and grad (whether this rank's loss will have a backward).
+            numbers), normalize and grad (whether this rank's loss will have a
+            backward).
 
     Returns:
         ``(sums, offset, total_utterances)``: ``sums`` (K, D) in the accumulation
@@ -244,7 +249,7 @@ def gather_speaker_sums(embeddings: torch.Tensor, group=None, local_error=None, 
     # 1. Metadata of every rank, checked identically everywhere.
     fields = dict(n=n, m=m, d=d, rows=rows,
                   dtype=_DTYPE_CODES.get(getattr(embeddings, "dtype", None), -1),
-                  grad=-1, method=-1, reduction=-1, min_cosine=-1, w=-1, b=-1)
+                  grad=-1, method=-1, reduction=-1, min_cosine=-1, w=-1, b=-1, normalize=-1)
     if local_error is None:
         try:
             fields.update(
@@ -253,7 +258,8 @@ def gather_speaker_sums(embeddings: torch.Tensor, group=None, local_error=None, 
                 reduction=_REDUCTION_CODES.get(options.get("reduction"), -1),
                 min_cosine=_float_bits(options.get("min_cosine")),
                 w=_float_bits(options["w"]) if "w" in options else -1,
-                b=_float_bits(options["b"]) if "b" in options else -1)
+                b=_float_bits(options["b"]) if "b" in options else -1,
+                normalize=int(bool(options.get("normalize", False))))
         except (TypeError, ValueError, RuntimeError) as error:
             local_error = error
     meta = torch.tensor([int(local_error is None)] + [fields[key] for key in _FIELDS],

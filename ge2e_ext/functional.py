@@ -231,7 +231,7 @@ def ge2e_loss(embeddings: torch.Tensor, w: torch.Tensor | float, b: torch.Tensor
               loss_method: str = "softmax", *, labels: torch.Tensor | None = None,
               num_speakers: int | None = None, reduction: str = "sum",
               min_cosine: float | None = 1e-6, backend: str = "auto", distributed: bool = False,
-              group: torch.distributed.ProcessGroup | None = None,
+              group: torch.distributed.ProcessGroup | None = None, normalize: bool = False,
               return_top1: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     r"""The generalized end-to-end (GE2E) loss of Wan et al., 2018 (arXiv 1710.10467).
 
@@ -274,6 +274,13 @@ def ge2e_loss(embeddings: torch.Tensor, w: torch.Tensor | float, b: torch.Tensor
             Default: False.
         group (ProcessGroup, optional): the process group, with ``distributed=True``
             only. Default: None (the default group).
+        normalize (bool, optional): score the embeddings scaled to unit length,
+            ``e / max(|e|, 1e-12)`` (``torch.nn.functional.normalize``'s rows), as the
+            paper (its e_ji is the network's L2-normalised output) and
+            pytorch-metric-learning's ``GE2ELoss`` do: the centroids are then means
+            of unit vectors. The compiled op normalises in its own pass and
+            differentiates through it; the default, False, takes the embeddings as
+            given, as the original code. Default: False.
         return_top1 (bool, optional): also return ``top1``, whether each row's own
             speaker is its most similar: the arg-max of its cosines (as the loss
             clamps them; ties go to the lower speaker index, as ``torch.argmax``) is
@@ -318,8 +325,9 @@ def ge2e_loss(embeddings: torch.Tensor, w: torch.Tensor | float, b: torch.Tensor
     local_error, grouping, use_extension = None, None, False
     try:
         check_options(loss_method, reduction, min_cosine, backend, distributed, group)
-        if not isinstance(return_top1, bool):
-            raise TypeError(f"return_top1 must be a bool, got {type(return_top1).__name__}")
+        for name, flag in (("normalize", normalize), ("return_top1", return_top1)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
         if labels is None:
             if num_speakers is not None:
                 raise ValueError("num_speakers goes with labels=; the dense form's N is its shape")
@@ -344,6 +352,12 @@ def ge2e_loss(embeddings: torch.Tensor, w: torch.Tensor | float, b: torch.Tensor
             raise
         local_error = error
 
+    op_normalizes = normalize
+    if normalize and local_error is None and (distributed or not use_extension):
+        # The PyTorch path, and the distributed form (whose speaker sums, gathered
+        # below, must be sums of unit rows), normalise with PyTorch ops first.
+        embeddings = _torch_impl.normalized_rows(embeddings)
+        op_normalizes = False
     offsets = None
     if grouping is not None:
         embeddings = embeddings.index_select(0, grouping.order)  # rows in speaker order
@@ -363,7 +377,7 @@ def ge2e_loss(embeddings: torch.Tensor, w: torch.Tensor | float, b: torch.Tensor
             needs_grad = torch.is_grad_enabled() and embeddings.requires_grad
             with torch.no_grad():
                 options = dict(loss_method=loss_method, reduction=reduction,
-                               min_cosine=min_cosine, grad=needs_grad,
+                               min_cosine=min_cosine, grad=needs_grad, normalize=normalize,
                                w=w.detach().double().cpu().item(),
                                b=b.detach().double().cpu().item())
         sums, offset, total_utterances = dist_impl.gather_speaker_sums(
@@ -373,7 +387,7 @@ def ge2e_loss(embeddings: torch.Tensor, w: torch.Tensor | float, b: torch.Tensor
     scale = 1.0 / total_utterances if reduction == "mean" else 1.0
     if use_extension:
         loss, top1 = _ops.loss(embeddings, sums, w, b, offset, loss_method, min_cosine, reduce,
-                               scale, 0, offsets)
+                               scale, 0, offsets, op_normalizes)
     else:
         loss, top1 = _torch_loss(embeddings, sums, w, b, offset, loss_method, min_cosine,
                                  grouping)

@@ -60,6 +60,9 @@ class GE2ELoss(nn.Module):
             (docs/distributed.md). Default: False.
         group (ProcessGroup, optional): the process group, with ``distributed=True``.
             Default: None (the default group).
+        normalize (bool, optional): score the embeddings scaled to unit length (the
+            paper's e_ji; pytorch-metric-learning's ``GE2ELoss``), normalised in the
+            compiled op's own pass. Default: False (as given, the original code's).
 
     Shape:
         - embeddings: :math:`(N, M, D)`: N >= 2 speakers, M >= 2 utterances each, D
@@ -84,9 +87,13 @@ class GE2ELoss(nn.Module):
     def __init__(self, init_w: float = 10.0, init_b: float = -5.0, loss_method: str = "softmax",
                  *, reduction: str = "sum", min_cosine: float | None = 1e-6,
                  backend: str = "auto", distributed: bool = False,
-                 group: torch.distributed.ProcessGroup | None = None) -> None:
+                 group: torch.distributed.ProcessGroup | None = None,
+                 normalize: bool = False) -> None:
         super().__init__()
         check_options(loss_method, reduction, min_cosine, backend, distributed, group)
+        if not isinstance(normalize, bool):
+            raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
+        self.normalize = normalize
         self.w = nn.Parameter(torch.tensor(_check_init_w(_initial_value("init_w", init_w))))
         self.b = nn.Parameter(torch.tensor(_initial_value("init_b", init_b)))
         self.loss_method = loss_method
@@ -109,9 +116,10 @@ class GE2ELoss(nn.Module):
                          num_speakers=num_speakers, reduction=self.reduction,
                          min_cosine=self.min_cosine, backend=self.backend,
                          distributed=self.distributed, group=self.group,
-                         return_top1=return_top1)
+                         normalize=self.normalize, return_top1=return_top1)
 
     def extra_repr(self) -> str:
         return (f"loss_method={self.loss_method!r}, reduction={self.reduction!r}, "
                 f"min_cosine={self.min_cosine}, backend={self.backend!r}"
-                + (", distributed=True" if self.distributed else ""))
+                + (", distributed=True" if self.distributed else "")
+                + (", normalize=True" if self.normalize else ""))

@@ -56,6 +56,11 @@ def _cases(world):
                     module=(ci == 1 and mi == 0),  # through GE2ELoss(distributed=True)
                     dtype=torch.float64, group_ranks=None,
                 ))
+    # normalize=True: the sums that cross the network are of unit rows.
+    for backend in CPU_BACKENDS:
+        cases.append(dict(name=f"softmax-normalize-{backend}", counts=COUNTS[world][0],
+                          method="softmax", backend=backend, reduction="mean", min_cosine=1e-6,
+                          module=False, dtype=torch.float64, group_ranks=None, normalize=True))
     # float32 embeddings: float32 sums cross the network.
     cases.append(dict(name="softmax-float32", counts=COUNTS[world][0], method="softmax",
                       backend=CPU_BACKENDS[-1], reduction="sum", min_cosine=1e-6,
@@ -89,7 +94,8 @@ def _loss_and_grads(case, x, group=None, distributed=False):
         b = torch.tensor(B0, dtype=case["dtype"], requires_grad=True)
         loss = ge2e_loss(x, w, b, case["method"], reduction=case["reduction"],
                          min_cosine=case["min_cosine"], backend=case["backend"],
-                         distributed=distributed, group=group)
+                         distributed=distributed, group=group,
+                         normalize=case.get("normalize", False))
     loss.sum().backward()  # sum: reduction="none" too
     return dict(loss=loss.detach(), grad_x=x.grad, grad_w=w.grad.detach(),
                 grad_b=b.grad.detach())
@@ -152,6 +158,7 @@ def _option_mismatches(rank, world, group):
         "reduction": (True, {"reduction": "mean" if rank == 0 else "sum"}),
         "w": (True, {"w": W0 if rank == 0 else W0 + 1}),
         "b": (True, {"b": B0 if rank == last else B0 - 1}),
+        "normalize": (True, {"normalize": rank == 0}),
         # one rank's own input is bad: its error there, a RuntimeError naming it elsewhere
         "min_cosine_type": (True, {"min_cosine": "0.1" if rank == 0 else 1e-6}),
         "empty_labels": (True, {"labels": True, "rows": 0 if rank == last else None}),
@@ -493,6 +500,7 @@ OPTION_HINTS = {
     "reduction": "differ in reduction",
     "w": "differ in w",
     "b": "differ in b",
+    "normalize": "differ in normalize",
 }
 
 

@@ -156,13 +156,15 @@ def test_voxceleb_trainer_needs_two_per_speaker(voxceleb_checkout):
 def test_metric_learning_recipe():
     ns = run_recipe("metric_learning")
     embeddings, labels, loss = ns["embeddings"].detach(), ns["labels"], ns["loss"]
-    # the same as the dense (N, M, D) loss of the rows grouped by label (loop reference)
+    # the same as the dense (N, M, D) loss of the unit rows grouped by label (loop
+    # reference; pytorch-metric-learning's GE2ELoss normalises them first)
+    unit = F.normalize(embeddings, dim=1)
     order = torch.argsort(labels, stable=True)
-    dense = embeddings[order].reshape(4, 6, -1).double()
+    dense = unit[order].reshape(4, 6, -1).double()
     expected = ge2e_loss_reference(dense, 10.0, -5.0).mean()
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     # the accuracy from the loss's pass is the PyTorch path's similarity-matrix arg-max
-    assert torch.equal(ns["accuracy"], top1_accuracy(embeddings, labels))
+    assert torch.equal(ns["accuracy"], top1_accuracy(unit, labels))
     # the optimizer stepped w and b as well as the model
     assert ns["loss_func"].w.item() != 10.0 and ns["loss_func"].b.grad is not None
     assert isinstance(ns["loss_func"], GE2ELoss)

@@ -78,9 +78,9 @@ at::Tensor savable(const at::Tensor& t) {
 }
 
 // Input slots of ge2e_loss: embeddings, sums, w, b, speaker_offset, loss_method,
-// min_cosine, reduce/scale..., block_speakers, speaker_offsets.
-constexpr size_t kReducedInputs = 10;
-constexpr size_t kRowInputs = 9;
+// min_cosine, reduce/scale..., block_speakers, speaker_offsets, normalize.
+constexpr size_t kReducedInputs = 11;
+constexpr size_t kRowInputs = 10;
 const char* const kGradientKeys[4] = {"grad_embeddings", "grad_sums", "grad_w", "grad_b"};
 
 // A reduced loss ("sum", "mean"). The forward computes the loss and its
@@ -97,11 +97,11 @@ class ReducedLoss : public torch::autograd::Function<ReducedLoss> {
                             const at::Tensor& b, int64_t speaker_offset,
                             c10::string_view loss_method, c10::optional<double> min_cosine,
                             double scale, int64_t block_speakers,
-                            const c10::optional<at::Tensor>& speaker_offsets) {
+                            const c10::optional<at::Tensor>& speaker_offsets, bool normalize) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [loss, top1, grad_embeddings, grad_sums, grad_w, grad_b] =
         ops::forward_backward(embeddings, sums, w, b, speaker_offset, loss_method, min_cosine,
-                              scale, block_speakers, speaker_offsets);
+                              scale, block_speakers, speaker_offsets, normalize);
     // The inputs are kept for a retained second backward (and for a
     // create_graph backward to depend on).
     ctx->save_for_backward({savable(embeddings), savable(sums.value_or(at::Tensor())),
@@ -116,6 +116,7 @@ class ReducedLoss : public torch::autograd::Function<ReducedLoss> {
     ctx->saved_data["min_cosine"] = min_cosine;
     ctx->saved_data["scale"] = scale;
     ctx->saved_data["block_speakers"] = block_speakers;
+    ctx->saved_data["normalize"] = normalize;
     ctx->mark_non_differentiable({top1});
     return {loss, top1};
   }
@@ -144,7 +145,7 @@ class ReducedLoss : public torch::autograd::Function<ReducedLoss> {
             ctx->saved_data["loss_method"].toStringRef(),
             ctx->saved_data["min_cosine"].toOptional<double>(),
             ctx->saved_data["scale"].toDouble(), ctx->saved_data["block_speakers"].toInt(),
-            speaker_offsets);
+            speaker_offsets, ctx->saved_data["normalize"].toBool());
         gradients[0] = std::get<2>(recomputed);
         gradients[1] = sums.has_value() ? std::get<3>(recomputed) : at::Tensor();
         gradients[2] = std::get<4>(recomputed);
@@ -172,10 +173,11 @@ class RowLosses : public torch::autograd::Function<RowLosses> {
                             const at::Tensor& b, int64_t speaker_offset,
                             c10::string_view loss_method, c10::optional<double> min_cosine,
                             int64_t block_speakers,
-                            const c10::optional<at::Tensor>& speaker_offsets) {
+                            const c10::optional<at::Tensor>& speaker_offsets, bool normalize) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [loss, state, top1] = ops::forward(embeddings, sums, w, b, speaker_offset, loss_method,
-                                      min_cosine, block_speakers, speaker_offsets);
+                                            min_cosine, block_speakers, speaker_offsets,
+                                            normalize);
     ctx->save_for_backward({savable(embeddings), savable(sums.value_or(at::Tensor())),
                             savable(w), savable(b), state,
                             speaker_offsets.value_or(at::Tensor())});
@@ -183,6 +185,7 @@ class RowLosses : public torch::autograd::Function<RowLosses> {
     ctx->saved_data["loss_method"] = std::string(loss_method);
     ctx->saved_data["min_cosine"] = min_cosine;
     ctx->saved_data["block_speakers"] = block_speakers;
+    ctx->saved_data["normalize"] = normalize;
     ctx->mark_non_differentiable({top1});
     return {loss, top1};
   }
@@ -203,7 +206,8 @@ class RowLosses : public torch::autograd::Function<RowLosses> {
           ctx->saved_data["speaker_offset"].toInt(),
           ctx->saved_data["loss_method"].toStringRef(),
           ctx->saved_data["min_cosine"].toOptional<double>(),
-          ctx->saved_data["block_speakers"].toInt(), speaker_offsets);
+          ctx->saved_data["block_speakers"].toInt(), speaker_offsets,
+          ctx->saved_data["normalize"].toBool());
       gradients[0] = grad_embeddings;
       gradients[1] = sums_given ? grad_sums : at::Tensor();
       gradients[2] = grad_w;
@@ -218,7 +222,7 @@ std::tuple<at::Tensor, at::Tensor> loss_autograd(const at::Tensor& embeddings, c
                          const at::Tensor& w, const at::Tensor& b, int64_t speaker_offset,
                          c10::string_view loss_method, c10::optional<double> min_cosine,
                          bool reduce, double scale, int64_t block_speakers,
-                         const c10::optional<at::Tensor>& speaker_offsets) {
+                         const c10::optional<at::Tensor>& speaker_offsets, bool normalize) {
   const bool needs_grad =
       at::GradMode::is_enabled() &&
       (embeddings.requires_grad() || w.requires_grad() || b.requires_grad() ||
@@ -231,16 +235,16 @@ std::tuple<at::Tensor, at::Tensor> loss_autograd(const at::Tensor& embeddings, c
                                                  const at::Tensor&, const at::Tensor&, int64_t,
                                                  c10::string_view, c10::optional<double>, bool,
                                                  double, int64_t,
-                                                 const c10::optional<at::Tensor>&)>();
+                                                 const c10::optional<at::Tensor>&, bool)>();
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     return op.call(embeddings, sums, w, b, speaker_offset, loss_method, min_cosine, reduce,
-                   scale, block_speakers, speaker_offsets);
+                   scale, block_speakers, speaker_offsets, normalize);
   }
   const variable_list outputs =
       reduce ? ReducedLoss::apply(embeddings, sums, w, b, speaker_offset, loss_method,
-                                  min_cosine, scale, block_speakers, speaker_offsets)
+                                  min_cosine, scale, block_speakers, speaker_offsets, normalize)
              : RowLosses::apply(embeddings, sums, w, b, speaker_offset, loss_method, min_cosine,
-                                block_speakers, speaker_offsets);
+                                block_speakers, speaker_offsets, normalize);
   return {outputs[0], outputs[1]};
 }
 

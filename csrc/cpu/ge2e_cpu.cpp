@@ -193,6 +193,20 @@ struct CpuDevice {
     });
   }
 
+  static void unit_rows(const Problem& p, const void* in, void* out, void* norms) {
+    const auto& k = kernels(p);
+    parallel_over(p, p.total_rows, 0, [&](int64_t lo, int64_t hi, void*) {
+      k.unit_rows(p, in, out, norms, lo, hi);
+    });
+  }
+
+  static void unit_row_grads(const Problem& p, const void* in, const void* norms, void* grad) {
+    const auto& k = kernels(p);
+    parallel_over(p, p.total_rows, 0, [&](int64_t lo, int64_t hi, void*) {
+      k.unit_row_grads(p, in, norms, grad, lo, hi);
+    });
+  }
+
   static void finish(const Problem& p, void* z, const void* w_part, const void* b_part,
                      const void* loss_rows, double loss_scale, void* grad_w, void* grad_b,
                      void* loss_total) {

@@ -214,6 +214,66 @@ void sum_inverse_norms(const Problem& p, int64_t lo, int64_t hi) {
   }
 }
 
+// Rows [lo, hi) of `in` (B, D) as unit rows into `out` (normalize=True;
+// ge2e_math.h, "unit rows"), and their norms.
+template <typename scalar_t, typename acc_t>
+void unit_rows(const Problem& p, const scalar_t* __restrict__ in, scalar_t* __restrict__ out,
+               acc_t* __restrict__ norms, int64_t lo, int64_t hi) {
+  const int64_t D = p.dim, body = D - D % kLanes;
+  for (int64_t r = lo; r < hi; ++r) {
+    const scalar_t* e = in + r * D;
+    const acc_t scale = power_of_two_scale(max_abs<acc_t>(e, D));
+    acc_t part[kLanes] = {};
+    for (int64_t d = 0; d < body; d += kLanes) {
+      for (int l = 0; l < kLanes; ++l) {
+        const acc_t x = scale * static_cast<acc_t>(e[d + l]);
+        part[l] += x * x;
+      }
+    }
+    for (int64_t d = body; d < D; ++d) {
+      const acc_t x = scale * static_cast<acc_t>(e[d]);
+      part[d - body] += x * x;
+    }
+    const acc_t norm = row_norm(sum_lanes(part), scale);
+    norms[r] = norm;
+    const acc_t denominator = normalize_denominator(norm);
+    for (int64_t d = 0; d < D; ++d) {
+      out[r * D + d] = static_cast<scalar_t>(static_cast<acc_t>(e[d]) / denominator);
+    }
+  }
+}
+
+// Rows [lo, hi) of grad, dLoss/d(unit row) on entry, become dLoss/de (the
+// gradient through the normalisation, ge2e_math.h), given e and its norms.
+template <typename scalar_t, typename acc_t>
+void unit_row_grads(const Problem& p, const scalar_t* __restrict__ in,
+                    const acc_t* __restrict__ norms, scalar_t* __restrict__ grad, int64_t lo,
+                    int64_t hi) {
+  const int64_t D = p.dim, body = D - D % kLanes;
+  for (int64_t r = lo; r < hi; ++r) {
+    const scalar_t* e = in + r * D;
+    scalar_t* g = grad + r * D;
+    const acc_t norm = norms[r];
+    acc_t u_dot_g = 0;
+    if (norm_passes_gradient(norm)) {
+      acc_t part[kLanes] = {};
+      for (int64_t d = 0; d < body; d += kLanes) {
+        for (int l = 0; l < kLanes; ++l) {
+          part[l] += (static_cast<acc_t>(e[d + l]) / norm) * static_cast<acc_t>(g[d + l]);
+        }
+      }
+      for (int64_t d = body; d < D; ++d) {
+        part[d - body] += (static_cast<acc_t>(e[d]) / norm) * static_cast<acc_t>(g[d]);
+      }
+      u_dot_g = sum_lanes(part);
+    }
+    for (int64_t d = 0; d < D; ++d) {
+      g[d] = static_cast<scalar_t>(unit_row_grad(static_cast<acc_t>(g[d]),
+                                                 static_cast<acc_t>(e[d]), u_dot_g, norm));
+    }
+  }
+}
+
 // Scratch of one rows range, in acc_t elements: a row's values, and its
 // similarity gradients and their gaps.
 inline int64_t rows_scratch(const Problem& p) { return 3 * p.total_speakers; }

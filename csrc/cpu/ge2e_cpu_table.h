@@ -32,6 +32,10 @@ struct KernelTable {
   void (*sum_grads)(const Problem&, void* z, int64_t lo, int64_t hi);
   void (*scalars)(const Problem&, const void* w_part, const void* b_part, const void* loss_rows,
                   double loss_scale, void* grad_w, void* grad_b, void* loss_total);
+  void (*unit_rows)(const Problem&, const void* in, void* out, void* norms, int64_t lo,
+                    int64_t hi);
+  void (*unit_row_grads)(const Problem&, const void* in, const void* norms, void* grad,
+                         int64_t lo, int64_t hi);
 };
 
 // The tables of the instruction-set files that were compiled (setup.py defines
@@ -145,6 +149,26 @@ struct Entries {
                           static_cast<acc_t*>(loss_total));
     });
   }
+  static void unit_rows(const Problem& p, const void* in, void* out, void* norms, int64_t lo,
+                        int64_t hi) {
+    dispatch_table_dtype<Types>(p.dtype, [&](auto s, auto a) {
+      using scalar_t = decltype(s);
+      using acc_t = decltype(a);
+      cpu::unit_rows<scalar_t, acc_t>(p, static_cast<const scalar_t*>(in),
+                                      static_cast<scalar_t*>(out), static_cast<acc_t*>(norms),
+                                      lo, hi);
+    });
+  }
+  static void unit_row_grads(const Problem& p, const void* in, const void* norms, void* grad,
+                             int64_t lo, int64_t hi) {
+    dispatch_table_dtype<Types>(p.dtype, [&](auto s, auto a) {
+      using scalar_t = decltype(s);
+      using acc_t = decltype(a);
+      cpu::unit_row_grads<scalar_t, acc_t>(p, static_cast<const scalar_t*>(in),
+                                           static_cast<const acc_t*>(norms),
+                                           static_cast<scalar_t*>(grad), lo, hi);
+    });
+  }
 };
 
 template <class Types>
@@ -152,7 +176,7 @@ constexpr KernelTable make_kernel_table(const char* name) {
   using E = Entries<Types>;
   return KernelTable{name,          E::speaker_stats, E::sum_inverse_norms, E::rows,
                      E::sparse_sum_grads, E::row_gradients, E::split_speaker_others, E::fold,  E::sum_grads,
-                     E::scalars};
+                     E::scalars,    E::unit_rows,     E::unit_row_grads};
 }
 
 GE2E_ISA_END

@@ -59,6 +59,16 @@ struct CudaDevice : cuda::BlockPolicy {
     const char* failed = nullptr;
     check(cuda::launch_fold(p, z, grad, finish, current_stream(), &failed), failed);
   }
+
+  static void unit_rows(const Problem& p, const void* in, void* out, void* norms) {
+    const char* failed = nullptr;
+    check(cuda::launch_unit_rows(p, in, out, norms, current_stream(), &failed), failed);
+  }
+
+  static void unit_row_grads(const Problem& p, const void* in, const void* norms, void* grad) {
+    const char* failed = nullptr;
+    check(cuda::launch_unit_row_grads(p, in, norms, grad, current_stream(), &failed), failed);
+  }
 };
 
 }  // namespace

@@ -56,5 +56,15 @@ int launch_fold(const Problem& p, const void* z, void* grad, const FinishArgs* f
   return Gpu::fold(p, z, grad, finish, stream, failed);
 }
 
+int launch_unit_rows(const Problem& p, const void* in, void* out, void* norms, Stream stream,
+                     const char** failed) {
+  return Gpu::unit_rows(p, in, out, norms, stream, failed);
+}
+
+int launch_unit_row_grads(const Problem& p, const void* in, const void* norms, void* grad,
+                          Stream stream, const char** failed) {
+  return Gpu::unit_row_grads(p, in, norms, grad, stream, failed);
+}
+
 }  // namespace cuda
 }  // namespace ge2e

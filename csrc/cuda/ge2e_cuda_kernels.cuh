@@ -116,6 +116,10 @@ int launch_row_gradients(const Problem& p, Block blk, bool sparse, const void* t
                          const char** failed);
 int launch_fold(const Problem& p, const void* z, void* grad, const FinishArgs* finish,
                 Stream stream, const char** failed);
+int launch_unit_rows(const Problem& p, const void* in, void* out, void* norms, Stream stream,
+                     const char** failed);
+int launch_unit_row_grads(const Problem& p, const void* in, const void* norms, void* grad,
+                          Stream stream, const char** failed);
 
 }  // namespace cuda
 }  // namespace ge2e
@@ -705,6 +709,53 @@ __global__ void __launch_bounds__(kMaxThreads)
   }
 }
 
+// Blocks [0, B): one per row, threads over D (normalize=True; ge2e_math.h,
+// "unit rows"): the row's largest |x|, the scaled sum of squares, its norm
+// (into norms) and the unit row (into out), as the CPU kernel's unit_rows.
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kMaxThreads)
+    unit_rows_kernel(Problem p, const scalar_t* in, scalar_t* out, acc_t* norms) {
+  __shared__ __align__(16) unsigned char scratch[kScratchBytes];
+  const int64_t D = p.dim, r = blockIdx.x;
+  const scalar_t* e = in + r * D;
+  Maxes<acc_t, 1> largest;
+  for (int64_t d = threadIdx.x; d < D; d += blockDim.x) largest.add(0, to_acc(e[d]));
+  const acc_t scale = power_of_two_scale(block_reduce(largest, scratch).v[0]);
+  Sums<acc_t, 1> squares;
+  for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
+    const acc_t x = scale * to_acc(e[d]);
+    squares.v[0] += x * x;
+  }
+  const acc_t norm = row_norm(block_reduce(squares, scratch).v[0], scale);
+  if (threadIdx.x == 0) norms[r] = norm;
+  const acc_t denominator = normalize_denominator(norm);
+  for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
+    store(out + r * D + d, to_acc(e[d]) / denominator);
+  }
+}
+
+// Blocks [0, B): one per row, threads over D: dLoss/d(unit row) in grad
+// becomes dLoss/de (unit_row_grad), as the CPU kernel's unit_row_grads.
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kMaxThreads)
+    unit_row_grads_kernel(Problem p, const scalar_t* in, const acc_t* norms, scalar_t* grad) {
+  __shared__ __align__(16) unsigned char scratch[kScratchBytes];
+  const int64_t D = p.dim, r = blockIdx.x;
+  const scalar_t* e = in + r * D;
+  scalar_t* g = grad + r * D;
+  const acc_t norm = norms[r];
+  Sums<acc_t, 1> u_dot_g;
+  if (norm_passes_gradient(norm)) {  // the same for every thread of the block
+    for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
+      u_dot_g.v[0] += (to_acc(e[d]) / norm) * to_acc(g[d]);
+    }
+    u_dot_g = block_reduce(u_dot_g, scratch);
+  }
+  for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
+    store(g + d, unit_row_grad(to_acc(g[d]), to_acc(e[d]), u_dot_g.v[0], norm));
+  }
+}
+
 // Threads for a loop over n elements: whole warps, at most kMaxThreads.
 inline int threads_for(int64_t n) {
   const int64_t warps = (n + kWarpSize - 1) / kWarpSize;
@@ -824,6 +875,32 @@ struct Launchers {
       using acc_t = decltype(acc_zero);
       status.launch("fold", fold_kernel<scalar_t, acc_t>, blocks, threads_for(p.dim), stream, p,
                     static_cast<const acc_t*>(z), static_cast<scalar_t*>(grad), f);
+    });
+    return status.done(failed);
+  }
+
+  static int unit_rows(const Problem& p, const void* in, void* out, void* norms, Stream stream,
+                       const char** failed) {
+    Status status;
+    dispatch_dtype<CudaTypes>(p.dtype, [&](auto scalar_zero, auto acc_zero) {
+      using scalar_t = decltype(scalar_zero);
+      using acc_t = decltype(acc_zero);
+      status.launch("unit_rows", unit_rows_kernel<scalar_t, acc_t>, p.total_rows,
+                    threads_for(p.dim), stream, p, static_cast<const scalar_t*>(in),
+                    static_cast<scalar_t*>(out), static_cast<acc_t*>(norms));
+    });
+    return status.done(failed);
+  }
+
+  static int unit_row_grads(const Problem& p, const void* in, const void* norms, void* grad,
+                            Stream stream, const char** failed) {
+    Status status;
+    dispatch_dtype<CudaTypes>(p.dtype, [&](auto scalar_zero, auto acc_zero) {
+      using scalar_t = decltype(scalar_zero);
+      using acc_t = decltype(acc_zero);
+      status.launch("unit_row_grads", unit_row_grads_kernel<scalar_t, acc_t>, p.total_rows,
+                    threads_for(p.dim), stream, p, static_cast<const scalar_t*>(in),
+                    static_cast<const acc_t*>(norms), static_cast<scalar_t*>(grad));
     });
     return status.done(failed);
   }

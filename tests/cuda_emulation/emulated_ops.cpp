@@ -84,6 +84,14 @@ struct EmulatedDevice : ge2e::cuda::BlockPolicy {
     const char* failed = nullptr;
     check(Emulated::fold(p, z, grad, finish, nullptr, &failed), failed);
   }
+  static void unit_rows(const Problem& p, const void* in, void* out, void* norms) {
+    const char* failed = nullptr;
+    check(Emulated::unit_rows(p, in, out, norms, nullptr, &failed), failed);
+  }
+  static void unit_row_grads(const Problem& p, const void* in, const void* norms, void* grad) {
+    const char* failed = nullptr;
+    check(Emulated::unit_row_grads(p, in, norms, grad, nullptr, &failed), failed);
+  }
 };
 
 // The rows per block the driver takes with the CUDA device's policy, for a
