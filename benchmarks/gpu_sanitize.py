@@ -8,7 +8,9 @@ the fused forward that computes the gradient; "none": the forward, then the
 backward op), plus a forward under no_grad (the loss alone), on small CUDA
 inputs with backend="extension": shapes with D not a multiple of 32, K beyond
 one 256-thread sweep, M=2, and the labels form's speaker segments of unequal
-sizes. Exits 1 if a loss or gradient
+sizes. float64 and bfloat16 run with normalize=True (the unit-row kernels),
+the others without; every no_grad forward returns the rows' top1. Exits 1 if a
+loss or gradient
 is not finite (or a call raises), 2 where torch sees no CUDA device or ge2e_ext
 has no CUDA kernel. Under the sanitizer:
 
@@ -48,12 +50,14 @@ def one_case(shape, method: str, dtype: torch.dtype, reduction: str, device: str
     x = torch.randn(*shape, generator=generator).to(device, dtype).requires_grad_()
     w = torch.tensor(10.0, device=device, requires_grad=True)
     b = torch.tensor(-5.0, device=device, requires_grad=True)
+    normalize = dtype in (torch.float64, torch.bfloat16)
     loss = ge2e_ext.ge2e_loss(x, w, b, method, labels=labels, reduction=reduction,
-                              backend="extension")
+                              backend="extension", normalize=normalize)
     loss.sum().backward()
-    with torch.no_grad():  # inference: the loss alone
-        loss_only = ge2e_ext.ge2e_loss(x, w, b, method, labels=labels, reduction=reduction,
-                                       backend="extension")
+    with torch.no_grad():  # inference: the loss alone, and the rows' top1
+        loss_only, _ = ge2e_ext.ge2e_loss(x, w, b, method, labels=labels, reduction=reduction,
+                                          backend="extension", normalize=normalize,
+                                          return_top1=True)
     tensors = {"loss": loss, "x.grad": x.grad, "w.grad": w.grad, "b.grad": b.grad,
                "no_grad loss": loss_only}
     return [name for name, tensor in tensors.items()

@@ -14,7 +14,9 @@ import pathlib
 import pytest
 import torch
 
-from helpers import LOSS_METHODS, assert_close_rel, make_embeddings, needs_cpu_extension
+from helpers import (LOSS_METHODS, assert_close_rel, make_embeddings, make_scalars,
+                     needs_cpu_extension)
+from test_top1 import _argmax_top1, _tied_batch
 
 HERE = pathlib.Path(__file__).parent
 # The bulk runs 64 threads per emulated block at most: two warps, so the
@@ -495,3 +497,40 @@ def test_tf32_products_would_break_the_exact_hardest_impostor():
         assert ieee > own
         tf32_flips += bool(tf32 <= own)
     assert tf32_flips >= 10
+
+
+def test_the_cuda_kernels_normalise_alike(emulated):
+    """The CUDA kernels (emulated) give the CPU kernel's numbers with normalize, in
+    each op: forward, backward, forward_backward; the dense and the labels form."""
+    w, b = make_scalars()
+    x = make_embeddings(4, 3, 40, seed=6, requires_grad=False) * torch.logspace(
+        -4, 4, 12, dtype=torch.float64).view(4, 3, 1)
+    rows = make_embeddings(13, 1, 40, seed=7, requires_grad=False).squeeze(1)
+    offsets = torch.tensor([0, 4, 7, 13])
+    for inputs, speaker_offsets in ((x, None), (rows, offsets)):
+        for method in LOSS_METHODS:
+            results = []
+            for ops in (emulated, torch.ops.ge2e_ext):
+                loss, state, top1 = ops.ge2e_forward(inputs, None, w, b, 0, method, 1e-6, 0,
+                                                     speaker_offsets, True)
+                grads = ops.ge2e_backward(torch.ones_like(loss), inputs, None, w, b, state, 0,
+                                          method, 1e-6, 0, speaker_offsets, True)
+                fused = ops.ge2e_forward_backward(inputs, None, w, b, 0, method, 1e-6, 1.0, 0,
+                                                  speaker_offsets, True)
+                results.append((loss, grads[0], grads[2], fused[0], fused[2], fused[4]))
+            for name, e, c in zip(("loss", "grad", "grad w", "fused loss", "fused grad",
+                                   "fused grad w"), *results):
+                assert_close_rel(e, c, 1e-12, f"{method}: {name}")
+
+
+def test_the_cuda_kernels_break_ties_alike(emulated):
+    """The CUDA kernels (under the CPU emulation: threads over K, a block-wide OR)
+    give the same top1 from both forwards, ties and all."""
+    w, b = torch.tensor(10.0, dtype=torch.float64), torch.tensor(-5.0, dtype=torch.float64)
+    for seed in range(3):
+        x = _tied_batch(seed)
+        expected = _argmax_top1(x, min_cosine=0.5)
+        for method in LOSS_METHODS:
+            _, _, top1 = emulated.ge2e_forward(x, None, w, b, 0, method, 0.5, 0)
+            fused = emulated.ge2e_forward_backward(x, None, w, b, 0, method, 0.5, 1.0, 0)
+            assert torch.equal(top1, expected) and torch.equal(fused[1], expected), (seed, method)

@@ -1,7 +1,7 @@
 """normalize=True: the loss of the rows scaled to unit length, e / max(|e|, 1e-12),
 equal (loss and gradients, 1e-12 in float64) to normalising the input first with
-torch.nn.functional.normalize and calling the loss, on both backends, both forms
-and the emulated CUDA kernels; the compiled op normalises in its own pass."""
+torch.nn.functional.normalize and calling the loss, on both backends and both forms
+(tests/test_cuda_emulated.py: the CUDA kernels); the compiled op normalises in its own pass."""
 
 import pytest
 import torch
@@ -99,31 +99,6 @@ def test_gradcheck(method, reduce):
 
     assert torch.autograd.gradcheck(fn, (x.detach().requires_grad_(True), w, b), eps=1e-6,
                                     atol=1e-7, rtol=1e-6)
-
-
-@needs_cpu_extension
-def test_the_cuda_kernels_normalise_alike(emulated):
-    """The CUDA kernels (emulated) give the CPU kernel's numbers with normalize, in
-    each op: forward, backward, forward_backward; the dense and the labels form."""
-    w, b = make_scalars()
-    x = make_embeddings(4, 3, 40, seed=6, requires_grad=False) * torch.logspace(
-        -4, 4, 12, dtype=torch.float64).view(4, 3, 1)
-    rows = make_embeddings(13, 1, 40, seed=7, requires_grad=False).squeeze(1)
-    offsets = torch.tensor([0, 4, 7, 13])
-    for inputs, speaker_offsets in ((x, None), (rows, offsets)):
-        for method in LOSS_METHODS:
-            results = []
-            for ops in (emulated, torch.ops.ge2e_ext):
-                loss, state, top1 = ops.ge2e_forward(inputs, None, w, b, 0, method, 1e-6, 0,
-                                                     speaker_offsets, True)
-                grads = ops.ge2e_backward(torch.ones_like(loss), inputs, None, w, b, state, 0,
-                                          method, 1e-6, 0, speaker_offsets, True)
-                fused = ops.ge2e_forward_backward(inputs, None, w, b, 0, method, 1e-6, 1.0, 0,
-                                                  speaker_offsets, True)
-                results.append((loss, grads[0], grads[2], fused[0], fused[2], fused[4]))
-            for name, e, c in zip(("loss", "grad", "grad w", "fused loss", "fused grad",
-                                   "fused grad w"), *results):
-                assert_close_rel(e, c, 1e-12, f"{method}: {name}")
 
 
 @needs_cpu_extension
