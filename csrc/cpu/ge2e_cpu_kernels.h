@@ -285,24 +285,18 @@ void to_cosines(acc_t* __restrict__ row, const acc_t* __restrict__ inv_sums,
   for (int64_t k = 0; k < n; ++k) row[k] = cross_cosine(row[k], exclusive, inv_sums[k]);
 }
 
-// What the method's statistic is built from, for every k of a row.
+// What the method's statistic is built from, for every k of a row, from its
+// raw cosines `row`; returns whether the row's own speaker is its top-1 (no
+// impostor takes_top1), decided in the same loop (a compare OR-ed into an
+// int, which vectorizes with the rest).
 template <class Method, typename acc_t>
-void row_values(const acc_t* __restrict__ row, RowView<acc_t> view, acc_t* __restrict__ values,
-                int64_t n) {
-  for (int64_t k = 0; k < n; ++k) {
-    values[k] = Method::value(clamp_cosine(row[k], view.params), view);
-  }
-}
-
-// Whether the row's own speaker (own_cos, clamped) is its top-1 among the
-// raw cosines `row` (no impostor takes_top1). Compares OR-ed into an int, so
-// that the loop vectorizes.
-template <typename acc_t>
-bool own_is_top1(const acc_t* __restrict__ row, int64_t n, int64_t own,
-                 SimilarityParams<acc_t> params, acc_t own_cos) {
+bool row_values(const acc_t* __restrict__ row, RowView<acc_t> view, int64_t own,
+                acc_t* __restrict__ values, int64_t n) {
   int beaten = 0;
   for (int64_t k = 0; k < n; ++k) {
-    beaten |= k != own && takes_top1(clamp_cosine(row[k], params), k, own, own_cos);
+    const acc_t c = clamp_cosine(row[k], view.params);
+    values[k] = Method::value(c, view);
+    beaten |= (k != own) & takes_top1(c, k, own, view.own_cos);
   }
   return beaten == 0;
 }
@@ -367,12 +361,11 @@ void rows(const Problem& p, const RowBuffers& rb, RowPass pass, Block blk, acc_t
       if (pass == RowPass::kGradient) {
         summary = Method::template load_state<acc_t>(state);
       } else {
-        row_values<Method>(row, view, values, K);
+        rb.top1[r] = row_values<Method>(row, view, own, values, K);
         const auto stat = Method::row_statistic(values, K, own);
         summary = Method::summarize(stat, view);
         loss[r] = summary.loss;
         Method::save_state(summary, state);
-        rb.top1[r] = own_is_top1(row, K, own, params, view.own_cos);
       }
       rb.hardest[r] = summary.hardest;
       if (pass == RowPass::kLoss) continue;
