@@ -84,6 +84,10 @@ class GE2ELoss(nn.Module):
         torch.Size([])
     """
 
+    # A class default, so that a module pickled whole before the option existed
+    # (torch.save(criterion)) loads and runs as it did.
+    normalize: bool = False
+
     def __init__(self, init_w: float = 10.0, init_b: float = -5.0, loss_method: str = "softmax",
                  *, reduction: str = "sum", min_cosine: float | None = 1e-6,
                  backend: str = "auto", distributed: bool = False,
