@@ -1,8 +1,15 @@
-"""``ge2e_loss``: argument checks, backend choice, reduction. The math is in the kernels."""
+"""``ge2e_loss``: argument checks, backend choice, reduction. The math is in the kernels.
+
+A call runs in steps over one frozen ``_Plan``: ``_prepare`` (the checks C++
+cannot make, labels grouped, the backend chosen), ``_exchange`` (distributed:
+every rank's speaker sums), ``_compute`` (the compiled op or the PyTorch path,
+reduced) and ``_in_input_order`` (the labels form's rows back in their order).
+"""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import numbers
 
@@ -10,7 +17,7 @@ import torch
 import torch.autograd.forward_ad as _forward_ad
 
 from . import _ops, _torch_impl
-from .labels import check_labels, group_by_label
+from .labels import Grouping, check_labels, group_by_label
 from .methods import LOSS_METHODS
 
 REDUCTIONS = ("sum", "mean", "none")
@@ -321,80 +328,126 @@ def ge2e_loss(embeddings: torch.Tensor, w: torch.Tensor | float, b: torch.Tensor
     """
     # In distributed mode a rank whose inputs are bad must not leave the others
     # waiting in a collective: its error travels with the metadata exchange and
-    # every rank raises.
-    local_error, grouping, use_extension = None, None, False
+    # every rank raises there.
     try:
-        check_options(loss_method, reduction, min_cosine, backend, distributed, group)
-        for name, flag in (("normalize", normalize), ("return_top1", return_top1)):
-            if not isinstance(flag, bool):
-                raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
-        if labels is None:
-            if num_speakers is not None:
-                raise ValueError("num_speakers goes with labels=; the dense form's N is its shape")
-            _check_embeddings(embeddings, min_speakers=1 if distributed else 2)
-        else:
-            _check_rows(embeddings)
-            check_labels(labels, embeddings)
-            grouping = group_by_label(labels, num_speakers)
-            if grouping.speakers < (1 if distributed else 2):
-                raise ValueError(
-                    "GE2E needs at least "
-                    + ("1 speaker per rank (and 2 across ranks)" if distributed else "2 speakers")
-                    + f", got {grouping.speakers} distinct label(s) in {embeddings.shape[0]} "
-                    "row(s)")
-        acc = _ops.accumulation_dtype(embeddings.dtype)
-        w = _as_scalar(w, "w", embeddings, acc)
-        b = _as_scalar(b, "b", embeddings, acc)
-        use_extension = _use_extension(backend, embeddings)
-        min_cosine = None if min_cosine is None else float(min_cosine)
+        plan = _prepare(embeddings, w, b, loss_method, labels, num_speakers, reduction,
+                        min_cosine, backend, distributed, group, normalize, return_top1)
     except (TypeError, ValueError, RuntimeError) as error:
         if not distributed:
             raise
-        local_error = error
+        _exchange(None, embeddings, group, local_error=error)  # raises on every rank
+        raise  # not reached
+    if distributed:
+        plan = _exchange(plan, embeddings, group)
+    loss, top1 = _compute(plan)
+    return _in_input_order(plan, loss, top1, return_top1)
 
-    op_normalizes = normalize
-    if normalize and local_error is None and (distributed or not use_extension):
-        # The PyTorch path, and the distributed form (whose speaker sums, gathered
-        # below, must be sums of unit rows), normalise with PyTorch ops first.
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """One call of ge2e_loss, checked, as the steps below see it."""
+    embeddings: torch.Tensor  # in speaker order (labels form); unit rows where Python normalises
+    w: torch.Tensor           # 0-dim, the accumulation dtype, the embeddings' device
+    b: torch.Tensor
+    loss_method: str
+    min_cosine: float | None
+    reduction: str
+    normalize: bool           # as asked
+    use_extension: bool
+    op_normalizes: bool       # the compiled op normalises (else done, or not asked)
+    grouping: Grouping | None
+    sums: torch.Tensor | None = None  # every rank's speaker sums (distributed)
+    speaker_offset: int = 0           # this rank's first speaker in sums
+    total_utterances: int = 0         # what "mean" divides by (all ranks')
+
+
+def _prepare(embeddings, w, b, loss_method, labels, num_speakers, reduction, min_cosine,
+             backend, distributed, group, normalize, return_top1) -> _Plan:
+    """The checks C++ cannot make (or that the PyTorch path needs), the labels
+    grouped, w and b as tensors, the backend chosen."""
+    check_options(loss_method, reduction, min_cosine, backend, distributed, group)
+    for name, flag in (("normalize", normalize), ("return_top1", return_top1)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+    grouping = None
+    if labels is None:
+        if num_speakers is not None:
+            raise ValueError("num_speakers goes with labels=; the dense form's N is its shape")
+        _check_embeddings(embeddings, min_speakers=1 if distributed else 2)
+    else:
+        _check_rows(embeddings)
+        check_labels(labels, embeddings)
+        grouping = group_by_label(labels, num_speakers)
+        if grouping.speakers < (1 if distributed else 2):
+            raise ValueError(
+                "GE2E needs at least "
+                + ("1 speaker per rank (and 2 across ranks)" if distributed else "2 speakers")
+                + f", got {grouping.speakers} distinct label(s) in {embeddings.shape[0]} "
+                "row(s)")
+    acc = _ops.accumulation_dtype(embeddings.dtype)
+    w = _as_scalar(w, "w", embeddings, acc)
+    b = _as_scalar(b, "b", embeddings, acc)
+    use_extension = _use_extension(backend, embeddings)
+    # The PyTorch path, and the distributed form (whose speaker sums, gathered in
+    # _exchange, must be sums of unit rows), normalise with PyTorch ops first.
+    op_normalizes = normalize and use_extension and not distributed
+    if normalize and not op_normalizes:
         embeddings = _torch_impl.normalized_rows(embeddings)
-        op_normalizes = False
-    offsets = None
     if grouping is not None:
         embeddings = embeddings.index_select(0, grouping.order)  # rows in speaker order
-        offsets = grouping.offsets
-    sums, offset = None, 0
-    total_utterances = 0
-    if local_error is None:
-        total_utterances = embeddings.shape[0] * (1 if grouping is not None
-                                                  else embeddings.shape[1])
-    if distributed:
-        from . import distributed as dist_impl
+    rows = embeddings.shape[0] * (1 if grouping is not None else embeddings.shape[1])
+    return _Plan(embeddings, w, b, loss_method, None if min_cosine is None else float(min_cosine),
+                 reduction, normalize, use_extension, op_normalizes, grouping,
+                 total_utterances=rows)
 
-        options = None
-        if local_error is None:
-            # What must agree across ranks besides the shapes: a rank whose loss
-            # has a backward would wait in its collective for one without.
-            needs_grad = torch.is_grad_enabled() and embeddings.requires_grad
-            with torch.no_grad():
-                options = dict(loss_method=loss_method, reduction=reduction,
-                               min_cosine=min_cosine, grad=needs_grad, normalize=normalize,
-                               w=w.detach().double().cpu().item(),
-                               b=b.detach().double().cpu().item())
-        sums, offset, total_utterances = dist_impl.gather_speaker_sums(
-            embeddings, group, local_error=local_error, grouping=grouping, options=options)
 
-    reduce = reduction != "none"
-    scale = 1.0 / total_utterances if reduction == "mean" else 1.0
-    if use_extension:
-        loss, top1 = _ops.loss(embeddings, sums, w, b, offset, loss_method, min_cosine, reduce,
-                               scale, 0, offsets, op_normalizes)
-    else:
-        loss, top1 = _torch_loss(embeddings, sums, w, b, offset, loss_method, min_cosine,
-                                 grouping)
-        if reduce:
-            loss = loss.sum() if scale == 1.0 else loss.sum() * scale
+def _exchange(plan: _Plan | None, embeddings, group, local_error=None) -> _Plan:
+    """distributed=True: every rank's speaker sums, this rank's offset among them
+    and all ranks' utterances, after checking that the ranks agree (a rank with
+    a local_error, plan None, makes every rank raise)."""
+    from . import distributed as dist_impl
+
+    options = None
+    if plan is not None:
+        embeddings = plan.embeddings
+        # What must agree across ranks besides the shapes: a rank whose loss
+        # has a backward would wait in its collective for one without.
+        needs_grad = torch.is_grad_enabled() and embeddings.requires_grad
+        with torch.no_grad():
+            options = dict(loss_method=plan.loss_method, reduction=plan.reduction,
+                           min_cosine=plan.min_cosine, normalize=plan.normalize, grad=needs_grad,
+                           w=plan.w.detach().double().cpu().item(),
+                           b=plan.b.detach().double().cpu().item())
+    sums, offset, total = dist_impl.gather_speaker_sums(
+        embeddings, group, local_error=local_error,
+        grouping=plan.grouping if plan is not None else None, options=options)
+    return dataclasses.replace(plan, sums=sums, speaker_offset=offset, total_utterances=total)
+
+
+def _compute(plan: _Plan) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loss, reduced as asked (the compiled op reduces inside its fused
+    sweep; the PyTorch path's rows are reduced here), and the rows' top1, in
+    speaker order."""
+    reduce = plan.reduction != "none"
+    scale = 1.0 / plan.total_utterances if plan.reduction == "mean" else 1.0
+    offsets = plan.grouping.offsets if plan.grouping is not None else None
+    if plan.use_extension:
+        return _ops.loss(plan.embeddings, plan.sums, plan.w, plan.b, plan.speaker_offset,
+                         plan.loss_method, plan.min_cosine, reduce, scale, 0, offsets,
+                         plan.op_normalizes)
+    rows, top1 = _torch_loss(plan.embeddings, plan.sums, plan.w, plan.b, plan.speaker_offset,
+                             plan.loss_method, plan.min_cosine, plan.grouping)
+    if not reduce:
+        return rows, top1
+    return (rows.sum() if scale == 1.0 else rows.sum() * scale), top1
+
+
+def _in_input_order(plan: _Plan, loss, top1, return_top1):
+    """The labels form's per-row results back in the input's order, NaN where the
+    grouping found the labels inconsistent with num_speakers."""
+    grouping = plan.grouping
     if grouping is not None:
-        if not reduce:
+        if plan.reduction == "none":
             loss = grouping.restore(loss)
         if return_top1:
             top1 = grouping.restore(top1)
