@@ -15,14 +15,12 @@ The project's large-batch figures, in one run:
 
 import sys
 
-from harness.cli import Defaults, script
+from harness.cli import script
 from harness.common import FWD_BWD
 
-DEFAULTS = Defaults(stem="ge2e_sweep", sizes="n", modes=(FWD_BWD,),
-                    providers=("reference", "eager", "ge2e_ext", "floor"))
-
 # main(argv=None, extra_providers=None) -> exit code, for tests and other scripts
-main = script("bench_sweep.py", __doc__, DEFAULTS)
+main = script("bench_sweep.py", __doc__, stem="ge2e_sweep", sizes="n", modes=(FWD_BWD,),
+              providers=("reference", "eager", "ge2e_ext", "floor"))
 
 if __name__ == "__main__":
     sys.exit(main())
