@@ -29,7 +29,7 @@ import bench_sweep  # noqa: E402
 import gpu_floors  # noqa: E402
 import gpu_sanitize  # noqa: E402
 import harness  # noqa: E402
-from harness import common, report, runner, timing  # noqa: E402
+from harness import cli, common, runner, timing  # noqa: E402
 from harness.common import FWD_BWD, MODES, STATUS_OK, Size  # noqa: E402
 
 TINY = Size(4, 3, 8)
@@ -55,34 +55,34 @@ def scaled_loss(x, w, b, loss_method):
 
 
 @pytest.fixture(scope="module")
-def tiny_result():
+def tiny_rows():
     """One run of every fast provider, both methods, all modes (shared: it is the slow part)."""
     return runner.run_benchmark(tiny_config())
 
 
-def rows_of(result, **match):
-    return [r for r in result.rows if all(getattr(r, k) == v for k, v in match.items())]
+def rows_of(rows, **match):
+    return [r for r in rows if all(getattr(r, k) == v for k, v in match.items())]
 
 
-def test_every_provider_method_and_mode_gets_a_row(tiny_result):
-    cells = {(r.loss_method, r.mode, r.provider) for r in tiny_result.rows}
+def test_every_provider_method_and_mode_gets_a_row(tiny_rows):
+    cells = {(r.loss_method, r.mode, r.provider) for r in tiny_rows}
     losses = {(method, mode, provider) for method in METHODS for mode in MODES
               for provider in FAST_PROVIDERS if provider != "floor"}
     floors = {(method, FWD_BWD, "floor") for method in METHODS}
     assert cells == losses | floors  # the floor only where a whole step is timed
-    assert len(tiny_result.rows) == len(cells)
-    assert not tiny_result.failed
+    assert len(tiny_rows) == len(cells)
+    assert not runner.failed(tiny_rows)
 
 
-def test_timed_rows_have_ordered_statistics(tiny_result):
-    for row in rows_of(tiny_result, status=STATUS_OK):
+def test_timed_rows_have_ordered_statistics(tiny_rows):
+    for row in rows_of(tiny_rows, status=STATUS_OK):
         assert row.repeats == 3  # --repeats caps the samples
         assert 0 < row.p20_ms <= row.median_ms <= row.p80_ms
         assert row.compile_s is None  # none of these providers compiles
 
 
-def test_extension_row_is_timed_or_skipped_with_a_note(tiny_result):
-    for row in rows_of(tiny_result, provider="ge2e_ext"):
+def test_extension_row_is_timed_or_skipped_with_a_note(tiny_rows):
+    for row in rows_of(tiny_rows, provider="ge2e_ext"):
         if EXTENSION_ON_CPU:
             assert row.status == STATUS_OK and row.speedup_vs == pytest.approx(1.0)
         else:
@@ -90,25 +90,25 @@ def test_extension_row_is_timed_or_skipped_with_a_note(tiny_result):
 
 
 @pytest.mark.skipif(not EXTENSION_ON_CPU, reason="no ge2e_ext CPU kernel in this build")
-def test_speedup_is_the_ratio_of_medians(tiny_result):
-    for row in rows_of(tiny_result, provider="eager") + rows_of(tiny_result, provider="floor"):
-        (base,) = rows_of(tiny_result, provider="ge2e_ext", loss_method=row.loss_method,
+def test_speedup_is_the_ratio_of_medians(tiny_rows):
+    for row in rows_of(tiny_rows, provider="eager") + rows_of(tiny_rows, provider="floor"):
+        (base,) = rows_of(tiny_rows, provider="ge2e_ext", loss_method=row.loss_method,
                           mode=row.mode)
         assert row.speedup_vs == pytest.approx(row.median_ms / base.median_ms)
 
 
-def test_floor_row_is_timed_with_the_others_and_summarized(tiny_result):
+def test_floor_row_is_timed_with_the_others_and_summarized(tiny_rows):
     for method in METHODS:
-        (floor,) = rows_of(tiny_result, provider="floor", loss_method=method)
+        (floor,) = rows_of(tiny_rows, provider="floor", loss_method=method)
         assert floor.mode == FWD_BWD and floor.status == STATUS_OK
         assert floor.repeats == 3 and floor.median_ms > 0
         assert floor.peak_mem_mb is None and "matrix products" in floor.note
-    text = report.format_report(tiny_result)
+    text = cli.format_report(tiny_rows)
     assert "\n  floor " in text and "floor: the 3 float32 matrix products" in text
     if EXTENSION_ON_CPU:
         summary = text.split("Summary:")[1]
         for method in METHODS:
-            (floor,) = rows_of(tiny_result, provider="floor", loss_method=method)
+            (floor,) = rows_of(tiny_rows, provider="floor", loss_method=method)
             ratio = common.format_number(1 / floor.speedup_vs)
             assert (f"4x3x8 {method} forward+backward: ge2e_ext is " in summary
                     and f"ge2e_ext is {ratio}x the time of its 3 matrix products" in summary)
@@ -129,21 +129,21 @@ def test_floor_computes_the_three_products_into_its_outputs():
     assert only[0] == "H S"
 
 
-def test_csv_has_the_columns_of_make_bench_and_the_png_is_written(tiny_result, tmp_path):
-    csv_path, png_path = report.write_outputs(tiny_result, tmp_path / "new" / "folder", "t")
+def test_csv_has_the_columns_of_make_bench_and_the_png_is_written(tiny_rows, tmp_path):
+    csv_path, png_path = cli.write_outputs(tiny_rows, tmp_path / "new" / "folder", "t")
     assert csv_path.name == "t_cpu.csv"
     with open(csv_path, newline="") as handle:
         reader = csv.DictReader(handle)
         assert reader.fieldnames == CSV_COLUMNS
         lines = list(reader)
-    assert len(lines) == len(tiny_result.rows)
+    assert len(lines) == len(tiny_rows)
     assert {line["provider"] for line in lines} == set(FAST_PROVIDERS)
     assert all((line["N"], line["M"], line["D"]) == ("4", "3", "8") for line in lines)
     assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_report_table_lists_every_provider(tiny_result):
-    text = report.format_report(tiny_result)
+def test_report_table_lists_every_provider(tiny_rows):
+    text = cli.format_report(tiny_rows)
     assert "torch " + torch.__version__ in text and "torch.utils.benchmark.Timer" in text
     assert "N=4 M=3 D=8  softmax  forward+backward" in text
     for provider in FAST_PROVIDERS:
@@ -158,15 +158,15 @@ def test_a_wrong_provider_is_caught_and_never_timed():
         return scaled_loss(*args)
 
     config = tiny_config(providers=("eager",), modes=("forward", FWD_BWD))
-    result = runner.run_benchmark(config, {"broken": counting_scaled_loss})
-    broken = rows_of(result, provider="broken")
+    rows = runner.run_benchmark(config, {"broken": counting_scaled_loss})
+    broken = rows_of(rows, provider="broken")
     assert len(broken) == 2 * len(METHODS)
     for row in broken:
         assert row.status == common.STATUS_WRONG and "reference" in row.note
         assert row.median_ms is None and row.repeats == 0
     assert len(calls) == len(METHODS)  # one checked call per method, nothing timed
-    assert all(r.status == STATUS_OK for r in rows_of(result, provider="eager"))
-    assert result.failed
+    assert all(r.status == STATUS_OK for r in rows_of(rows, provider="eager"))
+    assert runner.failed(rows)
 
 
 def test_float64_is_the_yardstick_where_the_reference_is_too_slow():
@@ -175,7 +175,7 @@ def test_float64_is_the_yardstick_where_the_reference_is_too_slow():
 
     config = tiny_config(providers=("reference", "eager"), methods=("contrast",),
                          modes=("forward",), reference_limit_s=0.0)
-    status = {r.provider: r for r in runner.run_benchmark(config, {"shifted": shifted_loss}).rows}
+    status = {r.provider: r for r in runner.run_benchmark(config, {"shifted": shifted_loss})}
     assert status["reference"].status == common.STATUS_TOO_SLOW
     assert status["eager"].status == STATUS_OK
     assert status["shifted"].status == common.STATUS_WRONG and "float64" in status["shifted"].note
@@ -255,14 +255,14 @@ def test_cpu_peak_memory_sees_what_one_call_allocates():
     config = tiny_config(sizes=[Size(128, 32, 8)], providers=("eager",), methods=("softmax",),
                          modes=("forward", FWD_BWD), memory_modes=(FWD_BWD,),
                          reference_limit_s=0.0)  # the float64 yardstick: no slow reference
-    forward, both = runner.run_benchmark(config).rows
+    forward, both = runner.run_benchmark(config)
     assert forward.peak_mem_mb is None  # not a memory mode
     assert both.peak_mem_mb >= 128 * 32 * 8 * 4 / 2 ** 20, both.note  # the gradient, at least
 
 
 def test_compiled_provider_reports_compile_time_in_every_mode():
     config = tiny_config(providers=("compiled",), methods=("softmax",), modes=MODES)
-    rows = runner.run_benchmark(config).rows
+    rows = runner.run_benchmark(config)
     assert [r.mode for r in rows] == list(MODES)
     for row in rows:
         assert row.status == STATUS_OK, row.note
@@ -275,9 +275,9 @@ def test_compiled_provider_reports_compile_time_in_every_mode():
 def test_cuda_run_measures_memory_in_process():
     config = tiny_config(device="cuda", providers=("eager", "ge2e_ext", "floor"),
                          methods=("softmax",), memory_modes=MODES)
-    result = runner.run_benchmark(config)
-    assert not result.failed
-    for row in rows_of(result, status=STATUS_OK):
+    rows = runner.run_benchmark(config)
+    assert not runner.failed(rows)
+    for row in rows_of(rows, status=STATUS_OK):
         assert row.device == "cuda" and (row.peak_mem_mb is None) == (row.provider == "floor")
 
 
@@ -356,14 +356,14 @@ def test_gpu_check_budgets_fit_in_seven_minutes():
 
 
 def test_n_sweep_plot_is_written_from_rows(tmp_path):
-    """The log-log plot against N, from hand-made rows (no benchmark run needed)."""
-    result = runner.Result("cpu", "test CPU")
+    """The plot of several sizes, from hand-made rows (no benchmark run needed)."""
+    rows = []
     for n, (provider, ms), method in itertools.product(
             (8, 16, 32), (("eager", 0.1), ("ge2e_ext", 0.05), ("floor", 0.03)), METHODS):
-        result.rows.append(runner.Row("cpu", n, 10, 64, method, FWD_BWD, provider,
-                                      median_ms=ms * n, p20_ms=ms * n * 0.9, p80_ms=ms * n * 1.1,
-                                      repeats=3, peak_mem_mb=None if provider == "floor" else n))
-    _, png_path = report.write_outputs(result, tmp_path, "sweep")
+        rows.append(runner.Row("cpu", n, 10, 64, method, FWD_BWD, provider,
+                               median_ms=ms * n, p20_ms=ms * n * 0.9, p80_ms=ms * n * 1.1,
+                               repeats=3, peak_mem_mb=None if provider == "floor" else n))
+    _, png_path = cli.write_outputs(rows, tmp_path, "sweep")
     assert png_path.stat().st_size > 10_000
 
 
@@ -394,8 +394,8 @@ def test_busy_machine_is_flagged_from_the_others_cpu_time():
     quiet = timing.others_share((100.0, 1.0, 0.0), (104.4, 5.0, 10.0), cpus=2)  # others: 0.4 s
     busy = timing.others_share((100.0, 1.0, 0.0), (114.0, 5.0, 10.0), cpus=2)  # others: 10 s
     assert quiet == pytest.approx(0.02) and busy == pytest.approx(0.5)
-    assert "2% of the CPUs" in report.machine_note(quiet) and "BUSY" not in report.machine_note(quiet)
-    assert "BUSY MACHINE" in report.machine_note(busy)
-    assert "n/a" in report.machine_note(timing.others_share(None, (1.0, 1.0, 1.0)))
+    assert "2% of the CPUs" in cli.machine_note(quiet) and "BUSY" not in cli.machine_note(quiet)
+    assert "BUSY MACHINE" in cli.machine_note(busy)
+    assert "n/a" in cli.machine_note(timing.others_share(None, (1.0, 1.0, 1.0)))
     share = timing.others_share(timing.cpu_times(), timing.cpu_times())
     assert share is None or 0.0 <= share <= 1.0

@@ -1,8 +1,6 @@
 """Runs the benchmark: for every size and loss method each provider's loss is checked once,
 then each mode is timed in interleaved repeats; after all timing, peak memory of one call."""
 
-from __future__ import annotations
-
 import functools
 import math
 import platform
@@ -15,16 +13,14 @@ import torch
 import ge2e_ext
 from ge2e_ext._torch_impl import ge2e_rows
 from . import timing
-from .common import (BASELINE, BUILDERS, FLOOR, FLOOR_NOTE, FORWARD, FWD_BWD, MIB, MODES,
-                     PAPER_SIZE, PROVIDERS, STATUS_ERROR, STATUS_NO_KERNEL, STATUS_OK,
+from .common import (BACKWARD, BASELINE, BUILDERS, FLOOR, FLOOR_NOTE, FORWARD, FWD_BWD, MIB,
+                     MODES, PAPER_SIZE, PROVIDERS, STATUS_ERROR, STATUS_NO_KERNEL, STATUS_OK,
                      STATUS_TOO_SLOW, STATUS_WRONG, Size, error_status, format_number, log,
                      make_inputs, matrix_products, prepare_call)
-
 
 @dataclass
 class BenchConfig:
     """Everything a run needs; the command line fills it, tests build it directly."""
-
     device: str = "cpu"
     sizes: Sequence[Size] = (PAPER_SIZE,)
     methods: Sequence[str] = tuple(ge2e_ext.LOSS_METHODS)
@@ -36,11 +32,9 @@ class BenchConfig:
     reference_limit_s: float = 3.0  # skip the reference above this estimated fwd+bwd time
     rtol: float = 1e-4
 
-
 @dataclass
 class Row:
-    """One CSV/table row: a provider's result for one size, loss method and mode."""
-
+    """One CSV/table row: a provider's result for one size, loss method and mode, where."""
     device: str
     N: int
     M: int
@@ -57,26 +51,18 @@ class Row:
     speedup_vs: Optional[float] = None  # this provider's median / ge2e_ext's median
     compile_s: Optional[float] = None
     note: str = ""
+    device_name: str = ""
+    torch_version: str = torch.__version__
+    threads: int = field(default_factory=torch.get_num_threads)
+    others_cpu_share: Optional[float] = None  # of the whole run's timing
 
     @property
     def cell(self) -> tuple[Size, str, str]:
         """Rows of one cell are timed together and share a speed-up baseline."""
         return Size(self.N, self.M, self.D), self.loss_method, self.mode
 
-
-@dataclass
-class Result:
-    device: str
-    device_name: str
-    torch_version: str = torch.__version__
-    threads: int = field(default_factory=torch.get_num_threads)
-    others_cpu_share: Optional[float] = None
-    rows: list[Row] = field(default_factory=list)
-
-    @property
-    def failed(self) -> bool:
-        return any(row.status in (STATUS_WRONG, STATUS_ERROR) for row in self.rows)
-
+def failed(rows: Sequence[Row]) -> bool:
+    return any(row.status in (STATUS_WRONG, STATUS_ERROR) for row in rows)
 
 def resolve_device(name: str) -> torch.device:
     """auto: cuda if torch sees one, else cpu."""
@@ -84,17 +70,14 @@ def resolve_device(name: str) -> torch.device:
         raise ValueError("--device cuda: this torch sees no CUDA device")
     return torch.device(name if name != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
 
-
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     try:
         with open("/proc/cpuinfo") as cpuinfo:
-            return next(line.split(":", 1)[1].strip() for line in cpuinfo
-                        if line.startswith("model name"))
+            return next(line.split(":")[1].strip() for line in cpuinfo if "model name" in line)
     except (OSError, StopIteration):
         return platform.processor() or "unknown CPU"
-
 
 def first_call_s(call: Callable[[], object], device: torch.device) -> float:
     """Wall seconds of one (first, maybe compiling) call, to its end on the device."""
@@ -104,78 +87,57 @@ def first_call_s(call: Callable[[], object], device: torch.device) -> float:
         torch.cuda.synchronize(device)
     return time.perf_counter() - start
 
-
 @functools.lru_cache(maxsize=None)
 def reference_s_per_pair(d: int, device: torch.device) -> float:
-    """The loop reference's fwd+bwd seconds per utterance-centroid pair (N*N*M of them),
-    the best of two calls at N=16, M=10; scaling it overestimates (fixed costs too)."""
+    """The loop reference's fwd+bwd seconds per utterance-centroid pair (N*N*M of them), the
+    best of two calls at N=16, M=10; scaling it overestimates (its fixed costs too)."""
     inputs, loss_fn = make_inputs(Size(16, 10, d), device), BUILDERS["reference"]("softmax")
     return min(first_call_s(prepare_call(loss_fn, inputs, FWD_BWD), device)
                for _ in range(2)) / (16 * 16 * 10)
 
-
 def float64_loss(inputs: Sequence[torch.Tensor], method: str, block: int = 256) -> float:
     """The summed loss in float64 by the pure-PyTorch path (which shares no code with the
-    kernels), ``block`` speakers at a time scored against all speakers' sums, so it holds
-    block x M x N similarities, not N x M x N (gigabytes at N=4096)."""
+    kernels), ``block`` speakers at a time against all speakers' sums, so it holds block x
+    M x N similarities, not N x M x N (gigabytes at N=4096)."""
     x, w, b = (t.detach().double() for t in inputs)
     return sum(float(ge2e_rows(x[i:i + block], x.sum(1), w, b, i, method, 1e-6).sum())
                for i in range(0, len(x), block))
 
-
-def run_benchmark(config: BenchConfig, extra: Optional[Mapping[str, Callable]] = None) -> Result:
+def run_benchmark(config: BenchConfig, extra: Optional[Mapping[str, Callable]] = None) -> list[Row]:
     """Runs config; extra maps a name to fn(embeddings, w, b, loss_method) -> summed loss,
     benchmarked next to the built-ins (tests inject wrong ones)."""
     device = resolve_device(config.device)
     builders = {name: build for name, build in BUILDERS.items() if name in config.providers}
     builders.update({name: functools.partial(lambda fn, m: lambda x, w, b: fn(x, w, b, m), fn)
                      for name, fn in (extra or {}).items()})
-    result = Result(device.type, device_name(device))
-    log(f"GE2E benchmark on {device} ({result.device_name}), {result.threads} threads")
-    memory: list[tuple[Row, Callable]] = []
-    start = timing.cpu_times()
-    for size in config.sizes:
-        inputs = make_inputs(size, device)
-        for method in config.methods:
-            result.rows += run_cell(config, device, size, method, inputs, builders, memory)
-    result.others_cpu_share = timing.others_share(start, timing.cpu_times())
+    log(f"GE2E benchmark on {device}, {torch.get_num_threads()} threads")
+    memory: list[tuple[Row, Callable]] = []  # measured after all timing
+    rows, start = [], timing.cpu_times()
+    for size, method in ((size, method) for size in config.sizes for method in config.methods):
+        rows += run_cell(config, device, size, method, builders, memory)
+    share, name = timing.others_share(start, timing.cpu_times()), device_name(device)
+    for row in rows:
+        row.others_cpu_share, row.device_name = share, name
     for row, prepare in memory:
         try:
             prepare()()  # a warm-up: a compiled loss recompiles after a later size's reset
             row.peak_mem_mb = timing.peak_bytes(prepare(), device) / MIB
         except Exception as error:  # noqa: BLE001 (reported in the row)
             row.note = "; ".join(filter(None, [row.note, f"memory n/a ({error_status(error)[1]})"]))
-    base = {r.cell: r.median_ms for r in result.rows if r.provider == BASELINE and r.median_ms}
-    for row in result.rows:
-        if row.median_ms is not None and row.cell in base:
-            row.speedup_vs = row.median_ms / base[row.cell]
-    return result
+    base = {r.cell: r.median_ms for r in rows if r.provider == BASELINE and r.median_ms}
+    for row in (row for row in rows if row.median_ms and row.cell in base):
+        row.speedup_vs = row.median_ms / base[row.cell]
+    return rows
 
-
-def check(config, size, loss_fn, inputs, expected: float, device) -> tuple[Optional[str], dict]:
-    """The first forward (and backward) call, timed: (what it gave if it disagrees with
-    expected, else None; {mode part: seconds})."""
-    for tensor in inputs:
-        tensor.grad = None
-    start = time.perf_counter()
-    loss = loss_fn(*inputs)
-    value = float(loss.detach())  # waits for the device
-    seconds = {FORWARD: time.perf_counter() - start}
-    if not math.isfinite(value) or abs(value - expected) > (
-            config.rtol * abs(expected) + 1e-6 * size.n * size.m):  # a tiny per-utterance atol
-        return f"loss {value:.6g}", seconds
-    if any(mode != FORWARD for mode in config.modes):
-        seconds["backward"] = first_call_s(loss.backward, device)
-    return None, seconds
-
-
-def run_cell(config, device, size, method, inputs, builders, memory) -> list[Row]:
-    """Every mode of one (size, method): each provider checked once, then timed per mode."""
+def run_cell(config, device, size, method, builders, memory) -> list[Row]:
+    """Every mode of one (size, method): each provider's first forward (and backward) call,
+    timed (a compile's time) and checked against the reference's loss (the float64 path's
+    where the reference is too slow), then the modes timed in interleaved repeats."""
+    inputs = make_inputs(size, device)
     estimate_s = reference_s_per_pair(size.d, device) * size.n ** 2 * size.m
-    affordable = estimate_s <= config.reference_limit_s
-    source = "reference" if affordable else "float64"
+    source = "reference" if estimate_s <= config.reference_limit_s else "float64"
     with torch.no_grad():
-        expected = (float(BUILDERS["reference"](method)(*inputs)) if affordable
+        expected = (float(BUILDERS["reference"](method)(*inputs)) if source == "reference"
                     else float64_loss(inputs, method))
     log(f"{size.label} {method}: expected loss {expected:.6g} ({source}); reference fwd+bwd "
         f"estimated {format_number(estimate_s)} s")
@@ -184,45 +146,43 @@ def run_cell(config, device, size, method, inputs, builders, memory) -> list[Row
     for name, build in builders.items():
         if name == BASELINE and device.type not in ge2e_ext.extension_devices():
             verdicts[name] = STATUS_NO_KERNEL, f"ge2e_ext has no {device.type} kernel here"
-        elif name == "reference" and not affordable:
+        elif name == "reference" and source != "reference":
             verdicts[name] = STATUS_TOO_SLOW, f"estimated {format_number(estimate_s)} s per call"
         else:
             log(f"  check {name}")
             try:
-                loss_fn = build(method)
-                wrong, seconds = check(config, size, loss_fn, inputs, expected, device)
+                loss_fn, losses = build(method), []
+                seconds = {FORWARD: first_call_s(lambda: losses.append(loss_fn(*inputs)), device)}
+                value = float(losses[0].detach())
+                if not math.isfinite(value) or abs(value - expected) > (
+                        config.rtol * abs(expected) + 1e-6 * size.n * size.m):  # atol: tiny
+                    verdicts[name] = STATUS_WRONG, f"loss {value:.6g} vs {source} {expected:.6g}"
+                    continue
+                if set(config.modes) != {FORWARD}:
+                    seconds[BACKWARD] = first_call_s(losses.pop().backward, device)
+                ready[name] = functools.partial(prepare_call, loss_fn, inputs), seconds
             except Exception as error:  # noqa: BLE001 (reported in the row)
                 verdicts[name] = error_status(error)
-                continue
-            if wrong:
-                verdicts[name] = STATUS_WRONG, f"{wrong} vs {source} {expected:.6g}"
-            else:
-                ready[name] = functools.partial(prepare_call, loss_fn, inputs), seconds
     if FLOOR in config.providers and FWD_BWD in config.modes:
-        products = matrix_products(size, device)
-        ready[FLOOR] = (lambda mode: products), {}
+        ready[FLOOR] = (lambda products: lambda mode: products)(matrix_products(size, device)), {}
     rows = []
     for mode in config.modes:
         timed = {name: functools.partial(prepare, mode)
                  for name, (prepare, _) in ready.items() if name != FLOOR or mode == FWD_BWD}
         log(f"  time {size.label} {method} {mode}: {', '.join(timed) or 'nothing'}")
         measured, errors = timing.interleaved(timed, device, config.repeats, config.budget_s)
-        for name in [name for name in [*builders, FLOOR] if name in verdicts or name in timed]:
-            row = Row(device.type, *size, method, mode, name)
+        for name in (name for name in [*builders, FLOOR] if name in verdicts or name in timed):
+            row = Row(device.type, *size, method, mode, name, note=FLOOR_NOTE * (name == FLOOR))
             row.status, row.note = verdicts.get(name) or (
-                error_status(errors[name]) if name in errors else (STATUS_OK, ""))
-            if name in measured and name not in errors:
+                error_status(errors[name]) if name in errors else (STATUS_OK, row.note))
+            if row.status == STATUS_OK:
                 row.median_ms, row.p20_ms, row.p80_ms, row.repeats = timing.summary_ms(
                     measured[name])
-            if name == FLOOR:
-                row.note = FLOOR_NOTE
-            elif row.status == STATUS_OK:
-                if name == "compiled":  # its first calls compiled: forward, then backward
-                    parts = [ready[name][1].get(part) for part in mode.split("+")]
-                    row.compile_s = None if None in parts else sum(parts)
-                if mode in config.memory_modes:
+                parts = [ready[name][1].get(part) for part in mode.split("+")]
+                if name == "compiled" and None not in parts:  # its first calls compiled
+                    row.compile_s = sum(parts)
+                if mode in config.memory_modes and name != FLOOR:
                     memory.append((row, functools.partial(ready[name][0], mode)))
             rows.append(row)
-            log(f"    {name}: {row.status}, median {format_number(row.median_ms)} ms over "
-                f"{row.repeats} runs; {row.note}".rstrip("; "))
+            log(f"    {name}: {row.status}, median {format_number(row.median_ms)} ms")
     return rows

@@ -1,14 +1,11 @@
 """Time and peak memory of prepared calls, and how busy the machine was meanwhile.
 
-A provider is a ``prepare()`` that does a call's unmeasured part and returns the call.
-A sample: on the CPU, Timer("result = call()", setup="call = prepare()").timeit(1)
-(torch.utils.benchmark: setup off the clock, two warm-up calls, the timed one); on
-CUDA the same two warm-up calls, then torch.cuda.Event pairs around the call on the
-current stream (GPU time, no host clock). A provider's samples make one Measurement,
-whose median is reported. A call's result is freed after its clock stops.
+A provider is a ``prepare()`` that does a call's unmeasured part and returns the call. A
+sample: on the CPU Timer("result = call()", setup="call = prepare()").timeit(1) (setup off
+the clock, two warm-up calls, the timed one); on CUDA the same warm-up, then CUDA events
+around the call on the current stream (GPU time, no host clock). The samples of a provider
+make one Measurement. A call's result is freed after its clock stops.
 """
-
-from __future__ import annotations
 
 import ctypes
 import gc
@@ -23,7 +20,6 @@ Prepare = Callable[[], Callable[[], object]]
 MIN_REPEATS = 3  # fewer samples make the percentiles meaningless
 STMT, SETUP = "result = call()", "call = prepare()"
 
-
 def cuda_event_s(call: Callable[[], object]) -> float:
     """Seconds of one call on the current CUDA stream, from a pair of CUDA events."""
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -34,9 +30,7 @@ def cuda_event_s(call: Callable[[], object]) -> float:
     del result
     return start.elapsed_time(end) / 1e3
 
-
 def sample(name: str, prepare: Prepare, device: torch.device) -> Measurement:
-    """One timed call after two warm-up calls, as a Measurement."""
     spec = dict(description=name, num_threads=torch.get_num_threads())
     if device.type != "cuda":
         return Timer(STMT, SETUP, globals={"prepare": prepare}, **spec).timeit(1)
@@ -44,24 +38,20 @@ def sample(name: str, prepare: Prepare, device: torch.device) -> Measurement:
         cuda_event_s(prepare())
     return Measurement(1, [cuda_event_s(prepare())], TaskSpec(STMT, SETUP, **spec))
 
-
 def interleaved(prepares: Mapping[str, Prepare], device: torch.device, repeats: int,
                 budget_s: float) -> tuple[dict[str, Measurement], dict[str, BaseException]]:
-    """A Measurement per provider from samples taken in turns, and who raised.
-
-    Each repeat samples every provider still in, starting one provider further along
-    the rotation each time, so load that drifts hits them alike and none always runs
-    right after the same other one. A provider leaves once it has MIN_REPEATS samples
-    and has spent budget_s seconds (warm-ups included), or when it raises.
-    """
+    """A Measurement per provider from samples taken in turns, and who raised. Each repeat
+    samples every provider still in, starting one further along the rotation each time, so
+    load that drifts hits them alike and none always runs right after the same other one.
+    A provider leaves once it has MIN_REPEATS samples and has spent budget_s seconds
+    (warm-ups included), or when it raises."""
     samples: dict[str, list[Measurement]] = {name: [] for name in prepares}
     errors: dict[str, BaseException] = {}
     spent = dict.fromkeys(prepares, 0.0)
     for repeat in range(repeats):
         active = [name for name in prepares if name not in errors and (
             len(samples[name]) < min(MIN_REPEATS, repeats) or spent[name] < budget_s)]
-        shift = repeat % max(len(active), 1)
-        for name in active[shift:] + active[:shift]:
+        for name in active[repeat % max(len(active), 1):] + active[:repeat % max(len(active), 1)]:
             started = time.perf_counter()  # the budget's clock, not a sample's
             try:
                 samples[name].append(sample(name, prepares[name], device))
@@ -70,33 +60,24 @@ def interleaved(prepares: Mapping[str, Prepare], device: torch.device, repeats: 
             spent[name] += time.perf_counter() - started
     return {name: Measurement.merge(taken)[0] for name, taken in samples.items() if taken}, errors
 
-
 def summary_ms(measurement: Measurement) -> tuple[float, float, float, int]:
     """(median, 20th and 80th percentile) in ms, and the number of samples."""
     times = torch.tensor(measurement.times, dtype=torch.float64) * 1e3
     p20, p80 = times.quantile(torch.tensor([0.2, 0.8], dtype=torch.float64)).tolist()
     return measurement.median * 1e3, p20, p80, len(times)
 
-
 def median_ms(call: Callable[[], object], repeats: int = 50, warmup: int = 10) -> float:
     """Median CUDA-event time of one call repeated on its own (the GPU floors)."""
     for _ in range(warmup):
         call()
-    return Measurement(1, [cuda_event_s(call) for _ in range(repeats)],
-                       TaskSpec("call()", "pass")).median * 1e3
-
-
-def _proc_status_bytes(key: str) -> int:
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) * 1024 for line in status if line.startswith(key + ":"))
-
+    times = [cuda_event_s(call) for _ in range(repeats)]
+    return Measurement(1, times, TaskSpec("call()", "pass")).median * 1e3
 
 def peak_bytes(call: Callable[[], object], device: torch.device) -> int:
     """Peak memory one prepared call adds over what was live before it. CUDA: growth of
-    max_memory_allocated. CPU: VmHWM, reset to VmRSS through /proc/self/clear_refs, minus
-    VmRSS before, with glibc set (mallopt, malloc_trim) to return freed memory, so that
-    memory freed earlier cannot hide the call's peak; the setting stays, so measure after
-    all timing. OSError where /proc does not allow it."""
+    max_memory_allocated. CPU: VmHWM (reset to VmRSS by /proc/self/clear_refs) minus VmRSS,
+    glibc set (mallopt, malloc_trim) to return freed memory, so that memory freed earlier
+    cannot hide the call's peak; the setting stays: measure after all timing."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -109,14 +90,18 @@ def peak_bytes(call: Callable[[], object], device: torch.device) -> int:
     libc.mallopt(-3, 65536)  # M_MMAP_THRESHOLD: blocks from 64 KiB mapped, unmapped when freed
     libc.mallopt(-1, 131072)  # M_TRIM_THRESHOLD
     libc.malloc_trim(0)
-    before = _proc_status_bytes("VmRSS")
+
+    def status_bytes(key: str) -> int:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) * 1024 for line in status if line.startswith(key))
+
+    before = status_bytes("VmRSS:")
     with open("/proc/self/clear_refs", "w") as clear_refs:
         clear_refs.write("5")  # VmHWM := VmRSS
     result = call()
-    peak = _proc_status_bytes("VmHWM") - before
+    peak = status_bytes("VmHWM:") - before
     del result
     return max(peak, 0)
-
 
 def cpu_times() -> Optional[tuple[float, float, float]]:
     """(busy CPU s of the whole machine, this process's CPU s, wall s); None without /proc/stat."""
@@ -128,7 +113,6 @@ def cpu_times() -> Optional[tuple[float, float, float]]:
     own = os.times()  # busy: all but idle and iowait, the 4th and 5th fields
     return ((sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK"),
             own.user + own.system, time.perf_counter())
-
 
 def others_share(start, end, cpus: Optional[int] = None) -> Optional[float]:
     """The share of all CPUs' time other processes used between two cpu_times()."""
