@@ -30,9 +30,18 @@ import torch
 import harness  # noqa: F401  (the checkout on sys.path)
 import ge2e_ext
 from harness.common import Size, SIZE_HELP, matrix_products, parse_sizes
-from harness.timing import median_ms, peak_bytes
+from harness.timing import cuda_event_s, peak_bytes
+from torch.utils.benchmark import Measurement, TaskSpec
 
 CUDA = torch.device("cuda")
+
+
+def median_ms(call, repeats: int = 50, warmup: int = 10) -> float:
+    """Median CUDA-event time of call repeated on its own, after warm-up calls."""
+    for _ in range(warmup):
+        call()
+    times = [cuda_event_s(call) for _ in range(repeats)]
+    return Measurement(1, times, TaskSpec("call()", "pass")).median * 1e3
 
 
 def graph_ms(fn) -> float:

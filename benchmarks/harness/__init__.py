@@ -1,10 +1,7 @@
 """The GE2E benchmark harness on torch.utils.benchmark, shared by the scripts in benchmarks/.
-
-Each module imports only those before it in LAYERS (tests/test_benchmark.py checks it):
-common (sizes, providers, inputs, the floor), timing (samples by Timer or CUDA events, peak
-memory, the busy-machine meter), runner (check, then time, then memory), report (table,
-summary, CSV, PNG), cli (the scripts' command line; cli.METHOD says how it all measures).
-"""
+Each module imports only those before it in LAYERS (tests/test_benchmark.py checks it): common
+(sizes, providers, the floor), timing (Timer or CUDA-event samples, peak memory, the busy-machine
+meter), runner (check, time, measure), cli (command line, table, CSV, PNG; cli.METHOD: how)."""
 
 import sys
 from pathlib import Path

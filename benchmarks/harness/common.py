@@ -1,6 +1,7 @@
 """Sizes, modes, statuses, progress lines, and the providers with their inputs and the floor."""
 
 import math
+import re
 import sys
 import time
 from typing import Callable, NamedTuple, Optional, Sequence
@@ -30,10 +31,7 @@ def format_number(value: Optional[float]) -> str:
     size = abs(value)
     return f"{value:.{0 if size >= 100 else 1 if size >= 10 else 2 if size >= 1 else 3}f}"
 
-def error_status(error: BaseException) -> tuple[str, str]:
-    """(status, note) for a provider that raised."""
-    if isinstance(error, MemoryError) or "out of memory" in str(error).lower():
-        return "skipped (out of memory)", "out of memory"
+def error_status(error: BaseException) -> tuple[str, str]:  # of a provider that raised
     return STATUS_ERROR, f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}"
 
 class Size(NamedTuple):
@@ -48,26 +46,22 @@ class Size(NamedTuple):
 
 PAPER_SIZE = Size(64, 10, 256)
 N_SWEEP = [Size(n, 10, 256) for n in (8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)]
-SIZE_PRESETS = {"paper": [PAPER_SIZE], "n": N_SWEEP, "sweep": N_SWEEP + [
-    Size(64, m, 256) for m in (2, 5, 10, 20)] + [Size(64, 10, d) for d in (64, 128, 256, 512, 1024)]}
-SIZE_HELP = ("comma list of NxMxD sizes (e.g. 64x10x256,1024x10x512) and of the names 'paper' "
-             "(64x10x256), 'n' (N=8,16,..,4096 at M=10 D=256) and 'sweep' (n, then M=2,5,10,20 "
-             "and D=64..1024 at N=64)")
+SIZE_PRESETS = {"paper": [PAPER_SIZE], "n": N_SWEEP, "sweep": N_SWEEP + [Size(64, m, 256) for m in (
+    2, 5, 10, 20)] + [Size(64, 10, d) for d in (64, 128, 256, 512, 1024)]}
+SIZE_HELP = ("comma list of NxMxD sizes (e.g. 64x10x256,1024x10x512) and of 'paper' (64x10x256), "
+             "'n' (N=8,16,..,4096 at M=10 D=256), 'sweep' (n, M=2..20 and D=64..1024 at N=64)")
 
 def parse_sizes(text: str) -> list[Size]:
     """'64x10x256,n' and the like to a list of sizes, duplicates dropped."""
     sizes: list[Size] = []
     for item in filter(None, (part.strip().lower() for part in text.split(","))):
-        parts = item.split("x")
-        if item in SIZE_PRESETS:
-            sizes += SIZE_PRESETS[item]
-        elif len(parts) != 3 or not all(p.isdigit() for p in parts):
-            raise ValueError(f"size {item!r} is not NxMxD (e.g. 64x10x256) or one of "
-                             f"{', '.join(SIZE_PRESETS)}")
-        elif int(parts[0]) < 2 or int(parts[1]) < 2 or int(parts[2]) < 1:
-            raise ValueError(f"size {item!r}: GE2E needs N >= 2, M >= 2 and D >= 1")
+        match = re.fullmatch(r"(\d+)x(\d+)x(\d+)", item)
+        size = Size(*map(int, match.groups())) if match else None
+        if item in SIZE_PRESETS or (size and size.n >= 2 and size.m >= 2 and size.d >= 1):
+            sizes += SIZE_PRESETS.get(item, [size])
         else:
-            sizes.append(Size(*map(int, parts)))
+            raise ValueError(f"size {item!r}: expected NxMxD with N, M >= 2 and D >= 1 (e.g. "
+                             f"64x10x256) or one of {', '.join(SIZE_PRESETS)}")
     if not sizes:
         raise ValueError("no sizes given")
     return list(dict.fromkeys(sizes))
@@ -75,8 +69,7 @@ def parse_sizes(text: str) -> list[Size]:
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 def _compiled(method: str) -> LossFn:
-    # A reset makes each (size, method) compile from scratch (compile_s is what a new
-    # shape costs) and keeps many sizes under dynamo's recompile limit (past it: eager).
+    # From scratch: compile_s is a new shape's cost, and no recompile limit (then eager) is hit.
     torch._dynamo.reset()
     return torch.compile(lambda x, w, b: ge2e_loss(x, w, b, method, backend="torch"))
 
@@ -89,8 +82,7 @@ BUILDERS: dict[str, Callable[[str], LossFn]] = {
 PROVIDERS = (*BUILDERS, FLOOR)
 
 def make_inputs(size: Size, device: torch.device, seed: int = 0) -> tuple[torch.Tensor, ...]:
-    """(embeddings, w, b): float32 (N, M, D) from randn, w and b 0-dim, leaves requiring grad,
-    of the same values on every device (drawn on the CPU)."""
+    """(embeddings, w, b): float32 leaves requiring grad, the same on every device."""
     x = torch.randn(*size, generator=torch.Generator().manual_seed(seed))
     return tuple(t.to(device).requires_grad_(True)
                  for t in (x, torch.tensor(INIT_W), torch.tensor(INIT_B)))
@@ -118,10 +110,9 @@ class MatrixProducts(NamedTuple):
 
 def matrix_products(size: Size, device: torch.device,
                     names: Sequence[str] = ("E S^T", "H S", "H^T E")) -> MatrixProducts:
-    """The floor: with E the embeddings as (N*M, D), S the (N, D) speaker sums and H an
-    (N*M, N) matrix (the similarities' gradient), E @ S.T (the forward's dot products),
-    H @ S and H.T @ E (the backward's), float32, randn data, into preallocated outputs;
-    ``names`` picks some. No GE2E step can do less of this work."""
+    """The floor, float32 on randn data into preallocated outputs: with E the embeddings as
+    (N*M, D), S the (N, D) speaker sums and H an (N*M, N) matrix (the similarities' gradient),
+    E @ S.T (the forward's), H @ S and H.T @ E (the backward's); ``names`` picks some."""
     g = torch.Generator().manual_seed(1)
     e, s, h = (torch.randn(*shape, generator=g).to(device) for shape in
                ((size.n * size.m, size.d), (size.n, size.d), (size.n * size.m, size.n)))

@@ -1,11 +1,11 @@
-"""Runs the benchmark: for every size and loss method each provider's loss is checked once,
-then each mode is timed in interleaved repeats; after all timing, peak memory of one call."""
+"""Runs the benchmark: each size and loss method's check, then timing; after all timing, memory."""
 
 import functools
 import math
 import platform
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Mapping, Optional, Sequence
 
 import torch
@@ -14,9 +14,9 @@ import ge2e_ext
 from ge2e_ext._torch_impl import ge2e_rows
 from . import timing
 from .common import (BACKWARD, BASELINE, BUILDERS, FLOOR, FLOOR_NOTE, FORWARD, FWD_BWD, MIB,
-                     MODES, PAPER_SIZE, PROVIDERS, STATUS_ERROR, STATUS_NO_KERNEL, STATUS_OK,
-                     STATUS_TOO_SLOW, STATUS_WRONG, Size, error_status, format_number, log,
-                     make_inputs, matrix_products, prepare_call)
+                     MODES, PAPER_SIZE, PROVIDERS, STATUS_NO_KERNEL, STATUS_OK, STATUS_TOO_SLOW,
+                     STATUS_WRONG, Size, error_status, format_number, log, make_inputs,
+                     matrix_products, prepare_call)
 
 @dataclass
 class BenchConfig:
@@ -57,12 +57,8 @@ class Row:
     others_cpu_share: Optional[float] = None  # of the whole run's timing
 
     @property
-    def cell(self) -> tuple[Size, str, str]:
-        """Rows of one cell are timed together and share a speed-up baseline."""
+    def cell(self) -> tuple[Size, str, str]:  # timed together, one speed-up baseline
         return Size(self.N, self.M, self.D), self.loss_method, self.mode
-
-def failed(rows: Sequence[Row]) -> bool:
-    return any(row.status in (STATUS_WRONG, STATUS_ERROR) for row in rows)
 
 def resolve_device(name: str) -> torch.device:
     """auto: cuda if torch sees one, else cpu."""
@@ -73,11 +69,9 @@ def resolve_device(name: str) -> torch.device:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            return next(line.split(":")[1].strip() for line in cpuinfo if "model name" in line)
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown CPU"
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    return next((line.split(":")[1].strip() for line in cpuinfo.splitlines()
+                 if line.startswith("model name")), platform.processor() or "unknown CPU")
 
 def first_call_s(call: Callable[[], object], device: torch.device) -> float:
     """Wall seconds of one (first, maybe compiling) call, to its end on the device."""
@@ -96,16 +90,14 @@ def reference_s_per_pair(d: int, device: torch.device) -> float:
                for _ in range(2)) / (16 * 16 * 10)
 
 def float64_loss(inputs: Sequence[torch.Tensor], method: str, block: int = 256) -> float:
-    """The summed loss in float64 by the pure-PyTorch path (which shares no code with the
-    kernels), ``block`` speakers at a time against all speakers' sums, so it holds block x
-    M x N similarities, not N x M x N (gigabytes at N=4096)."""
+    """The summed loss in float64 by the backend="torch" path, ``block`` speakers at a time
+    (block x M x N similarities, not N x M x N: gigabytes at N=4096)."""
     x, w, b = (t.detach().double() for t in inputs)
     return sum(float(ge2e_rows(x[i:i + block], x.sum(1), w, b, i, method, 1e-6).sum())
                for i in range(0, len(x), block))
 
 def run_benchmark(config: BenchConfig, extra: Optional[Mapping[str, Callable]] = None) -> list[Row]:
-    """Runs config; extra maps a name to fn(embeddings, w, b, loss_method) -> summed loss,
-    benchmarked next to the built-ins (tests inject wrong ones)."""
+    """Runs config, with extra providers: name -> fn(embeddings, w, b, loss_method) -> loss."""
     device = resolve_device(config.device)
     builders = {name: build for name, build in BUILDERS.items() if name in config.providers}
     builders.update({name: functools.partial(lambda fn, m: lambda x, w, b: fn(x, w, b, m), fn)
@@ -130,9 +122,8 @@ def run_benchmark(config: BenchConfig, extra: Optional[Mapping[str, Callable]] =
     return rows
 
 def run_cell(config, device, size, method, builders, memory) -> list[Row]:
-    """Every mode of one (size, method): each provider's first forward (and backward) call,
-    timed (a compile's time) and checked against the reference's loss (the float64 path's
-    where the reference is too slow), then the modes timed in interleaved repeats."""
+    """Each provider's first forward+backward, timed (a compile's time) and its loss checked
+    against the reference's (float64_loss's where that is too slow), then each mode's timing."""
     inputs = make_inputs(size, device)
     estimate_s = reference_s_per_pair(size.d, device) * size.n ** 2 * size.m
     source = "reference" if estimate_s <= config.reference_limit_s else "float64"
@@ -149,7 +140,6 @@ def run_cell(config, device, size, method, builders, memory) -> list[Row]:
         elif name == "reference" and source != "reference":
             verdicts[name] = STATUS_TOO_SLOW, f"estimated {format_number(estimate_s)} s per call"
         else:
-            log(f"  check {name}")
             try:
                 loss_fn, losses = build(method), []
                 seconds = {FORWARD: first_call_s(lambda: losses.append(loss_fn(*inputs)), device)}
@@ -158,8 +148,7 @@ def run_cell(config, device, size, method, builders, memory) -> list[Row]:
                         config.rtol * abs(expected) + 1e-6 * size.n * size.m):  # atol: tiny
                     verdicts[name] = STATUS_WRONG, f"loss {value:.6g} vs {source} {expected:.6g}"
                     continue
-                if set(config.modes) != {FORWARD}:
-                    seconds[BACKWARD] = first_call_s(losses.pop().backward, device)
+                seconds[BACKWARD] = first_call_s(losses.pop().backward, device)
                 ready[name] = functools.partial(prepare_call, loss_fn, inputs), seconds
             except Exception as error:  # noqa: BLE001 (reported in the row)
                 verdicts[name] = error_status(error)
@@ -178,11 +167,9 @@ def run_cell(config, device, size, method, builders, memory) -> list[Row]:
             if row.status == STATUS_OK:
                 row.median_ms, row.p20_ms, row.p80_ms, row.repeats = timing.summary_ms(
                     measured[name])
-                parts = [ready[name][1].get(part) for part in mode.split("+")]
-                if name == "compiled" and None not in parts:  # its first calls compiled
-                    row.compile_s = sum(parts)
+                if name == "compiled":  # its first calls compiled
+                    row.compile_s = sum(ready[name][1][part] for part in mode.split("+"))
                 if mode in config.memory_modes and name != FLOOR:
                     memory.append((row, functools.partial(ready[name][0], mode)))
             rows.append(row)
-            log(f"    {name}: {row.status}, median {format_number(row.median_ms)} ms")
     return rows

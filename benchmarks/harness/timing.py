@@ -1,16 +1,12 @@
-"""Time and peak memory of prepared calls, and how busy the machine was meanwhile.
-
-A provider is a ``prepare()`` that does a call's unmeasured part and returns the call. A
-sample: on the CPU Timer("result = call()", setup="call = prepare()").timeit(1) (setup off
-the clock, two warm-up calls, the timed one); on CUDA the same warm-up, then CUDA events
-around the call on the current stream (GPU time, no host clock). The samples of a provider
-make one Measurement. A call's result is freed after its clock stops.
-"""
+"""Time and peak memory of prepared calls (a provider is a ``prepare()`` that does a call's
+unmeasured part and returns the call), and how busy the machine was meanwhile."""
 
 import ctypes
 import gc
 import os
+import re
 import time
+from pathlib import Path
 from typing import Callable, Mapping, Optional
 
 import torch
@@ -18,7 +14,7 @@ from torch.utils.benchmark import Measurement, TaskSpec, Timer
 
 Prepare = Callable[[], Callable[[], object]]
 MIN_REPEATS = 3  # fewer samples make the percentiles meaningless
-STMT, SETUP = "result = call()", "call = prepare()"
+STMT, SETUP = "result = call()", "call = prepare()"  # the result is freed off the clock
 
 def cuda_event_s(call: Callable[[], object]) -> float:
     """Seconds of one call on the current CUDA stream, from a pair of CUDA events."""
@@ -31,6 +27,8 @@ def cuda_event_s(call: Callable[[], object]) -> float:
     return start.elapsed_time(end) / 1e3
 
 def sample(name: str, prepare: Prepare, device: torch.device) -> Measurement:
+    """CPU: Timer.timeit(1): prepare() off the clock, two warm-up calls, the timed one. CUDA:
+    the same warm-up, then CUDA events around the call (its GPU time, no host clock)."""
     spec = dict(description=name, num_threads=torch.get_num_threads())
     if device.type != "cuda":
         return Timer(STMT, SETUP, globals={"prepare": prepare}, **spec).timeit(1)
@@ -40,11 +38,9 @@ def sample(name: str, prepare: Prepare, device: torch.device) -> Measurement:
 
 def interleaved(prepares: Mapping[str, Prepare], device: torch.device, repeats: int,
                 budget_s: float) -> tuple[dict[str, Measurement], dict[str, BaseException]]:
-    """A Measurement per provider from samples taken in turns, and who raised. Each repeat
-    samples every provider still in, starting one further along the rotation each time, so
-    load that drifts hits them alike and none always runs right after the same other one.
-    A provider leaves once it has MIN_REPEATS samples and has spent budget_s seconds
-    (warm-ups included), or when it raises."""
+    """A Measurement per provider, and who raised. Each repeat samples every provider still in
+    (MIN_REPEATS samples, or under budget_s seconds spent), starting one further on each time,
+    so load that drifts hits them alike and none always runs right after the same other one."""
     samples: dict[str, list[Measurement]] = {name: [] for name in prepares}
     errors: dict[str, BaseException] = {}
     spent = dict.fromkeys(prepares, 0.0)
@@ -66,18 +62,10 @@ def summary_ms(measurement: Measurement) -> tuple[float, float, float, int]:
     p20, p80 = times.quantile(torch.tensor([0.2, 0.8], dtype=torch.float64)).tolist()
     return measurement.median * 1e3, p20, p80, len(times)
 
-def median_ms(call: Callable[[], object], repeats: int = 50, warmup: int = 10) -> float:
-    """Median CUDA-event time of one call repeated on its own (the GPU floors)."""
-    for _ in range(warmup):
-        call()
-    times = [cuda_event_s(call) for _ in range(repeats)]
-    return Measurement(1, times, TaskSpec("call()", "pass")).median * 1e3
-
 def peak_bytes(call: Callable[[], object], device: torch.device) -> int:
-    """Peak memory one prepared call adds over what was live before it. CUDA: growth of
-    max_memory_allocated. CPU: VmHWM (reset to VmRSS by /proc/self/clear_refs) minus VmRSS,
-    glibc set (mallopt, malloc_trim) to return freed memory, so that memory freed earlier
-    cannot hide the call's peak; the setting stays: measure after all timing."""
+    """Peak memory one prepared call adds. CUDA: max_memory_allocated's growth. CPU: VmHWM (reset
+    by /proc/self/clear_refs) minus VmRSS, glibc set to return freed memory (so that memory freed
+    earlier cannot hide the call's peak; the setting stays: measure after all timing)."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -90,24 +78,18 @@ def peak_bytes(call: Callable[[], object], device: torch.device) -> int:
     libc.mallopt(-3, 65536)  # M_MMAP_THRESHOLD: blocks from 64 KiB mapped, unmapped when freed
     libc.mallopt(-1, 131072)  # M_TRIM_THRESHOLD
     libc.malloc_trim(0)
-
-    def status_bytes(key: str) -> int:
-        with open("/proc/self/status") as status:
-            return next(int(line.split()[1]) * 1024 for line in status if line.startswith(key))
-
-    before = status_bytes("VmRSS:")
-    with open("/proc/self/clear_refs", "w") as clear_refs:
-        clear_refs.write("5")  # VmHWM := VmRSS
+    kib = lambda key: int(re.search(rf"{key}:\s*(\d+)", Path("/proc/self/status").read_text())[1])
+    before = kib("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
     result = call()
-    peak = status_bytes("VmHWM:") - before
+    peak = (kib("VmHWM") - before) * 1024
     del result
     return max(peak, 0)
 
 def cpu_times() -> Optional[tuple[float, float, float]]:
     """(busy CPU s of the whole machine, this process's CPU s, wall s); None without /proc/stat."""
     try:
-        with open("/proc/stat") as stat:
-            ticks = [int(v) for v in stat.readline().split()[1:]]
+        ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
     except (OSError, ValueError):
         return None
     own = os.times()  # busy: all but idle and iowait, the 4th and 5th fields
