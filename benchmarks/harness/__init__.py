@@ -7,5 +7,4 @@ import sys
 from pathlib import Path
 
 LAYERS = ("common", "timing", "runner", "cli")
-if str(Path(__file__).resolve().parents[2]) not in sys.path:  # a checkout built in place
-    sys.path.append(str(Path(__file__).resolve().parents[2]))
+sys.path.append(str(Path(__file__).resolve().parents[2]))  # a checkout built in place, too

@@ -18,9 +18,10 @@ METHOD = """\
 How it measures (more in README.md, "Benchmarks"): each loss is first checked against the
 reference's (the float64 backend="torch" path's where the loops would exceed --reference-
 limit-s); one that differs is "wrong", untimed, exit code 1. Then repeats in which providers
-take turns (round robin), a sample being torch.utils.benchmark.Timer.timeit(1) on the CPU, a
-torch.cuda.Event pair after the same 2 warm-up calls on CUDA. floor: E @ S.T, H @ S, H.T @ E.
-Memory after all timing: max_memory_allocated; VmHWM (reset via /proc/self/clear_refs) - VmRSS.
+take turns (round robin) until each has 3 samples and has run --budget-s; one sample is
+torch.utils.benchmark.Timer.timeit(1) on the CPU, 2 warm-up calls and a torch.cuda.Event
+pair on CUDA. floor: E @ S.T, H @ S, H.T @ E. Memory, after all timing: CUDA
+max_memory_allocated; CPU VmHWM (reset via /proc/self/clear_refs) - VmRSS.
 """
 CSV_COLUMNS = [f.name for f in dataclasses.fields(Row)]
 BUSY_SHARE = 0.10  # other processes' CPU share above which timings are suspect
@@ -28,8 +29,7 @@ HEADER = ("provider", "median ms", "p20-p80 ms", "runs", "peak MB", "speed-up", 
 COLORS = {"reference": "tab:red", "eager": "tab:blue", "compiled": "tab:purple",
           BASELINE: "tab:green", FLOOR: "tab:gray"}
 
-def relation(ratio: float, above: str, below: str) -> str:
-    """'2.64x <above>' for a ratio of 2.64, '1.10x <below>' for 1/1.10."""
+def relation(ratio: float, above: str, below: str) -> str:  # 2.64x above, or 1.10x below
     return f"{format_number(max(ratio, 1 / ratio))}x {above if ratio >= 1 else below}"
 
 def machine_note(share: Optional[float]) -> str:
@@ -45,8 +45,8 @@ def cells(row: Row) -> tuple[str, ...]:
     details += [row.note] * bool(row.note)
     return (row.provider, format_number(row.median_ms), "-" if row.p20_ms is None else
             f"{format_number(row.p20_ms)}-{format_number(row.p80_ms)}", str(row.repeats or "-"),
-            format_number(row.peak_mem_mb),
-            "-" if row.speedup_vs is None else f"{format_number(row.speedup_vs)}x",
+            format_number(row.peak_mem_mb), "-" if row.speedup_vs is None else
+            f"{format_number(row.speedup_vs)}x",
             row.status + (f": {'; '.join(details)}" if details else ""))
 
 def summary_line(rows: list[Row]) -> Optional[str]:
@@ -63,8 +63,8 @@ def summary_line(rows: list[Row]) -> Optional[str]:
     if floor and floor.speedup_vs:
         texts.append(f"{BASELINE} is {format_number(1 / floor.speedup_vs)}x the time of its 3 "
                      "matrix products")
-    size, method, mode = rows[0].cell
-    return f"  {size.label} {method} {mode}: {'; '.join(texts)}" if texts else None
+    cell = f"{base.cell[0].label} {base.loss_method} {base.mode}"
+    return f"  {cell}: {'; '.join(texts)}" if texts else None
 
 def format_report(rows: Sequence[Row]) -> str:
     first = rows[0]

@@ -34,7 +34,7 @@ class BenchConfig:
 
 @dataclass
 class Row:
-    """One CSV/table row: a provider's result for one size, loss method and mode, where."""
+    """One CSV/table row: a provider's result for one size, loss method and mode, and where."""
     device: str
     N: int
     M: int
@@ -60,8 +60,7 @@ class Row:
     def cell(self) -> tuple[Size, str, str]:  # timed together, one speed-up baseline
         return Size(self.N, self.M, self.D), self.loss_method, self.mode
 
-def resolve_device(name: str) -> torch.device:
-    """auto: cuda if torch sees one, else cpu."""
+def resolve_device(name: str) -> torch.device:  # auto: cuda if torch sees one, else cpu
     if name == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: this torch sees no CUDA device")
     return torch.device(name if name != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
@@ -103,8 +102,7 @@ def run_benchmark(config: BenchConfig, extra: Optional[Mapping[str, Callable]] =
     builders.update({name: functools.partial(lambda fn, m: lambda x, w, b: fn(x, w, b, m), fn)
                      for name, fn in (extra or {}).items()})
     log(f"GE2E benchmark on {device}, {torch.get_num_threads()} threads")
-    memory: list[tuple[Row, Callable]] = []  # measured after all timing
-    rows, start = [], timing.cpu_times()
+    rows, memory, start = [], [], timing.cpu_times()  # memory: (row, prepare), after all timing
     for size, method in ((size, method) for size in config.sizes for method in config.methods):
         rows += run_cell(config, device, size, method, builders, memory)
     share, name = timing.others_share(start, timing.cpu_times()), device_name(device)
@@ -127,9 +125,8 @@ def run_cell(config, device, size, method, builders, memory) -> list[Row]:
     inputs = make_inputs(size, device)
     estimate_s = reference_s_per_pair(size.d, device) * size.n ** 2 * size.m
     source = "reference" if estimate_s <= config.reference_limit_s else "float64"
-    with torch.no_grad():
-        expected = (float(BUILDERS["reference"](method)(*inputs)) if source == "reference"
-                    else float64_loss(inputs, method))
+    expected = (float(BUILDERS["reference"](method)(*inputs).detach()) if source == "reference"
+                else float64_loss(inputs, method))
     log(f"{size.label} {method}: expected loss {expected:.6g} ({source}); reference fwd+bwd "
         f"estimated {format_number(estimate_s)} s")
     verdicts: dict[str, tuple[str, str]] = {}  # name -> (status, note) of the untimed
@@ -159,14 +156,13 @@ def run_cell(config, device, size, method, builders, memory) -> list[Row]:
         timed = {name: functools.partial(prepare, mode)
                  for name, (prepare, _) in ready.items() if name != FLOOR or mode == FWD_BWD}
         log(f"  time {size.label} {method} {mode}: {', '.join(timed) or 'nothing'}")
-        measured, errors = timing.interleaved(timed, device, config.repeats, config.budget_s)
+        got, errors = timing.interleaved(timed, device, config.repeats, config.budget_s)
         for name in (name for name in [*builders, FLOOR] if name in verdicts or name in timed):
             row = Row(device.type, *size, method, mode, name, note=FLOOR_NOTE * (name == FLOOR))
             row.status, row.note = verdicts.get(name) or (
                 error_status(errors[name]) if name in errors else (STATUS_OK, row.note))
             if row.status == STATUS_OK:
-                row.median_ms, row.p20_ms, row.p80_ms, row.repeats = timing.summary_ms(
-                    measured[name])
+                row.median_ms, row.p20_ms, row.p80_ms, row.repeats = timing.summary_ms(got[name])
                 if name == "compiled":  # its first calls compiled
                     row.compile_s = sum(ready[name][1][part] for part in mode.split("+"))
                 if mode in config.memory_modes and name != FLOOR:

@@ -20,10 +20,9 @@ def cuda_event_s(call: Callable[[], object]) -> float:
     """Seconds of one call on the current CUDA stream, from a pair of CUDA events."""
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
-    result = call()
+    result = call()  # freed on return, after the clock stops
     end.record()
     end.synchronize()
-    del result
     return start.elapsed_time(end) / 1e3
 
 def sample(name: str, prepare: Prepare, device: torch.device) -> Measurement:
@@ -42,8 +41,7 @@ def interleaved(prepares: Mapping[str, Prepare], device: torch.device, repeats: 
     (MIN_REPEATS samples, or under budget_s seconds spent), starting one further on each time,
     so load that drifts hits them alike and none always runs right after the same other one."""
     samples: dict[str, list[Measurement]] = {name: [] for name in prepares}
-    errors: dict[str, BaseException] = {}
-    spent = dict.fromkeys(prepares, 0.0)
+    errors, spent = {}, dict.fromkeys(prepares, 0.0)
     for repeat in range(repeats):
         active = [name for name in prepares if name not in errors and (
             len(samples[name]) < min(MIN_REPEATS, repeats) or spent[name] < budget_s)]
@@ -81,17 +79,14 @@ def peak_bytes(call: Callable[[], object], device: torch.device) -> int:
     kib = lambda key: int(re.search(rf"{key}:\s*(\d+)", Path("/proc/self/status").read_text())[1])
     before = kib("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
-    result = call()
-    peak = (kib("VmHWM") - before) * 1024
-    del result
-    return max(peak, 0)
+    result = call()  # freed on return, after the peak is read
+    return max(kib("VmHWM") - before, 0) * 1024
 
 def cpu_times() -> Optional[tuple[float, float, float]]:
     """(busy CPU s of the whole machine, this process's CPU s, wall s); None without /proc/stat."""
-    try:
-        ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
-    except (OSError, ValueError):
+    if not Path("/proc/stat").exists():
         return None
+    ticks = [int(v) for v in Path("/proc/stat").read_text().split()[1:11]]  # the "cpu" line
     own = os.times()  # busy: all but idle and iowait, the 4th and 5th fields
     return ((sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK"),
             own.user + own.system, time.perf_counter())
