@@ -25,7 +25,7 @@ import sys
 import torch
 
 from harness.common import MIB, log
-from harness.timing import peak_bytes
+from harness.timing import PROBE_ENV, peak_bytes
 
 
 def batch(big, small, small_rows, dim, seed=0):
@@ -57,7 +57,8 @@ def probe(config: dict) -> dict:
 
 def spawn(config: dict) -> dict:
     done = subprocess.run([sys.executable, __file__, "--probe", json.dumps(config)],
-                          capture_output=True, text=True, timeout=1200)
+                          capture_output=True, text=True, env={**os.environ, **PROBE_ENV},
+                          timeout=1200)
     lines = done.stdout.strip().splitlines()
     if done.returncode != 0 or not lines:
         return {"error": (done.stderr.strip().splitlines() or ["no output"])[-1]}

@@ -108,7 +108,7 @@ def test_floor_row_is_timed_with_the_others_and_summarized(tiny_rows):
         assert floor.repeats == 3 and floor.median_ms > 0
         assert floor.peak_mem_mb is None and "matrix products" in floor.note
     text = cli.format_report(tiny_rows)
-    assert "\n  floor " in text and "floor: the 3 float32 matrix products" in text
+    assert "\n  floor " in text and "3 float32 matrix products, not a loss" in text
     if EXTENSION_ON_CPU:
         summary = text.split("Summary:")[1]
         for method in METHODS:

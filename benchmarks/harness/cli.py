@@ -23,22 +23,18 @@ torch.utils.benchmark.Timer.timeit(1) on the CPU, 2 warm-up calls and a torch.cu
 pair on CUDA. floor: E @ S.T, H @ S, H.T @ E. Memory, after all timing: CUDA
 max_memory_allocated; CPU VmHWM (reset via /proc/self/clear_refs) - VmRSS.
 """
-CSV_COLUMNS = [f.name for f in dataclasses.fields(Row)]
-BUSY_SHARE = 0.10  # other processes' CPU share above which timings are suspect
 HEADER = ("provider", "median ms", "p20-p80 ms", "runs", "peak MB", "speed-up", "status")
-COLORS = {"reference": "tab:red", "eager": "tab:blue", "compiled": "tab:purple",
-          BASELINE: "tab:green", FLOOR: "tab:gray"}
 
 def relation(ratio: float, above: str, below: str) -> str:  # 2.64x above, or 1.10x below
     return f"{format_number(max(ratio, 1 / ratio))}x {above if ratio >= 1 else below}"
 
 def machine_note(share: Optional[float]) -> str:
-    """How much of the CPUs other processes used while timing, flagged when too much."""
+    """How much of the CPUs other processes used while timing; over 10%: a busy machine."""
     if share is None:
         return "machine: n/a (no /proc/stat to tell whether other processes competed)"
     busy = " (BUSY MACHINE: timings and ratios may be distorted; rerun when idle)"
     return f"machine: other processes used {share:.0%} of the CPUs while timing" + (
-        busy if share > BUSY_SHARE else "")
+        busy if share > 0.10 else "")
 
 def cells(row: Row) -> tuple[str, ...]:
     details = [f"compile {format_number(row.compile_s)} s"] * (row.compile_s is not None)
@@ -76,8 +72,7 @@ def format_report(rows: Sequence[Row]) -> str:
              f"w={INIT_W:g}, b={INIT_B:g}", "time: median and p20-p80 (ms) of repeats interleaved "
              f"across providers, by {clock}", f"peak MB: memory one call adds (growth of {memory})",
              f"speed-up: provider median / {BASELINE} median (above 1: {BASELINE} is faster)",
-             f"{FLOOR}: the 3 float32 matrix products of a training step at that size (E S^T, H S, "
-             "H^T E), forward+backward blocks only", machine_note(first.others_cpu_share)]
+             machine_note(first.others_cpu_share)]
     table = [HEADER] + [cells(row) for row in rows]
     widths = [max(len(c[i]) for c in table) for i in range(len(HEADER) - 1)]
     def line(values):
@@ -96,18 +91,15 @@ def write_outputs(rows: Sequence[Row], output_dir: Path, stem: str) -> tuple[Pat
     output_dir.mkdir(parents=True, exist_ok=True)
     csv_path, png_path = (output_dir / f"{stem}_{rows[0].device}.{e}" for e in ("csv", "png"))
     with open(csv_path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
+        writer = csv.DictWriter(handle, fieldnames=[f.name for f in dataclasses.fields(Row)])
         writer.writeheader()
         writer.writerows(map(dataclasses.asdict, rows))
     write_plot(rows, png_path)
     return csv_path, png_path
 
 def write_plot(all_rows: Sequence[Row], path: Path) -> None:
-    """Bars of forward+backward's (else the first mode's) time, whiskers p20-p80, and peak
-    memory if measured, per size and provider, one column per loss method, log scale."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """Bars (log scale) of fwd+bwd's time, whiskers p20-p80, and memory per size and provider."""
+    from matplotlib.figure import Figure  # no pyplot: no GUI backend, nothing to close
     first = all_rows[0]
     mode = FWD_BWD if any(r.mode == FWD_BWD for r in all_rows) else first.mode
     rows = [r for r in all_rows if r.mode == mode and r.status == STATUS_OK and r.median_ms]
@@ -115,8 +107,8 @@ def write_plot(all_rows: Sequence[Row], path: Path) -> None:
         lambda r: r.loss_method, lambda r: r.cell[0], lambda r: r.provider))
     metrics = [("median_ms", "time per call (ms)")] + [
         ("peak_mem_mb", "peak memory one call adds (MB)")] * any(r.peak_mem_mb for r in rows)
-    figure, axes = plt.subplots(len(metrics), len(methods), squeeze=False,
-                                figsize=(max(6.4, len(sizes) * len(names) / 3) * len(methods), 9))
+    figure = Figure(figsize=(max(6.4, len(sizes) * len(names) / 3) * len(methods), 9))
+    axes = figure.subplots(len(metrics), len(methods), squeeze=False)
     for (i, (metric, label)), (j, method) in itertools.product(*map(enumerate, (metrics, methods))):
         ax = axes[i][j]
         for k, name in enumerate(names):
@@ -124,7 +116,7 @@ def write_plot(all_rows: Sequence[Row], path: Path) -> None:
                 name, method, True)]
             spread = list(zip(*[(r.median_ms - r.p20_ms, r.p80_ms - r.median_ms) for r in mine]))
             ax.bar([sizes.index(r.cell[0]) + (k + 0.5) / len(names) - 0.5 for r in mine],
-                   [getattr(r, metric) for r in mine], 0.9 / len(names), color=COLORS.get(name),
+                   [getattr(r, metric) for r in mine], 0.9 / len(names), color=f"C{k}",
                    label=name if mine else None, yerr=spread if metric == "median_ms" else None)
         ax.set_xticks(range(len(sizes)), [s.label for s in sizes], rotation=30 * (len(sizes) > 4))
         ax.set(yscale="log", title=f"{method} loss, {mode}", ylabel=label, xlabel="N x M x D")
@@ -134,13 +126,6 @@ def write_plot(all_rows: Sequence[Row], path: Path) -> None:
                     f"{first.device_name}, {first.threads} threads, torch {first.torch_version}")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
-    plt.close(figure)
-
-def _sizes(text: str) -> list:
-    try:
-        return parse_sizes(text)
-    except ValueError as error:  # argparse prints an ArgumentTypeError's own message
-        raise argparse.ArgumentTypeError(str(error)) from None
 
 def _names(allowed: Sequence[str]) -> Callable:
     def convert(text: str) -> list[str]:
@@ -149,11 +134,6 @@ def _names(allowed: Sequence[str]) -> Callable:
             raise argparse.ArgumentTypeError(f"{text!r}: choose from {', '.join(allowed)}")
         return names
     return convert
-
-def _at_least_1(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
-    return int(text)
 
 def script(prog: str, description: str, stem: str, sizes: str, modes: Sequence[str] = MODES,
            providers: Sequence[str] = PROVIDERS, quick_note: str = "") -> Callable:
@@ -164,14 +144,14 @@ def script(prog: str, description: str, stem: str, sizes: str, modes: Sequence[s
                                          formatter_class=argparse.RawDescriptionHelpFormatter)
         add, methods = parser.add_argument, tuple(ge2e_ext.LOSS_METHODS)
         add("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda if any")
-        add("--sizes", type=_sizes, default=sizes, metavar="LIST",
+        add("--sizes", type=parse_sizes, default=sizes, metavar="LIST",
             help=f"{SIZE_HELP} (default: {sizes})")
         add("--methods", type=_names(methods), default=methods, metavar="LIST", help="default: all")
         add("--modes", type=_names(MODES), default=modes, metavar="LIST",
             help=f"{','.join(MODES)} (or fwd,bwd,fwd+bwd) (default: {','.join(modes)})")
         add("--providers", type=_names(PROVIDERS), default=providers, metavar="LIST",
             help=f"subset of {','.join(PROVIDERS)} (default: {','.join(providers)})")
-        add("--repeats", type=_at_least_1, metavar="R", help="samples per provider (default: 30)")
+        add("--repeats", type=int, metavar="R", help="samples per provider (default: 30)")
         add("--budget-s", type=float, metavar="S", help="seconds a provider runs (default: 2)")
         add("--reference-limit-s", type=float, default=3.0, metavar="S", help="skip the loop "
             "reference where one fwd+bwd call is estimated over S seconds (default: 3)")
@@ -181,6 +161,8 @@ def script(prog: str, description: str, stem: str, sizes: str, modes: Sequence[s
         add("--output", type=Path, default=Path("bench_results"), metavar="DIR",
             help=f"folder for {stem}_<device>.csv and .png (default: bench_results)")
         args = parser.parse_args(argv)
+        if args.repeats is not None and args.repeats < 1:
+            parser.error(f"--repeats must be at least 1, got {args.repeats}")
         try:
             resolve_device(args.device)
         except ValueError as error:

@@ -1,5 +1,6 @@
 """Sizes, modes, statuses, progress lines, and the providers with their inputs and the floor."""
 
+import argparse
 import math
 import re
 import sys
@@ -51,6 +52,9 @@ SIZE_PRESETS = {"paper": [PAPER_SIZE], "n": N_SWEEP, "sweep": N_SWEEP + [Size(64
 SIZE_HELP = ("comma list of NxMxD sizes (e.g. 64x10x256,1024x10x512) and of 'paper' (64x10x256), "
              "'n' (N=8,16,..,4096 at M=10 D=256), 'sweep' (n, M=2..20 and D=64..1024 at N=64)")
 
+class SizeError(ValueError, argparse.ArgumentTypeError):  # argparse prints its message as is
+    pass
+
 def parse_sizes(text: str) -> list[Size]:
     """'64x10x256,n' and the like to a list of sizes, duplicates dropped."""
     sizes: list[Size] = []
@@ -60,21 +64,19 @@ def parse_sizes(text: str) -> list[Size]:
         if item in SIZE_PRESETS or (size and size.n >= 2 and size.m >= 2 and size.d >= 1):
             sizes += SIZE_PRESETS.get(item, [size])
         else:
-            raise ValueError(f"size {item!r}: expected NxMxD with N, M >= 2 and D >= 1 (e.g. "
+            raise SizeError(f"size {item!r}: expected NxMxD with N, M >= 2 and D >= 1 (e.g. "
                              f"64x10x256) or one of {', '.join(SIZE_PRESETS)}")
     if not sizes:
-        raise ValueError("no sizes given")
+        raise SizeError("no sizes given")
     return list(dict.fromkeys(sizes))
 
-LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-
-def _compiled(method: str) -> LossFn:
+def _compiled(method: str) -> Callable:
     # From scratch: compile_s is a new shape's cost, and no recompile limit (then eager) is hit.
     torch._dynamo.reset()
     return torch.compile(lambda x, w, b: ge2e_loss(x, w, b, method, backend="torch"))
 
 # name -> build(loss_method) -> loss_fn(embeddings, w, b), the summed loss
-BUILDERS: dict[str, Callable[[str], LossFn]] = {
+BUILDERS: dict[str, Callable[[str], Callable]] = {
     "reference": lambda method: lambda x, w, b: ge2e_loss_reference(x, w, b, method).sum(),
     "eager": lambda method: lambda x, w, b: ge2e_loss(x, w, b, method, backend="torch"),
     "compiled": _compiled,
@@ -87,7 +89,7 @@ def make_inputs(size: Size, device: torch.device, seed: int = 0) -> tuple[torch.
     return tuple(t.to(device).requires_grad_(True)
                  for t in (x, torch.tensor(INIT_W), torch.tensor(INIT_B)))
 
-def prepare_call(loss_fn: LossFn, inputs: Sequence[torch.Tensor], mode: str) -> Callable:
+def prepare_call(loss_fn: Callable, inputs: Sequence[torch.Tensor], mode: str) -> Callable:
     """Does the unmeasured part of one call (grads set to None, so each call allocates and
     writes them afresh; in "backward" the graph built) and returns the part to measure."""
     if mode not in MODES:

@@ -1,7 +1,6 @@
 """Time and peak memory of prepared calls (a provider is a ``prepare()`` that does a call's
 unmeasured part and returns the call), and how busy the machine was meanwhile."""
 
-import ctypes
 import gc
 import os
 import re
@@ -15,6 +14,8 @@ from torch.utils.benchmark import Measurement, TaskSpec, Timer
 Prepare = Callable[[], Callable[[], object]]
 MIN_REPEATS = 3  # fewer samples make the percentiles meaningless
 STMT, SETUP = "result = call()", "call = prepare()"  # the result is freed off the clock
+# glibc: blocks from 64 KiB mapped (unmapped when freed), the heap trimmed: RSS follows the peak
+PROBE_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "131072"}
 
 def cuda_event_s(call: Callable[[], object]) -> float:
     """Seconds of one call on the current CUDA stream, from a pair of CUDA events."""
@@ -40,8 +41,7 @@ def interleaved(prepares: Mapping[str, Prepare], device: torch.device, repeats: 
     """A Measurement per provider, and who raised. Each repeat samples every provider still in
     (MIN_REPEATS samples, or under budget_s seconds spent), starting one further on each time,
     so load that drifts hits them alike and none always runs right after the same other one."""
-    samples: dict[str, list[Measurement]] = {name: [] for name in prepares}
-    errors, spent = {}, dict.fromkeys(prepares, 0.0)
+    samples, errors, spent = {name: [] for name in prepares}, {}, dict.fromkeys(prepares, 0.0)
     for repeat in range(repeats):
         active = [name for name in prepares if name not in errors and (
             len(samples[name]) < min(MIN_REPEATS, repeats) or spent[name] < budget_s)]
@@ -61,9 +61,8 @@ def summary_ms(measurement: Measurement) -> tuple[float, float, float, int]:
     return measurement.median * 1e3, p20, p80, len(times)
 
 def peak_bytes(call: Callable[[], object], device: torch.device) -> int:
-    """Peak memory one prepared call adds. CUDA: max_memory_allocated's growth. CPU: VmHWM (reset
-    by /proc/self/clear_refs) minus VmRSS, glibc set to return freed memory (so that memory freed
-    earlier cannot hide the call's peak; the setting stays: measure after all timing)."""
+    """Peak memory one prepared call adds. CUDA: growth of max_memory_allocated. CPU: VmHWM (reset
+    by /proc/self/clear_refs) - VmRSS, in a new process with PROBE_ENV (runner.fresh_peak_bytes)"""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -72,10 +71,6 @@ def peak_bytes(call: Callable[[], object], device: torch.device) -> int:
         result = call()
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - before
-    libc = ctypes.CDLL(None)
-    libc.mallopt(-3, 65536)  # M_MMAP_THRESHOLD: blocks from 64 KiB mapped, unmapped when freed
-    libc.mallopt(-1, 131072)  # M_TRIM_THRESHOLD
-    libc.malloc_trim(0)
     kib = lambda key: int(re.search(rf"{key}:\s*(\d+)", Path("/proc/self/status").read_text())[1])
     before = kib("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
@@ -87,9 +82,8 @@ def cpu_times() -> Optional[tuple[float, float, float]]:
     if not Path("/proc/stat").exists():
         return None
     ticks = [int(v) for v in Path("/proc/stat").read_text().split()[1:11]]  # the "cpu" line
-    own = os.times()  # busy: all but idle and iowait, the 4th and 5th fields
-    return ((sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK"),
-            own.user + own.system, time.perf_counter())
+    return ((sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK"),  # but idle, iowait
+            sum(os.times()[:2]), time.perf_counter())
 
 def others_share(start, end, cpus: Optional[int] = None) -> Optional[float]:
     """The share of all CPUs' time other processes used between two cpu_times()."""
