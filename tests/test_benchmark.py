@@ -208,6 +208,27 @@ def test_providers_take_turns_starting_one_further_each_repeat():
     assert [len(measured[n].times) for n in "abc"] == [3, 3, 3]
 
 
+def test_backward_mode_builds_the_graph_off_the_clock():
+    """prepare() builds the graph; the call (what is timed) only runs backward, and only a
+    second call after one prepare (a Timer warm-up) builds a graph of its own."""
+    forwards = []
+
+    def counting_loss(x, w, b):
+        forwards.append(1)
+        return ge2e_loss(x, w, b, backend="torch")
+
+    inputs = common.make_inputs(TINY, CPU)
+    inputs[0].grad = torch.ones_like(inputs[0])
+    call = common.prepare_call(counting_loss, inputs, "backward")
+    assert len(forwards) == 1 and inputs[0].grad is None  # grads cleared by prepare
+    call()
+    assert len(forwards) == 1 and inputs[0].grad is not None
+    call()
+    assert len(forwards) == 2
+    with pytest.raises(ValueError, match="sideways"):
+        common.prepare_call(counting_loss, inputs, "sideways")
+
+
 def test_a_provider_leaves_after_its_budget_or_when_it_raises():
     def failing():
         raise RuntimeError("boom")
