@@ -167,12 +167,12 @@ def script(prog: str, description: str, stem: str, sizes: str, modes: Sequence[s
             resolve_device(args.device)
         except ValueError as error:
             parser.error(str(error))
-        quick, budget_s = args.quick, args.budget_s
+        quick = args.quick
         rows = run_benchmark(BenchConfig(
-            args.device, args.sizes, args.methods, args.modes, args.providers, args.repeats or (
-                10 if quick else 30), (0.5 if quick else 2.0) if budget_s is None else budget_s,
-            () if args.no_memory else (FWD_BWD,) if quick else MODES, args.reference_limit_s),
-            extra_providers)
+            args.device, args.sizes, args.methods, args.modes, args.providers,
+            repeats=args.repeats or (10 if quick else 30), reference_limit_s=args.reference_limit_s,
+            budget_s=(0.5 if quick else 2.0) if args.budget_s is None else args.budget_s,
+            memory_modes=() if args.no_memory else (FWD_BWD,) if quick else MODES), extra_providers)
         print(format_report(rows), flush=True)
         log("wrote {} and {}".format(*write_outputs(rows, args.output, stem)))
         failed = any(row.status in (STATUS_WRONG, STATUS_ERROR) for row in rows)

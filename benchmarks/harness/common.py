@@ -47,8 +47,8 @@ class Size(NamedTuple):
 
 PAPER_SIZE = Size(64, 10, 256)
 N_SWEEP = [Size(n, 10, 256) for n in (8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)]
-SIZE_PRESETS = {"paper": [PAPER_SIZE], "n": N_SWEEP, "sweep": N_SWEEP + [Size(64, m, 256) for m in (
-    2, 5, 10, 20)] + [Size(64, 10, d) for d in (64, 128, 256, 512, 1024)]}
+SIZE_PRESETS = {"paper": [PAPER_SIZE], "n": N_SWEEP, "sweep": N_SWEEP + [
+    Size(64, m, 256) for m in (2, 5, 10, 20)] + [Size(64, 10, 64 << i) for i in range(5)]}
 SIZE_HELP = ("comma list of NxMxD sizes (e.g. 64x10x256,1024x10x512) and of 'paper' (64x10x256), "
              "'n' (N=8,16,..,4096 at M=10 D=256), 'sweep' (n, M=2..20 and D=64..1024 at N=64)")
 
