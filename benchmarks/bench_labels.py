@@ -3,7 +3,7 @@
 
 A training step (forward+backward, float32, w=10, b=-5) of three batches of B
 utterances of N speakers, D features, timed in interleaved repeats in one process
-(median and 20th/80th percentiles):
+by the harness (benchmarks/harness/timing.py; median and 20th/80th percentiles):
 
   dense            embeddings (N, M, D), M = B / N
   labels, equal    the same rows as (B, D) in a random order with their (B,) labels
@@ -25,7 +25,7 @@ import sys
 import torch
 
 from harness.common import log
-from harness.timing import CompetingCpuMeter, interleaved_samples, stats
+from harness.timing import cpu_times, interleaved, others_share, summary_ms
 from ge2e_ext import extension_devices, ge2e_loss
 
 
@@ -54,7 +54,7 @@ def step(embeddings, labels, backend, device):
     w = torch.tensor(10.0, device=device, requires_grad=True)
     b = torch.tensor(-5.0, device=device, requires_grad=True)
 
-    def prepare(_mode):
+    def prepare():
         x.grad = w.grad = b.grad = None
         return lambda: ge2e_loss(x, w, b, labels=labels, backend=backend).backward()
     return prepare
@@ -86,22 +86,21 @@ def main(argv=None) -> int:
         f"sizes from {int(sizes.min())} to {int(sizes.max())}")
     prepares = {f"{backend}: {name}": step(x, labels, backend, device)
                 for backend in backends for name, x, labels in cases}
-    meter = CompetingCpuMeter()
-    samples, errors = interleaved_samples(prepares, "forward+backward", device, args.repeats,
-                                          args.budget_s, warmup=3)
-    share = meter.others_share()
+    start = cpu_times()
+    measured, errors = interleaved(prepares, device, args.repeats, args.budget_s)
+    share = others_share(start, cpu_times())
     print(f"labels form vs dense form: device {device.type}, torch {torch.__version__}, "
           f"forward+backward, float32"
           + (f"; other processes used {share:.0%} of the CPUs" if share is not None else ""))
     print(f"  {'provider':28s} {'median ms':>10s} {'p20-p80 ms':>14s} {'runs':>5s}")
     medians = {}
-    for name, values in samples.items():
+    for name in prepares:
         if name in errors:
             print(f"  {name:28s} error: {errors[name]}")
             continue
-        s = stats(values)
-        medians[name] = s.median_ms
-        print(f"  {name:28s} {s.median_ms:10.3f} {s.p20_ms:6.3f}-{s.p80_ms:<7.3f} {s.repeats:5d}")
+        median, p20, p80, repeats = summary_ms(measured[name])
+        medians[name] = median
+        print(f"  {name:28s} {median:10.3f} {p20:6.3f}-{p80:<7.3f} {repeats:5d}")
     for backend in backends:
         dense = medians.get(f"{backend}: dense")
         for name, _, _ in cases[1:]:

@@ -5,7 +5,7 @@ One training step (forward+backward, float32, w=10, b=-5) of B rows: one speaker
 of --big rows among --small speakers of --small-rows each, shuffled, with their
 labels, for each backend ("extension", "torch") at 1 and 16 threads
 (torch.set_num_threads). Each measurement runs in a fresh interpreter, after one
-warm-up step, as benchmarks/harness/memory.py measures the CPU: the peak RSS the
+warm-up step, by benchmarks/harness/timing.py's peak_bytes: the peak RSS the
 step adds over the RSS before it (VmHWM after resetting it through
 /proc/self/clear_refs), with glibc set to return freed memory to the system.
 The table gives each peak in MB and as a multiple of the input (B x D x 4 bytes).
@@ -25,7 +25,7 @@ import sys
 import torch
 
 from harness.common import MIB, log
-from harness.memory import BENCHMARKS_DIR, PROBE_MALLOC_ENV, cpu_peak_bytes
+from harness.timing import PROBE_ENV, peak_bytes
 
 
 def batch(big, small, small_rows, dim, seed=0):
@@ -52,15 +52,13 @@ def probe(config: dict) -> dict:
         ge2e_loss(x, w, b, labels=labels, backend=config["backend"]).backward()
 
     step()
-    peak, how = cpu_peak_bytes(step)
-    return {"peak_bytes": peak, "how": how, "input_bytes": rows.numel() * 4}
+    return {"peak_bytes": peak_bytes(step, torch.device("cpu")), "input_bytes": rows.numel() * 4}
 
 
 def spawn(config: dict) -> dict:
-    path = os.pathsep.join(filter(None, [BENCHMARKS_DIR, os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, **PROBE_MALLOC_ENV, "PYTHONPATH": path}
     done = subprocess.run([sys.executable, __file__, "--probe", json.dumps(config)],
-                          capture_output=True, text=True, env=env, timeout=1200)
+                          capture_output=True, text=True, env={**os.environ, **PROBE_ENV},
+                          timeout=1200)
     lines = done.stdout.strip().splitlines()
     if done.returncode != 0 or not lines:
         return {"error": (done.stderr.strip().splitlines() or ["no output"])[-1]}
@@ -97,9 +95,9 @@ def main(argv=None) -> int:
                           small_rows=args.small_rows, dim=args.dim)
             log(f"  measuring {backend} at {threads} thread(s)")
             result = spawn(config)
-            if "error" in result or result["peak_bytes"] is None:
+            if "error" in result:
                 failed = True
-                print(f"  {backend:10s} {threads:7d} {result.get('error', result.get('how'))}")
+                print(f"  {backend:10s} {threads:7d} {result['error']}")
                 continue
             peak = result["peak_bytes"]
             print(f"  {backend:10s} {threads:7d} {peak / MIB:9.2f} "

@@ -14,13 +14,11 @@ each provider and its time as a multiple of the floor.
 
 import sys
 
-from harness.cli import Defaults, script
-
-DEFAULTS = Defaults(stem="ge2e_bench", sizes="paper",
-                    quick_note="; about a minute on 2 CPU cores, torch.compile included")
+from harness.cli import script
 
 # main(argv=None, extra_providers=None) -> exit code, for tests and other scripts
-main = script("bench_paper.py", __doc__, DEFAULTS)
+main = script("bench_paper.py", __doc__, stem="ge2e_bench", sizes="paper",
+              quick_note="; about a minute on 2 CPU cores, torch.compile included")
 
 if __name__ == "__main__":
     sys.exit(main())

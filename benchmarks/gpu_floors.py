@@ -29,12 +29,19 @@ import torch
 
 import harness  # noqa: F401  (the checkout on sys.path)
 import ge2e_ext
-from harness.common import Size, SIZE_HELP, parse_sizes
-from harness.memory import cuda_peak_bytes
-from harness.providers import matrix_products
-from harness.timing import median_ms
+from harness.common import Size, SIZE_HELP, matrix_products, parse_sizes
+from harness.timing import cuda_event_s, peak_bytes
+from torch.utils.benchmark import Measurement, TaskSpec
 
 CUDA = torch.device("cuda")
+
+
+def median_ms(call, repeats: int = 50, warmup: int = 10) -> float:
+    """Median CUDA-event time of call repeated on its own, after warm-up calls."""
+    for _ in range(warmup):
+        call()
+    times = [cuda_event_s(call) for _ in range(repeats)]
+    return Measurement(1, times, TaskSpec("call()", "pass")).median * 1e3
 
 
 def graph_ms(fn) -> float:
@@ -48,13 +55,13 @@ def graph_ms(fn) -> float:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fn()
-    return median_ms(graph.replay, CUDA)
+    return median_ms(graph.replay)
 
 
 def copy_bandwidth_tbs() -> float:
     src = torch.empty(2 ** 28, device=CUDA)  # 1 GiB of float32
     dst = torch.empty_like(src)
-    ms = median_ms(lambda: dst.copy_(src), CUDA, repeats=20, warmup=3)
+    ms = median_ms(lambda: dst.copy_(src), repeats=20, warmup=3)
     return 2 * src.numel() * 4 / (ms * 1e-3) / 1e12
 
 
@@ -65,11 +72,11 @@ def ge2e_step(size: Size):
 
 
 def measure(size: Size, bandwidth_tbs: float) -> dict:
-    three = median_ms(matrix_products(size, CUDA), CUDA)
-    recompute = median_ms(matrix_products(size, CUDA, ("E S^T",)), CUDA)
+    three = median_ms(matrix_products(size, CUDA))
+    recompute = median_ms(matrix_products(size, CUDA, ("E S^T",)))
     x, step = ge2e_step(size)
-    plain = median_ms(step, CUDA)
-    peak = cuda_peak_bytes(step, CUDA)  # before the graph capture, which may fail
+    plain = median_ms(step)
+    peak = peak_bytes(step, CUDA)  # before the graph capture, which may fail
     try:
         graphed = graph_ms(step)
     except Exception as error:  # noqa: BLE001 (graph capture is a bonus measurement)
@@ -106,7 +113,7 @@ def main(argv=None) -> int:
     torch.backends.cuda.matmul.allow_tf32 = False
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
     tiny = torch.zeros(1, device=CUDA)
-    launch, launch_graph = median_ms(lambda: tiny.add_(1), CUDA), graph_ms(lambda: tiny.add_(1))
+    launch, launch_graph = median_ms(lambda: tiny.add_(1)), graph_ms(lambda: tiny.add_(1))
     bandwidth = copy_bandwidth_tbs()
     print(f"launch floor: {launch * 1e3:.1f} us per kernel ({launch_graph * 1e3:.1f} us in a "
           f"graph); copy bandwidth: {bandwidth:.2f} TB/s (read + write)\n")

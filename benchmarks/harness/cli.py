@@ -1,205 +1,181 @@
-"""The command line the benchmark scripts share; METHOD is the --help text on how it measures."""
-
-from __future__ import annotations
+"""The scripts' command line (METHOD: how it measures) and a run's table, summary, CSV and PNG."""
 
 import argparse
-import time
-from dataclasses import dataclass
+import csv
+import dataclasses
+import itertools
+import platform
 from pathlib import Path
 from typing import Callable, Mapping, Optional, Sequence
 
-import torch
-
 import ge2e_ext
-from .common import FWD_BWD, MODE_ALIASES, MODES, SIZE_HELP, log, parse_sizes, unique
-from .providers import BUILTIN_NAMES
-from .report import format_report, write_outputs
-from .runner import BenchConfig, resolve_device, run_benchmark
+from .common import (BASELINE, FLOOR, FWD_BWD, INIT_B, INIT_W, MODE_ALIASES, MODES, PROVIDERS,
+                     SIZE_HELP, STATUS_ERROR, STATUS_OK, STATUS_WRONG, format_number, log,
+                     parse_sizes)
+from .runner import BenchConfig, Row, resolve_device, run_benchmark
 
 METHOD = """\
-How it measures (benchmarks/harness/):
-
-Providers, all fed the same float32 inputs: embeddings (N, M, D) from randn,
-requiring grad, and w=10, b=-5 as 0-dim tensors requiring grad:
-  reference  the original per-utterance Python loops (ge2e_ext.reference); skipped,
-             as "skipped (too slow)", where one forward+backward call is estimated
-             (a measured N=16 call scaled by N*N*M) to exceed --reference-limit-s
-  eager      ge2e_loss(..., backend="torch"), the vectorized pure-PyTorch path
-  compiled   torch.compile of the eager path; its first calls' time is reported as
-             compile_s (forward and backward compile lazily, so the fwd+bwd row adds
-             both); every size and loss method compiles from scratch (the first
-             compile in a process also pays torch.compile's start-up, and later
-             runs reuse its on-disk caches, so compile_s varies from run to run)
-  ge2e_ext   ge2e_loss(..., backend="extension"), the compiled C++/CUDA op;
-             "skipped (no kernel)" where this install has none for the device
-  floor      not a loss: the three float32 matrix products of one training step at
-             that size. With E the embeddings as (N*M, D), S the (N, D) speaker sums
-             and H an (N*M, N) matrix: E @ S.T, H @ S and H.T @ E, by torch.mm into
-             preallocated outputs, on random data, timed in the same rotation as the
-             losses. Shown in forward+backward blocks only (it is the work of a whole
-             step); the summary gives ge2e_ext's time as a multiple of it ("1.4x the
-             time of its 3 matrix products"), for the contrast loss too, whose step
-             may need fewer products.
-
-Modes: "forward" (the loss with its autograd graph, as in training), "backward"
-(graph built outside the measured region, only loss.backward() measured) and
-"forward+backward". Gradients are set to None before every call, so each call
-allocates and writes them afresh.
-
-Correctness guard: before anything is timed, each provider's loss is compared with
-the reference's (or, where the reference is skipped, with the pure-PyTorch path's
-in float64, a block of speakers at a time) at rtol 1e-4; a provider that
-disagrees is reported "wrong", is not timed, and makes the exit code 1.
-
-Timing: warm-up calls, then repeats in which the providers take turns (round
-robin, each repeat starting one provider further on), all in this one process, so
-load that drifts during the run hits every provider in the same repeats instead of
-skewing a ratio (contention that slows some kinds of work more than others still
-can: prefer an idle machine; the header says how much CPU time other processes
-took while timing and flags a busy machine). A provider stops repeating once it
-has spent --budget-s seconds (after at least 3 repeats). Reported: median and
-20th/80th percentiles in ms; the speed-up of ge2e_ext over a provider is the ratio
-of the two medians. CPU times: time.perf_counter; CUDA: torch.cuda.Event pairs
-after a synchronize.
-
-Memory: the peak one call adds over what was live just before it (the inputs, and
-in "backward" mode the graph). CUDA: torch.cuda.max_memory_allocated after
-reset_peak_memory_stats, minus memory_allocated before. CPU: each (provider, size,
-method, mode) in a fresh subprocess, after all timing: VmRSS from
-/proc/self/status, then "5" written to /proc/self/clear_refs (resets the peak
-VmHWM), the call, VmHWM; glibc is told to return freed memory
-(MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_). MB means 2**20 bytes.
-
-Output: progress on stderr, the table and a summary on stdout, and under --output
-DIR a CSV of every row and a PNG (time and peak memory of forward+backward against
-N on log-log axes when several N are run, else bars per provider). Exit code: 0;
-1 when a provider is "wrong" or fails with an error; 2 for bad arguments.
+How it measures (more in README.md, "Benchmarks"): each loss is first checked against the
+reference's (the float64 backend="torch" path's where the loops would exceed --reference-
+limit-s); one that differs is "wrong", untimed, exit code 1. Then repeats in which providers
+take turns (round robin) until each has 3 samples and has run --budget-s; one sample is
+torch.utils.benchmark.Timer.timeit(1) on the CPU, 2 warm-up calls and a torch.cuda.Event
+pair on CUDA. floor: E @ S.T, H @ S, H.T @ E. Memory, after all timing: CUDA
+max_memory_allocated; CPU VmHWM (reset via /proc/self/clear_refs) - VmRSS.
 """
+HEADER = ("provider", "median ms", "p20-p80 ms", "runs", "peak MB", "speed-up", "status")
 
+def relation(ratio: float, above: str, below: str) -> str:  # 2.64x above, or 1.10x below
+    return f"{format_number(max(ratio, 1 / ratio))}x {above if ratio >= 1 else below}"
 
-@dataclass(frozen=True)
-class Defaults:
-    """What a script runs when given no options."""
+def machine_note(share: Optional[float]) -> str:
+    """How much of the CPUs other processes used while timing; over 10%: a busy machine."""
+    if share is None:
+        return "machine: n/a (no /proc/stat to tell whether other processes competed)"
+    busy = " (BUSY MACHINE: timings and ratios may be distorted; rerun when idle)"
+    return f"machine: other processes used {share:.0%} of the CPUs while timing" + (
+        busy if share > 0.10 else "")
 
-    stem: str  # output files <stem>_<device>.csv/.png
-    sizes: str  # as --sizes takes it
-    modes: Sequence[str] = MODES
-    providers: Optional[Sequence[str]] = None  # None: all
-    quick_note: str = ""
+def cells(row: Row) -> tuple[str, ...]:
+    details = [f"compile {format_number(row.compile_s)} s"] * (row.compile_s is not None)
+    details += [row.note] * bool(row.note)
+    return (row.provider, format_number(row.median_ms), "-" if row.p20_ms is None else
+            f"{format_number(row.p20_ms)}-{format_number(row.p80_ms)}", str(row.repeats or "-"),
+            format_number(row.peak_mem_mb), "-" if row.speedup_vs is None else
+            f"{format_number(row.speedup_vs)}x",
+            row.status + (f": {'; '.join(details)}" if details else ""))
 
+def summary_line(rows: list[Row]) -> Optional[str]:
+    """One cell's answer: ge2e_ext against every other provider, and against its floor."""
+    by_name = {row.provider: row for row in rows}
+    base, floor = by_name.get(BASELINE), by_name.get(FLOOR)
+    if base is None or base.status != STATUS_OK:
+        return None
+    parts = [f"{relation(row.speedup_vs, 'faster', 'slower')} than {name}" + (
+        f" ({relation(row.peak_mem_mb / base.peak_mem_mb, 'less memory', 'more memory')})"
+        if row.peak_mem_mb and base.peak_mem_mb else "")
+        for name, row in by_name.items() if name not in (BASELINE, FLOOR) and row.speedup_vs]
+    texts = [f"{BASELINE} is " + ", ".join(parts)] * bool(parts)
+    if floor and floor.speedup_vs:
+        texts.append(f"{BASELINE} is {format_number(1 / floor.speedup_vs)}x the time of its 3 "
+                     "matrix products")
+    cell = f"{base.cell[0].label} {base.loss_method} {base.mode}"
+    return f"  {cell}: {'; '.join(texts)}" if texts else None
 
-def _comma_list(allowed: Sequence[str], aliases: Optional[Mapping[str, str]] = None):
-    def parse(text: str) -> list[str]:
-        items = [(aliases or {}).get(t.strip(), t.strip()) for t in text.split(",") if t.strip()]
-        bad = [t for t in items if t not in allowed]
-        if bad or not items:
-            raise argparse.ArgumentTypeError(f"{bad or text!r}: choose from {', '.join(allowed)}")
-        return unique(items)
-    return parse
+def format_report(rows: Sequence[Row]) -> str:
+    first = rows[0]
+    kind, clock, memory = (("GPU", "CUDA events", "max_memory_allocated") if first.device == "cuda"
+                           else ("CPU", "torch.utils.benchmark.Timer", "VmHWM over VmRSS"))
+    lines = [f"GE2E loss benchmark: device {first.device}, {kind} {first.device_name}, "
+             f"{first.threads} threads", f"torch {first.torch_version}, ge2e_ext "
+             f"{ge2e_ext.__version__}, python {platform.python_version()}; float32 inputs, "
+             f"w={INIT_W:g}, b={INIT_B:g}", "time: median and p20-p80 (ms) of repeats interleaved "
+             f"across providers, by {clock}", f"peak MB: memory one call adds (growth of {memory})",
+             f"speed-up: provider median / {BASELINE} median (above 1: {BASELINE} is faster)",
+             machine_note(first.others_cpu_share)]
+    table = [HEADER] + [cells(row) for row in rows]
+    widths = [max(len(c[i]) for c in table) for i in range(len(HEADER) - 1)]
+    def line(values):
+        return "  " + "  ".join([values[0].ljust(widths[0])] + [
+            v.rjust(w) for v, w in zip(values[1:-1], widths[1:])] + [values[-1]])
+    summary, summary_mode = [], FWD_BWD if FWD_BWD in {r.mode for r in rows} else first.mode
+    for cell in dict.fromkeys(row.cell for row in rows):
+        mine = [row for row in rows if row.cell == cell]
+        lines += ["", f"N={cell[0].n} M={cell[0].m} D={cell[0].d}  {cell[1]}  {cell[2]}",
+                  line(HEADER)] + [line(cells(row)) for row in mine]
+        summary += filter(None, [summary_line(mine)] * (cell[2] == summary_mode))
+    return "\n".join(lines + (["", "Summary:"] + summary) * bool(summary))
 
+def write_outputs(rows: Sequence[Row], output_dir: Path, stem: str) -> tuple[Path, Path]:
+    """<stem>_<device>.csv and .png, so CPU and CUDA runs can share a folder."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    csv_path, png_path = (output_dir / f"{stem}_{rows[0].device}.{e}" for e in ("csv", "png"))
+    with open(csv_path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=[f.name for f in dataclasses.fields(Row)])
+        writer.writeheader()
+        writer.writerows(map(dataclasses.asdict, rows))
+    write_plot(rows, png_path)
+    return csv_path, png_path
 
-def _at_least(lowest: int):
-    def parse(text: str) -> int:
-        value = int(text)
-        if value < lowest:
-            raise argparse.ArgumentTypeError(f"must be >= {lowest}, got {value}")
-        return value
-    return parse
+def write_plot(all_rows: Sequence[Row], path: Path) -> None:
+    """Bars (log scale) of fwd+bwd's time, whiskers p20-p80, and memory per size and provider."""
+    from matplotlib.figure import Figure  # no pyplot: no GUI backend, nothing to close
+    first = all_rows[0]
+    mode = FWD_BWD if any(r.mode == FWD_BWD for r in all_rows) else first.mode
+    rows = [r for r in all_rows if r.mode == mode and r.status == STATUS_OK and r.median_ms]
+    methods, sizes, names = (list(dict.fromkeys(key(r) for r in rows)) for key in (
+        lambda r: r.loss_method, lambda r: r.cell[0], lambda r: r.provider))
+    metrics = [("median_ms", "time per call (ms)")] + [
+        ("peak_mem_mb", "peak memory one call adds (MB)")] * any(r.peak_mem_mb for r in rows)
+    figure = Figure(figsize=(max(6.4, len(sizes) * len(names) / 3) * len(methods), 9))
+    axes = figure.subplots(len(metrics), len(methods), squeeze=False)
+    for (i, (metric, label)), (j, method) in itertools.product(*map(enumerate, (metrics, methods))):
+        ax = axes[i][j]
+        for k, name in enumerate(names):
+            mine = [r for r in rows if (r.provider, r.loss_method, bool(getattr(r, metric))) == (
+                name, method, True)]
+            spread = list(zip(*[(r.median_ms - r.p20_ms, r.p80_ms - r.median_ms) for r in mine]))
+            ax.bar([sizes.index(r.cell[0]) + (k + 0.5) / len(names) - 0.5 for r in mine],
+                   [getattr(r, metric) for r in mine], 0.9 / len(names), color=f"C{k}",
+                   label=name if mine else None, yerr=spread if metric == "median_ms" else None)
+        ax.set_xticks(range(len(sizes)), [s.label for s in sizes], rotation=30 * (len(sizes) > 4))
+        ax.set(yscale="log", title=f"{method} loss, {mode}", ylabel=label, xlabel="N x M x D")
+        ax.grid(True, axis="y", alpha=0.3)
+        ax.legend(title="provider")
+    figure.suptitle(f"GE2E loss, float32 (lower is better); {first.device}: "
+                    f"{first.device_name}, {first.threads} threads, torch {first.torch_version}")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
 
+def _names(allowed: Sequence[str]) -> Callable:
+    def convert(text: str) -> list[str]:
+        names = list(dict.fromkeys(MODE_ALIASES.get(t.strip(), t.strip()) for t in text.split(",")))
+        if not text.strip() or set(names) - set(allowed):
+            raise argparse.ArgumentTypeError(f"{text!r}: choose from {', '.join(allowed)}")
+        return names
+    return convert
 
-def _sizes(text: str):
-    try:
-        return parse_sizes(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-
-
-def build_parser(prog: str, description: str, defaults: Defaults) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=description, epilog=METHOD,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    methods = tuple(ge2e_ext.LOSS_METHODS)
-    default_providers = ",".join(defaults.providers or BUILTIN_NAMES)
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                        help="where to run; auto: cuda if available, else cpu (default: auto)")
-    parser.add_argument("--sizes", type=_sizes, default=_sizes(defaults.sizes), metavar="LIST",
-                        help=f"{SIZE_HELP} (default: {defaults.sizes})")
-    parser.add_argument("--methods", type=_comma_list(methods), default=list(methods),
-                        metavar="LIST", help=f"loss methods: {','.join(methods)} (default: all)")
-    parser.add_argument("--modes", type=_comma_list(MODES, MODE_ALIASES),
-                        default=list(defaults.modes), metavar="LIST",
-                        help="forward,backward,forward+backward (or fwd,bwd,fwd+bwd) "
-                             f"(default: {','.join(defaults.modes)})")
-    parser.add_argument("--providers", type=_comma_list(BUILTIN_NAMES),
-                        default=list(defaults.providers or BUILTIN_NAMES), metavar="LIST",
-                        help=f"subset of {','.join(BUILTIN_NAMES)} (default: "
-                             f"{default_providers})")
-    parser.add_argument("--repeats", type=_at_least(1), default=None, metavar="R",
-                        help="measured repeats per provider (default: 30; 10 with --quick)")
-    parser.add_argument("--warmup", type=_at_least(0), default=None, metavar="W",
-                        help="unmeasured calls per mode before the repeats, on top of the "
-                             "correctness check's first call; providers slower than a quarter "
-                             "budget get none (default: 3; 1 with --quick)")
-    parser.add_argument("--budget-s", type=float, default=None, metavar="S",
-                        help="a provider stops repeating after S seconds, once it has 3 "
-                             "repeats (default: 2; 0.5 with --quick)")
-    parser.add_argument("--reference-limit-s", type=float, default=3.0, metavar="S",
-                        help="skip the loop reference where one fwd+bwd call is estimated to "
-                             "take more than S seconds (default: 3)")
-    parser.add_argument("--no-memory", action="store_true",
-                        help="skip the peak-memory measurements (on CPU each is a subprocess)")
-    parser.add_argument("--quick", action="store_true",
-                        help="fewer repeats (10), 1 warm-up, 0.5 s budget, memory only for "
-                             f"forward+backward{defaults.quick_note}")
-    parser.add_argument("--output", type=Path, default=Path("bench_results"), metavar="DIR",
-                        help=f"folder for {defaults.stem}_<device>.csv and .png, created if "
-                             "missing (default: bench_results/)")
-    parser.add_argument("--threads", type=_at_least(1), default=None, metavar="T",
-                        help="torch CPU threads (default: torch's default)")
-    return parser
-
-
-def config_from_args(args: argparse.Namespace) -> BenchConfig:
-    quick = args.quick
-    if args.no_memory:
-        memory_modes: Sequence[str] = ()
-    else:
-        memory_modes = (FWD_BWD,) if quick else MODES
-    return BenchConfig(
-        device=args.device, sizes=args.sizes, methods=args.methods, modes=args.modes,
-        providers=args.providers,
-        repeats=args.repeats if args.repeats is not None else (10 if quick else 30),
-        warmup=args.warmup if args.warmup is not None else (1 if quick else 3),
-        budget_s=args.budget_s if args.budget_s is not None else (0.5 if quick else 2.0),
-        memory_modes=memory_modes, reference_limit_s=args.reference_limit_s,
-        output_dir=args.output)
-
-
-def main(argv: Optional[Sequence[str]], prog: str, description: str, defaults: Defaults,
-         extra_providers: Optional[Mapping[str, Callable]] = None) -> int:
-    """Parses argv, runs, prints the report, writes CSV and PNG; the exit code."""
-    parser = build_parser(prog, description, defaults)
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
-        config = config_from_args(args)
-        resolve_device(config.device)
-    except ValueError as error:
-        parser.error(str(error))
-    started = time.perf_counter()
-    result = run_benchmark(config, extra_providers)
-    print(format_report(result), flush=True)
-    csv_path, png_path = write_outputs(result, config.output_dir, defaults.stem)
-    log(f"wrote {csv_path} and {png_path} ({time.perf_counter() - started:.0f} s)")
-    if result.failed:
-        log("FAILED: a provider is wrong or raised; see the status column")
-        return 1
-    return 0
-
-
-def script(prog: str, description: str, defaults: Defaults):
-    """A script's main(argv=None, extra_providers=None) -> exit code."""
-    def script_main(argv: Optional[Sequence[str]] = None,
-                    extra_providers: Optional[Mapping[str, Callable]] = None) -> int:
-        return main(argv, prog, description, defaults, extra_providers)
-    return script_main
+def script(prog: str, description: str, stem: str, sizes: str, modes: Sequence[str] = MODES,
+           providers: Sequence[str] = PROVIDERS, quick_note: str = "") -> Callable:
+    """A script's main(argv=None, extra_providers=None) -> exit code (see run_benchmark)."""
+    def main(argv: Optional[Sequence[str]] = None,
+             extra_providers: Optional[Mapping[str, Callable]] = None) -> int:
+        parser = argparse.ArgumentParser(prog=prog, description=description, epilog=METHOD,
+                                         formatter_class=argparse.RawDescriptionHelpFormatter)
+        add, methods = parser.add_argument, tuple(ge2e_ext.LOSS_METHODS)
+        add("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda if any")
+        add("--sizes", type=parse_sizes, default=sizes, metavar="LIST",
+            help=f"{SIZE_HELP} (default: {sizes})")
+        add("--methods", type=_names(methods), default=methods, metavar="LIST", help="default: all")
+        add("--modes", type=_names(MODES), default=modes, metavar="LIST",
+            help=f"{','.join(MODES)} (or fwd,bwd,fwd+bwd) (default: {','.join(modes)})")
+        add("--providers", type=_names(PROVIDERS), default=providers, metavar="LIST",
+            help=f"subset of {','.join(PROVIDERS)} (default: {','.join(providers)})")
+        add("--repeats", type=int, metavar="R", help="samples per provider (default: 30)")
+        add("--budget-s", type=float, metavar="S", help="seconds a provider runs (default: 2)")
+        add("--reference-limit-s", type=float, default=3.0, metavar="S", help="skip the loop "
+            "reference where one fwd+bwd call is estimated over S seconds (default: 3)")
+        add("--no-memory", action="store_true", help="skip the peak-memory measurements")
+        add("--quick", action="store_true", help="10 repeats, 0.5 s budget, memory of "
+            f"forward+backward only{quick_note}")
+        add("--output", type=Path, default=Path("bench_results"), metavar="DIR",
+            help=f"folder for {stem}_<device>.csv and .png (default: bench_results)")
+        args = parser.parse_args(argv)
+        if args.repeats is not None and args.repeats < 1:
+            parser.error(f"--repeats must be at least 1, got {args.repeats}")
+        try:
+            resolve_device(args.device)
+        except ValueError as error:
+            parser.error(str(error))
+        quick = args.quick
+        rows = run_benchmark(BenchConfig(
+            args.device, args.sizes, args.methods, args.modes, args.providers,
+            repeats=args.repeats or (10 if quick else 30), reference_limit_s=args.reference_limit_s,
+            budget_s=(0.5 if quick else 2.0) if args.budget_s is None else args.budget_s,
+            memory_modes=() if args.no_memory else (FWD_BWD,) if quick else MODES), extra_providers)
+        print(format_report(rows), flush=True)
+        log("wrote {} and {}".format(*write_outputs(rows, args.output, stem)))
+        failed = any(row.status in (STATUS_WRONG, STATUS_ERROR) for row in rows)
+        log("FAILED: a provider is wrong or raised; see the status column" if failed else "done")
+        return int(failed)
+    return main
