@@ -215,7 +215,9 @@ GE2E_HD T row_norm(T scaled_squares, T scale) { return sqrt_(scaled_squares) / s
 
 // max(|e|, eps): what the row is divided by (NaN stays NaN).
 template <typename T>
-GE2E_HD T normalize_denominator(T norm) { return norm < T(kNormalizeEps) ? T(kNormalizeEps) : norm; }
+GE2E_HD T normalize_denominator(T norm) {
+  return norm < T(kNormalizeEps) ? T(kNormalizeEps) : norm;
+}
 
 // Whether the row's gradient goes through its norm: |e| > eps, or NaN.
 template <typename T>
@@ -477,11 +479,12 @@ constexpr int kRowStateSize = 2;
 // top-1 (the forward ops' `top1` output: the batch's accuracy, read from the
 // loss's own pass): whether no speaker k != own, at clamped cosine cos_k,
 // takes the top-1 from the own speaker (own_cos, against the exclusive
-// centroid). The top-1 is the arg-max of the row's clamped cosines with ties going to the lower index,
-// as torch.argmax, so an impostor before the own speaker takes it on a tie and
-// one after it does not; a NaN on either side takes it (a row with a NaN
-// cosine has no top-1). Cosines, not similarities: w > 0 and b do not change
-// the order, and a trained w that went negative would reverse it.
+// centroid). The top-1 is the arg-max of the row's clamped cosines with ties
+// going to the lower index, as torch.argmax, so an impostor before the own
+// speaker takes it on a tie and one after it does not; a NaN on either side
+// takes it (a row with a NaN cosine has no top-1). Cosines, not similarities:
+// the order is the same (w' = max(w, 1e-6) > 0), and w' c + b, rounded, could
+// make two nearly equal cosines one similarity.
 template <typename T>
 GE2E_HD bool takes_top1(T cos_k, int64_t k, int64_t own, T own_cos) {
   return k < own ? !(own_cos > cos_k) : !(own_cos >= cos_k);

@@ -18,10 +18,10 @@ namespace ge2e {
 // speaker is the most similar (the arg-max of its clamped cosines, ties to the
 // lower index; false where a cosine is NaN), from the same pass. The loss is
 // differentiable in embeddings, sums, w, b; top1 is not differentiable. With
-// normalize, of every op: the loss of the rows scaled to unit length,
+// normalize (every op): the loss of the rows scaled to unit length,
 // e / max(|e|, 1e-12) (torch.nn.functional.normalize), and the gradients
-// through that (given sums are taken as sums of unit rows). block_speakers (tests):
-// 0 sizes the blocks from the memory budget, > 0 asks for blocks of that many
+// through that (given sums are taken as sums of unit rows). block_speakers
+// (tests): 0 sizes the blocks from the memory budget, > 0 asks for blocks of that many
 // whole speakers, < 0 for blocks of -block_speakers rows (which may split a
 // speaker across blocks).
 inline constexpr const char* kLossSchema =
@@ -37,16 +37,18 @@ inline constexpr const char* kLossSchema =
 // returned losses in place.
 inline constexpr const char* kForwardSchema =
     "ge2e_forward(Tensor embeddings, Tensor? sums, Tensor w, Tensor b, int speaker_offset, "
-    "str loss_method, float? min_cosine, int block_speakers=0, Tensor? speaker_offsets=None, bool normalize=False) "
-    "-> (Tensor, Tensor, Tensor)";
+    "str loss_method, float? min_cosine, int block_speakers=0, Tensor? speaker_offsets=None, "
+    "bool normalize=False) -> (Tensor, Tensor, Tensor)";
 
 // The gradients (embeddings, sums, w, b) for the upstream gradient of the
-// losses, given the forward's state; the cosines are recomputed. When sums are not given, their gradient is already
-// folded into the embeddings' (the second output is then scratch).
+// losses, given the forward's state; the cosines are recomputed. When sums are
+// not given, their gradient is already folded into the embeddings' (the second
+// output is then scratch).
 inline constexpr const char* kBackwardSchema =
     "ge2e_backward(Tensor grad_loss, Tensor embeddings, Tensor? sums, Tensor w, Tensor b, "
     "Tensor state, int speaker_offset, str loss_method, float? min_cosine, "
-    "int block_speakers=0, Tensor? speaker_offsets=None, bool normalize=False) -> (Tensor, Tensor, Tensor, Tensor)";
+    "int block_speakers=0, Tensor? speaker_offsets=None, bool normalize=False) "
+    "-> (Tensor, Tensor, Tensor, Tensor)";
 
 // scale times the sum of the losses (0-dim), the rows' top1 and the loss's
 // gradients (embeddings, sums, w, b), in one sweep: what a training step with

@@ -153,8 +153,9 @@ def _shift_within(sums: torch.Tensor, segment: torch.Tensor, down: bool) -> torc
 def ge2e_rows_grouped(rows, grouping, sums, w, b, speaker_offset, loss_method, min_cosine,
                       with_top1=False):
     """Per-utterance GE2E losses (B,) (with with_top1, and the rows' ``top1``) of
-    rows (B, D) grouped by speaker (in the order of ``grouping``), with segment sums: no padding, O(B K + B D) memory
-    whatever the groups' sizes, and no value read from the device.
+    rows (B, D) grouped by speaker (in the order of ``grouping``), with segment
+    sums: no padding, O(B K + B D) memory whatever the groups' sizes, and no
+    value read from the device.
 
     u_ji = (the speaker's rows before it) + (those after it), each a segmented
     scan, never s_j - e_ji (which cancels when e_ji dominates its speaker)."""

@@ -93,11 +93,12 @@ const char* const kGradientKeys[4] = {"grad_embeddings", "grad_sums", "grad_w", 
 class ReducedLoss : public torch::autograd::Function<ReducedLoss> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& embeddings,
-                            const c10::optional<at::Tensor>& sums, const at::Tensor& w,
-                            const at::Tensor& b, int64_t speaker_offset,
-                            c10::string_view loss_method, c10::optional<double> min_cosine,
-                            double scale, int64_t block_speakers,
-                            const c10::optional<at::Tensor>& speaker_offsets, bool normalize) {
+                               const c10::optional<at::Tensor>& sums, const at::Tensor& w,
+                               const at::Tensor& b, int64_t speaker_offset,
+                               c10::string_view loss_method, c10::optional<double> min_cosine,
+                               double scale, int64_t block_speakers,
+                               const c10::optional<at::Tensor>& speaker_offsets,
+                               bool normalize) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [loss, top1, grad_embeddings, grad_sums, grad_w, grad_b] =
         ops::forward_backward(embeddings, sums, w, b, speaker_offset, loss_method, min_cosine,
@@ -169,11 +170,12 @@ class ReducedLoss : public torch::autograd::Function<ReducedLoss> {
 class RowLosses : public torch::autograd::Function<RowLosses> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& embeddings,
-                            const c10::optional<at::Tensor>& sums, const at::Tensor& w,
-                            const at::Tensor& b, int64_t speaker_offset,
-                            c10::string_view loss_method, c10::optional<double> min_cosine,
-                            int64_t block_speakers,
-                            const c10::optional<at::Tensor>& speaker_offsets, bool normalize) {
+                               const c10::optional<at::Tensor>& sums, const at::Tensor& w,
+                               const at::Tensor& b, int64_t speaker_offset,
+                               c10::string_view loss_method, c10::optional<double> min_cosine,
+                               int64_t block_speakers,
+                               const c10::optional<at::Tensor>& speaker_offsets,
+                               bool normalize) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [loss, state, top1] = ops::forward(embeddings, sums, w, b, speaker_offset, loss_method,
                                             min_cosine, block_speakers, speaker_offsets,
@@ -218,24 +220,23 @@ class RowLosses : public torch::autograd::Function<RowLosses> {
   }
 };
 
-std::tuple<at::Tensor, at::Tensor> loss_autograd(const at::Tensor& embeddings, const c10::optional<at::Tensor>& sums,
-                         const at::Tensor& w, const at::Tensor& b, int64_t speaker_offset,
-                         c10::string_view loss_method, c10::optional<double> min_cosine,
-                         bool reduce, double scale, int64_t block_speakers,
-                         const c10::optional<at::Tensor>& speaker_offsets, bool normalize) {
+std::tuple<at::Tensor, at::Tensor> loss_autograd(
+    const at::Tensor& embeddings, const c10::optional<at::Tensor>& sums, const at::Tensor& w,
+    const at::Tensor& b, int64_t speaker_offset, c10::string_view loss_method,
+    c10::optional<double> min_cosine, bool reduce, double scale, int64_t block_speakers,
+    const c10::optional<at::Tensor>& speaker_offsets, bool normalize) {
   const bool needs_grad =
       at::GradMode::is_enabled() &&
       (embeddings.requires_grad() || w.requires_grad() || b.requires_grad() ||
        (sums.has_value() && sums->requires_grad()));
   if (!needs_grad) {
-    static const auto op = c10::Dispatcher::singleton()
-                               .findSchemaOrThrow("ge2e_ext::ge2e_loss", "")
-                               .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&,
-                                                 const c10::optional<at::Tensor>&,
-                                                 const at::Tensor&, const at::Tensor&, int64_t,
-                                                 c10::string_view, c10::optional<double>, bool,
-                                                 double, int64_t,
-                                                 const c10::optional<at::Tensor>&, bool)>();
+    static const auto op =
+        c10::Dispatcher::singleton()
+            .findSchemaOrThrow("ge2e_ext::ge2e_loss", "")
+            .typed<std::tuple<at::Tensor, at::Tensor>(
+                const at::Tensor&, const c10::optional<at::Tensor>&, const at::Tensor&,
+                const at::Tensor&, int64_t, c10::string_view, c10::optional<double>, bool,
+                double, int64_t, const c10::optional<at::Tensor>&, bool)>();
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     return op.call(embeddings, sums, w, b, speaker_offset, loss_method, min_cosine, reduce,
                    scale, block_speakers, speaker_offsets, normalize);
