@@ -355,6 +355,7 @@ class _Plan:
     normalize: bool           # as asked
     use_extension: bool
     op_normalizes: bool       # the compiled op normalises (else done, or not asked)
+    return_top1: bool         # the PyTorch path makes top1 only then (the op always does)
     grouping: Grouping | None
     sums: torch.Tensor | None = None  # every rank's speaker sums (distributed)
     speaker_offset: int = 0           # this rank's first speaker in sums
@@ -397,7 +398,7 @@ def _prepare(embeddings, w, b, loss_method, labels, num_speakers, reduction, min
         embeddings = embeddings.index_select(0, grouping.order)  # rows in speaker order
     rows = embeddings.shape[0] * (1 if grouping is not None else embeddings.shape[1])
     return _Plan(embeddings, w, b, loss_method, None if min_cosine is None else float(min_cosine),
-                 reduction, normalize, use_extension, op_normalizes, grouping,
+                 reduction, normalize, use_extension, op_normalizes, return_top1, grouping,
                  total_utterances=rows)
 
 
@@ -427,7 +428,7 @@ def _exchange(plan: _Plan | None, embeddings, group, local_error=None) -> _Plan:
 def _compute(plan: _Plan) -> tuple[torch.Tensor, torch.Tensor]:
     """The loss, reduced as asked (the compiled op reduces inside its fused
     sweep; the PyTorch path's rows are reduced here), and the rows' top1, in
-    speaker order."""
+    speaker order (None from the PyTorch path unless asked for)."""
     reduce = plan.reduction != "none"
     scale = 1.0 / plan.total_utterances if plan.reduction == "mean" else 1.0
     offsets = plan.grouping.offsets if plan.grouping is not None else None
@@ -436,30 +437,31 @@ def _compute(plan: _Plan) -> tuple[torch.Tensor, torch.Tensor]:
                          plan.loss_method, plan.min_cosine, reduce, scale, 0, offsets,
                          plan.op_normalizes)
     rows, top1 = _torch_loss(plan.embeddings, plan.sums, plan.w, plan.b, plan.speaker_offset,
-                             plan.loss_method, plan.min_cosine, plan.grouping)
+                             plan.loss_method, plan.min_cosine, plan.grouping, plan.return_top1)
     if not reduce:
         return rows, top1
     return (rows.sum() if scale == 1.0 else rows.sum() * scale), top1
 
 
 def _in_input_order(plan: _Plan, loss, top1, return_top1):
-    """The labels form's per-row results back in the input's order, NaN where the
-    grouping found the labels inconsistent with num_speakers."""
+    """The labels form's per-row results back in the input's order, NaN (and no
+    top-1) where the grouping found the labels inconsistent with num_speakers."""
     grouping = plan.grouping
     if grouping is not None:
         if plan.reduction == "none":
             loss = grouping.restore(loss)
-        if return_top1:
-            top1 = grouping.restore(top1)
         if grouping.valid is not None:
             loss = torch.where(grouping.valid, loss, torch.full_like(loss, float("nan")))
-            top1 = top1 & grouping.valid
+        if return_top1:
+            top1 = grouping.restore(top1)
+            if grouping.valid is not None:
+                top1 = top1 & grouping.valid
     return (loss, top1) if return_top1 else loss
 
 
-def _torch_loss(embeddings, sums, w, b, offset, loss_method, min_cosine, grouping):
+def _torch_loss(embeddings, sums, w, b, offset, loss_method, min_cosine, grouping, with_top1):
     """The per-row losses by the pure-PyTorch path, in the accumulation dtype, and
-    the rows' top1."""
+    the rows' top1 (None unless with_top1)."""
     acc = _ops.accumulation_dtype(embeddings.dtype)
     # Under autocast the matrix product would run in float16/bfloat16; the
     # loss is computed in the accumulation dtype, as the kernels do.
@@ -470,7 +472,10 @@ def _torch_loss(embeddings, sums, w, b, offset, loss_method, min_cosine, groupin
                  if autocast_on else contextlib.nullcontext())
     with precision:
         if grouping is None:
-            return _torch_impl.ge2e_rows(embeddings.to(acc), sums, w, b, offset, loss_method,
-                                         min_cosine, with_top1=True)
-        return _torch_impl.ge2e_rows_grouped(embeddings.to(acc), grouping, sums, w, b, offset,
-                                             loss_method, min_cosine, with_top1=True)
+            rows = _torch_impl.ge2e_rows(embeddings.to(acc), sums, w, b, offset, loss_method,
+                                         min_cosine, with_top1=with_top1)
+        else:
+            rows = _torch_impl.ge2e_rows_grouped(embeddings.to(acc), grouping, sums, w, b,
+                                                 offset, loss_method, min_cosine,
+                                                 with_top1=with_top1)
+    return rows if with_top1 else (rows, None)
