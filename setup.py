@@ -1,8 +1,6 @@
-"""Build of ge2e_ext against the torch it runs with (pip install --no-build-isolation -e .).
-
-README.md (Install) gives the switches; scripts/check_wheel.sh builds and checks a wheel.
-torch's cpp_extension finds CUDA and compiles; this file decides what: the CUDA kernels or,
-saying why, the CPU op alone (FORCE_CUDA=1: an error), and csrc/cpu/isa/*_<isa>.cpp files."""
+"""Build of ge2e_ext against the torch it runs with (pip install --no-build-isolation -e .;
+README.md, Install, gives the switches). torch's cpp_extension finds CUDA and compiles; this
+decides what: the CUDA kernels or, saying why, the CPU op alone, and the ISA files."""
 
 import glob
 import os
@@ -46,18 +44,16 @@ def check_torch_version(version):
 
 
 def torch_requirement(torch_version=None):
-    """A wheel's torch is the release it was compiled against (the module's C++ ABI), as
-    torchvision pins it, without the local label: ``==2.14.1`` matches 2.14.1+cu130 and
-    PyPI's plain 2.14.1 alike (PEP 440). The sdist, compiled later, needs MIN_TORCH."""
+    """A wheel's torch is the release it was compiled against (its C++ ABI), as torchvision
+    pins it: ``==2.14.1`` matches 2.14.1+cu130 and PyPI's 2.14.1 (PEP 440); an sdist MIN_TORCH."""
     return f"torch=={torch_version.split('+')[0]}" if torch_version else f"torch>={MIN_TORCH}"
 
 
 def cxx_flags(env=os.environ):
     """Every C++ file's flags: -fno-math-errno inlines sqrt; -Werror=switch catches a loss
     method or dtype missing from a switch; -ffp-contract=off keeps the softmax gradient's
-    w (c_k - c_own) - max rounded as written (a fused multiply-add would subtract the
-    rounded max from the unrounded product: off by more than 1 at w = 1e8);
-    GE2E_EXT_MARCH gives -march (none: portable)."""
+    w (c_k - c_own) - max as written (an FMA subtracts the rounded max from the unrounded
+    product: off by more than 1 at w = 1e8); GE2E_EXT_MARCH gives -march (none: portable)."""
     march = env.get("GE2E_EXT_MARCH", "").strip()
     return (["-O3", "-fno-math-errno", "-ffp-contract=off", "-Werror=switch"]
             + ([f"-march={march}"] if march else []))

@@ -61,8 +61,8 @@ def batches(rows, speakers, dim, seed=0):
 def step(op, case, method):
     w = torch.tensor(10.0, dtype=torch.float64)
     b = torch.tensor(-5.0, dtype=torch.float64)
-    return op(case["embeddings"], case["sums"], w, b, 0, method, 1e-6, 1.0, 0,
-              case["speaker_offsets"])
+    return op(**case, speaker_offset=0, w=w, b=b, loss_method=method, min_cosine=1e-6,
+              normalize=False, scale=1.0)
 
 
 def time_cases(op, cases, method, repeats):

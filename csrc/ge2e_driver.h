@@ -16,8 +16,8 @@
 //   kSparseProducts              whether a method with a sparse gradient
 //                                (ContrastLoss) skips T = H S and Z = H^T E
 //   speaker_stats(p)             sums, their inverse norms, the rows' own cosines
-//   rows<Method>(p, buffers, pass, block, cosines)
-//   row_gradients<Method>(p, block, t_rows, cosines, hardest, z_to_fold, grad)
+//   rows(p, buffers, pass, block, cosines)
+//   row_gradients(p, block, t_rows, cosines, hardest, z_to_fold, grad)
 //   sparse_sum_grads(p, block, cosines, hardest, z, accumulate)   (kSparseProducts)
 //   split_speaker_others(p, speaker, q_sums, grad)  adds, to the rows of a speaker that
 //                                the blocks split, the sum over its other rows' q
@@ -31,21 +31,24 @@
 // each taking the call's Problem (ge2e_problem.h). A device whose policy has
 // kFinishPartials (DeviceScratch; the CUDA device) gets the Problem's scratch
 // and runs the finish inside the sweep's last launch instead:
-//   row_gradients<Method>(..., grad, others, finish) and fold(p, z, grad, finish),
+//   row_gradients(..., sparse, grad, others, finish) and fold(p, z, grad, finish),
 //   with the FinishArgs on the last launch and nullptr on the others; with
 //   several blocks the row gradients leave the other rows' term (others =
 //   false) to fold, which runs then even with given sums (z = nullptr).
-// The loss method is a type from here on (dispatch_loss_method).
+// The loss method stays an index (p.method) here: each device makes it a
+// type once, where it picks its kernels (dispatch_loss_method).
 #pragma once
 
 #include <ATen/ATen.h>
 #include <ATen/record_function.h>
+#include <torch/library.h>
 #include <c10/core/DeviceGuard.h>
 #include <c10/util/Optional.h>
 
 #include <c10/util/safe_numerics.h>
 
 #include <algorithm>
+#include <atomic>
 #include <limits>
 #include <string>
 #include <tuple>
@@ -54,6 +57,7 @@
 
 #include "ge2e_math.h"
 #include "ge2e_problem.h"
+#include "ge2e_schema.h"
 
 namespace ge2e {
 
@@ -119,6 +123,19 @@ inline void check_block_speakers(int64_t block_speakers) {
                     "ge2e_ext: block_speakers must be 0 (automatic), a positive number of "
                     "speakers per block or minus a number of rows per block, got ",
                     block_speakers);
+}
+
+// The blocks the tests ask for (the _set_block_speakers op), 0 otherwise: a
+// setting of the process, not an argument, so that no op's interface carries it.
+inline std::atomic<int64_t>& block_speakers_for_tests() {
+  static std::atomic<int64_t> block_speakers{0};
+  return block_speakers;
+}
+
+// The _set_block_speakers op (ge2e_schema.h): the previous setting.
+inline int64_t set_block_speakers_for_tests(int64_t blocks) {
+  check_block_speakers(blocks);
+  return block_speakers_for_tests().exchange(blocks);
 }
 
 // Whether a Device asks for the Problem's scratch (row_speakers, row_dots,
@@ -234,13 +251,14 @@ inline std::tuple<at::Tensor, at::Tensor> scaled_sums(const at::Tensor& sums) {
 // Messages say what was expected and what came; the Python wrapper checks
 // first with the same wording, these guard direct calls of torch.ops.ge2e_ext.*.
 template <class Device>
-Call make_call(const at::Tensor& embeddings, const c10::optional<at::Tensor>& sums,
-               const at::Tensor& w, const at::Tensor& b, int64_t speaker_offset,
-               c10::string_view loss_method, c10::optional<double> min_cosine,
-               const c10::optional<at::Tensor>& speaker_offsets, bool normalize) {
+Call make_call(const ProblemArgs& args) {
+  const at::Tensor& embeddings = args.embeddings;
+  const c10::optional<at::Tensor>& sums = args.sums;
+  const int64_t speaker_offset = args.speaker_offset;
+  const c10::optional<double> min_cosine = args.min_cosine;
   Call c;
   Problem& p = c.problem;
-  check_layout(embeddings, speaker_offsets, c);
+  check_layout(embeddings, args.speaker_offsets, c);
   p.dtype = dtype_of(embeddings.scalar_type());
   // With sums of other processes' speakers given, one local speaker is enough.
   const int64_t min_speakers = sums.has_value() ? 1 : 2;
@@ -248,9 +266,9 @@ Call make_call(const at::Tensor& embeddings, const c10::optional<at::Tensor>& su
                     " speakers, got N = ", p.speakers);
   TORCH_CHECK_VALUE(p.dim >= 1, "ge2e_ext: embeddings need D >= 1 features, got D = ", p.dim);
   const auto acc = accumulation_type(embeddings.scalar_type());
-  check_scalar(w, "w", embeddings, acc);
-  check_scalar(b, "b", embeddings, acc);
-  p.method = parse_loss_method(loss_method);
+  check_scalar(args.w, "w", embeddings, acc);
+  check_scalar(args.b, "b", embeddings, acc);
+  p.method = parse_loss_method(args.loss_method);
   if (min_cosine.has_value()) {
     TORCH_CHECK_VALUE(*min_cosine < 1.0 && *min_cosine > -HUGE_VAL,
                       "ge2e_ext: min_cosine must be a finite number below 1 (a cosine is at "
@@ -261,7 +279,7 @@ Call make_call(const at::Tensor& embeddings, const c10::optional<at::Tensor>& su
   p.min_cosine = min_cosine.value_or(0.0);
   c.acc_options = embeddings.options().dtype(acc);
   c.embeddings = embeddings.contiguous();
-  if (normalize) {  // the loss of the unit rows: one pass, one input-sized buffer
+  if (args.normalize) {  // the loss of the unit rows: one pass, one input-sized buffer
     c.input_rows = c.embeddings;
     c.row_norms = at::empty({p.total_rows}, c.acc_options);
     c.embeddings = at::empty_like(c.input_rows);
@@ -269,8 +287,8 @@ Call make_call(const at::Tensor& embeddings, const c10::optional<at::Tensor>& su
     Device::unit_rows(p, c.input_rows.data_ptr(), c.embeddings.data_ptr(),
                       c.row_norms.data_ptr());
   }
-  c.w = w.dim() == 0 ? w : w.reshape({});
-  c.b = b.dim() == 0 ? b : b.reshape({});
+  c.w = args.w.dim() == 0 ? args.w : args.w.reshape({});
+  c.b = args.b.dim() == 0 ? args.b : args.b.reshape({});
   p.sums_given = sums.has_value();
   c.own_sums_hi = at::empty({p.speakers, p.dim}, c.acc_options);
   c.own_sums_lo = at::empty({p.speakers, p.dim}, c.acc_options);
@@ -499,17 +517,18 @@ class Float32MatmulPrecisionGuard {
 // also the products and the row gradients. `finish` (gradient passes) is the
 // end of the sweep: a DeviceScratch device runs it in the sweep's last launch,
 // the others after the loop.
-template <class Device, class Method>
+template <class Device>
 void sweep(const Call& c, RowPass pass, const RowBuffers& buffers, Gradients* grads,
-           int64_t block_speakers, const FinishArgs* finish) {
+           const FinishArgs* finish) {
   const Problem& p = c.problem;
   const Float32MatmulPrecisionGuard precision;
   std::vector<Block> split_speakers;
-  const std::vector<Block> blocks = blocks_of<Device>(c, block_speakers, split_speakers);
+  const std::vector<Block> blocks =
+      blocks_of<Device>(c, block_speakers_for_tests().load(), split_speakers);
   const bool single_block = blocks.size() == 1;
   int64_t max_rows = 0;
   for (const Block& blk : blocks) max_rows = std::max(max_rows, blk.rows);
-  constexpr bool sparse = Device::kSparseProducts && Method::kSparseGradient;
+  const bool sparse = Device::kSparseProducts && has_sparse_gradient(p.method);
   constexpr bool fused_finish = DeviceScratch<Device>::value;
   checked_size(max_rows, p.total_speakers, "the block of cosines, rows x K");
   at::Tensor cosine_block = at::empty({max_rows, p.total_speakers}, c.acc_options);
@@ -534,11 +553,11 @@ void sweep(const Call& c, RowPass pass, const RowBuffers& buffers, Gradients* gr
     at::mm_out(cosines, e_rows, c.sums.t());  // e_r . s_k; the row kernel makes it H
     {
       RECORD_FUNCTION("ge2e_ext::rows", {});
-      Device::template rows<Method>(p, buffers, pass, blk, cosines.data_ptr());
+      Device::rows(p, buffers, pass, blk, cosines.data_ptr());
     }
     if (grads == nullptr) continue;
     at::Tensor t_rows;
-    if constexpr (sparse) {
+    if (sparse) {
       RECORD_FUNCTION("ge2e_ext::sparse_sum_grads", {});
       Device::sparse_sum_grads(p, blk, cosines.data_ptr(), buffers.hardest,
                                grads->sums.data_ptr(), !first_block);
@@ -561,12 +580,12 @@ void sweep(const Call& c, RowPass pass, const RowBuffers& buffers, Gradients* gr
     void* z_to_fold = fold_now ? grads->sums.data_ptr() : nullptr;
     if constexpr (fused_finish) {
       const bool last = &blk == &blocks.back() && !fold_at_end;
-      Device::template row_gradients<Method>(p, blk, t_ptr, cosines.data_ptr(), buffers.hardest,
-                                             z_to_fold, grads->embeddings.data_ptr(),
-                                             /*others=*/single_block, last ? finish : nullptr);
+      Device::row_gradients(p, blk, sparse, t_ptr, cosines.data_ptr(), buffers.hardest, z_to_fold,
+                            grads->embeddings.data_ptr(), /*others=*/single_block,
+                            last ? finish : nullptr);
     } else {
-      Device::template row_gradients<Method>(p, blk, t_ptr, cosines.data_ptr(), buffers.hardest,
-                                             z_to_fold, grads->embeddings.data_ptr());
+      Device::row_gradients(p, blk, sparse, t_ptr, cosines.data_ptr(), buffers.hardest, z_to_fold,
+                            grads->embeddings.data_ptr());
     }
   }
   // A speaker split across blocks: the row gradients left out the sum over its
@@ -630,28 +649,16 @@ inline RowBuffers row_buffers(RowOutputs& out, Gradients* grads) {
   return rb;
 }
 
-// forward(embeddings, sums?, w, b, ...) -> (loss, state, top1): the rows' losses,
-// (N, M) or (B,), what each row's backward needs, shaped (..., kRowStateSize),
-// and whether each row's own speaker is its top-1 (bool, the losses' shape).
+// forward(problem) -> (loss, state, top1): the rows' losses, (N, M) or (B,),
+// what each row's backward needs, shaped (..., kRowStateSize), and whether
+// each row's own speaker is its top-1 (bool, the losses' shape).
 template <class Device>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& embeddings,
-                                           const c10::optional<at::Tensor>& sums,
-                                           const at::Tensor& w, const at::Tensor& b,
-                                           int64_t speaker_offset, c10::string_view loss_method,
-                                           c10::optional<double> min_cosine,
-                                           int64_t block_speakers,
-                                           const c10::optional<at::Tensor>& speaker_offsets,
-                                           bool normalize) {
-  const c10::OptionalDeviceGuard device_guard(embeddings.device());
-  check_block_speakers(block_speakers);
-  const Call c = make_call<Device>(embeddings, sums, w, b, speaker_offset, loss_method,
-                                   min_cosine, speaker_offsets, normalize);
+ForwardResult forward(const ProblemArgs& args) {
+  const c10::OptionalDeviceGuard device_guard(args.embeddings.device());
+  const Call c = make_call<Device>(args);
   RowOutputs out = row_outputs(c);
   const RowBuffers rb = row_buffers(out, nullptr);
-  const Problem& p = c.problem;
-  dispatch_loss_method(p.method, [&](auto method) {
-    sweep<Device, decltype(method)>(c, RowPass::kLoss, rb, nullptr, block_speakers, nullptr);
-  });
+  sweep<Device>(c, RowPass::kLoss, rb, nullptr, nullptr);
   return {out.loss, out.state, out.top1};
 }
 
@@ -686,22 +693,16 @@ inline FinishOutputs finish_outputs(const Call& c, Gradients& g, const at::Tenso
   return out;
 }
 
-// backward(grad_loss, embeddings, sums?, w, b, state, ...) ->
-// (grad_embeddings, grad_sums (K, D), grad_w, grad_b), with grad_loss shaped
-// like the forward's losses and state as the forward gave it. Recomputes the
-// cosines (one block at a time); grad_sums is folded into grad_embeddings when
-// sums were not given (and is then scratch).
+// backward(problem, grad_loss, state) -> (grad_embeddings, grad_sums (K, D),
+// grad_w, grad_b), with grad_loss shaped like the forward's losses and state
+// as the forward gave it. Recomputes the cosines (one block at a time);
+// grad_sums is folded into grad_embeddings when sums were not given (and is
+// then scratch).
 template <class Device>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
-    const at::Tensor& grad_loss, const at::Tensor& embeddings,
-    const c10::optional<at::Tensor>& sums, const at::Tensor& w, const at::Tensor& b,
-    const at::Tensor& state, int64_t speaker_offset, c10::string_view loss_method,
-    c10::optional<double> min_cosine, int64_t block_speakers,
-    const c10::optional<at::Tensor>& speaker_offsets, bool normalize) {
-  const c10::OptionalDeviceGuard device_guard(embeddings.device());
-  check_block_speakers(block_speakers);
-  const Call c = make_call<Device>(embeddings, sums, w, b, speaker_offset, loss_method,
-                                   min_cosine, speaker_offsets, normalize);
+BackwardResult backward(const ProblemArgs& args, const at::Tensor& grad_loss,
+                        const at::Tensor& state) {
+  const c10::OptionalDeviceGuard device_guard(args.embeddings.device());
+  const Call c = make_call<Device>(args);
   const Problem& p = c.problem;
   std::vector<int64_t> state_shape = c.row_shape;
   state_shape.push_back(kRowStateSize);
@@ -720,43 +721,52 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
   rb.grad_stride_speaker = grad_rows.stride(0);
   rb.grad_stride_utterance = grad_rows.stride(grad_rows.dim() - 1);
   const FinishOutputs f = finish_outputs(c, g, nullptr, 1.0, nullptr);
-  dispatch_loss_method(p.method, [&](auto method) {
-    sweep<Device, decltype(method)>(c, RowPass::kGradient, rb, &g, block_speakers, &f.args);
-  });
+  sweep<Device>(c, RowPass::kGradient, rb, &g, &f.args);
   unit_row_grads<Device>(c, g);
-  return {g.embeddings, g.sums, f.grad_w.view(w.sizes()), f.grad_b.view(b.sizes())};
+  return {g.embeddings, g.sums, f.grad_w.view(args.w.sizes()), f.grad_b.view(args.b.sizes())};
 }
 
-// forward_backward(embeddings, sums?, w, b, ..., scale) -> (loss, top1,
-// grad_embeddings, grad_sums, grad_w, grad_b): loss = scale * sum of the rows'
-// losses (0-dim), the rows' top1 (as forward's) and the loss's gradients, in
-// one sweep.
+// forward_backward(problem, scale) -> (loss, top1, grad_embeddings, grad_sums,
+// grad_w, grad_b): loss = scale * sum of the rows' losses (0-dim), the rows'
+// top1 (as forward's) and the loss's gradients, in one sweep.
 template <class Device>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-forward_backward(
-    const at::Tensor& embeddings, const c10::optional<at::Tensor>& sums, const at::Tensor& w,
-    const at::Tensor& b, int64_t speaker_offset, c10::string_view loss_method,
-    c10::optional<double> min_cosine, double scale, int64_t block_speakers,
-    const c10::optional<at::Tensor>& speaker_offsets, bool normalize) {
-  const c10::OptionalDeviceGuard device_guard(embeddings.device());
-  check_block_speakers(block_speakers);
-  const Call c = make_call<Device>(embeddings, sums, w, b, speaker_offset, loss_method,
-                                   min_cosine, speaker_offsets, normalize);
+ForwardBackwardResult forward_backward(const ProblemArgs& args, double scale) {
+  const c10::OptionalDeviceGuard device_guard(args.embeddings.device());
+  const Call c = make_call<Device>(args);
   RowOutputs out = row_outputs(c);
   Gradients g = allocate_gradients(c);
   RowBuffers rb = row_buffers(out, &g);
-  const Problem& p = c.problem;
   rb.grad_scale = scale;
   at::Tensor loss_total = at::empty({}, c.acc_options);
   const FinishOutputs f = finish_outputs(c, g, &out.loss, scale, &loss_total);
-  dispatch_loss_method(p.method, [&](auto method) {
-    sweep<Device, decltype(method)>(c, RowPass::kLossAndGradient, rb, &g, block_speakers,
-                                    &f.args);
-  });
+  sweep<Device>(c, RowPass::kLossAndGradient, rb, &g, &f.args);
   unit_row_grads<Device>(c, g);
   return {loss_total,  out.top1,
           g.embeddings, g.sums,
-          f.grad_w.view(w.sizes()), f.grad_b.view(b.sizes())};
+          f.grad_w.view(args.w.sizes()), f.grad_b.view(args.b.sizes())};
+}
+
+// The kernel ops of a Device, with the schemas' signatures (the registration
+// checks them against ge2e_schema.h).
+template <class Device>
+struct KernelOps {
+  static ForwardResult forward(GE2E_PROBLEM_PARAMS) {
+    return ge2e::forward<Device>(GE2E_PROBLEM_FROM_PARAMS);
+  }
+  static BackwardResult backward(GE2E_PROBLEM_PARAMS, const at::Tensor& grad_loss,
+                                 const at::Tensor& state) {
+    return ge2e::backward<Device>(GE2E_PROBLEM_FROM_PARAMS, grad_loss, state);
+  }
+  static ForwardBackwardResult forward_backward(GE2E_PROBLEM_PARAMS, double scale) {
+    return ge2e::forward_backward<Device>(GE2E_PROBLEM_FROM_PARAMS, scale);
+  }
+};
+
+template <class Device>
+void register_kernel_ops(torch::Library& m) {
+  m.impl("ge2e_forward", &KernelOps<Device>::forward);
+  m.impl("ge2e_backward", &KernelOps<Device>::backward);
+  m.impl("ge2e_forward_backward", &KernelOps<Device>::forward_backward);
 }
 
 }  // namespace ge2e

@@ -755,6 +755,13 @@ auto dispatch_loss_method(int method, Fn&& fn) {
   return fn(Policy{});
 }
 
+// Whether the method with this index has a sparse gradient (kSparseGradient):
+// what the driver, which keeps the method an index, asks of it.
+inline bool has_sparse_gradient(int method) {
+  return dispatch_loss_method(method,
+                              [](auto policy) { return decltype(policy)::kSparseGradient; });
+}
+
 // The index of the method called `name`, or -1.
 template <int I = 0, typename String>
 int loss_method_index(const String& name) {

@@ -1,22 +1,27 @@
 """The compiled op: loading it, and its fake kernels.
 
-The C++ library (csrc/) registers ``ge2e_ext::ge2e_loss`` with its autograd and
-the three kernel ops it is built from (``ge2e_forward``, ``ge2e_backward``,
-``ge2e_forward_backward``; csrc/ge2e_schema.h says what each computes). Here they
-get the fake (meta) kernels that torch.compile and meta tensors need: shapes
-only. When the extension is missing or fails to load, nothing is registered and
-the pure-PyTorch path is used; ``import_error()`` says why.
+The C++ library (csrc/) registers the public ``ge2e_ext::ge2e_loss`` (this
+call's speakers, reduced by name), ``ge2e_ext::_ge2e_loss`` (any problem, the
+distributed form's too, with its autograd) and the three kernel ops it is built
+from (``ge2e_forward``, ``ge2e_backward``, ``ge2e_forward_backward``);
+csrc/ge2e_schema.h writes their interface once and says what each computes.
+Here they get the fake (meta) kernels that torch.compile and meta tensors
+need: shapes only, reading the arguments by name from the registered schemas.
+When the extension is missing or fails to load, nothing is registered and the
+pure-PyTorch path is used; ``import_error()`` says why.
 """
 
 from __future__ import annotations
 
 import glob
 import os
+import types
 import warnings
 
 import torch
 
-_OPS = ("ge2e_loss", "ge2e_forward", "ge2e_backward", "ge2e_forward_backward")
+_OPS = ("ge2e_loss", "_ge2e_loss", "ge2e_forward", "ge2e_backward", "ge2e_forward_backward",
+        "_set_block_speakers")
 
 try:
     from . import _C  # noqa: F401  (importing it registers the ops)
@@ -56,66 +61,70 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def loss(embeddings, sums, w, b, speaker_offset, loss_method, min_cosine, reduce, scale,
-         block_speakers=0, speaker_offsets=None, normalize=False):
-    """The compiled, differentiable GE2E loss and the rows' top1: the per-row losses
-    ((N, M), or (B,) for (B, D) rows grouped by speaker_offsets), or scale * their
-    sum; and whether each row's own speaker is its most similar (bool, per row)."""
-    return torch.ops.ge2e_ext.ge2e_loss(embeddings, sums, w, b, speaker_offset, loss_method,
-                                        min_cosine, reduce, scale, block_speakers,
-                                        speaker_offsets, normalize)
+def arguments(op: torch._ops.OpOverload, args: tuple, kwargs: dict) -> types.SimpleNamespace:
+    """A call's arguments by their names in the op's schema (defaults filled in)."""
+    values = {}
+    for index, argument in enumerate(op._schema.arguments):
+        if index < len(args):
+            values[argument.name] = args[index]
+        elif argument.name in kwargs:
+            values[argument.name] = kwargs[argument.name]
+        else:
+            values[argument.name] = argument.default_value
+    return types.SimpleNamespace(**values)
 
 
 if _C is not None:
 
-    def _rows_like(embeddings, dtype=None):
-        shape = embeddings.shape[:1] if embeddings.dim() == 2 else embeddings.shape[:2]
-        return embeddings.new_empty(shape, dtype=dtype or accumulation_dtype(embeddings.dtype))
+    def _fake(name):
+        """Registers the decorated function of the call's arguments (by name)
+        as the fake kernel of ge2e_ext::<name>."""
+        op = getattr(torch.ops.ge2e_ext, name).default
 
-    def _sums_grad_like(embeddings, sums, speaker_offsets):
-        if sums is not None:
-            k = sums.shape[0]
-        elif speaker_offsets is not None:
-            k = speaker_offsets.shape[0] - 1
+        def register(shapes):
+            torch.library.register_fake(f"ge2e_ext::{name}")(
+                lambda *args, **kwargs: shapes(arguments(op, args, kwargs)))
+            return shapes
+        return register
+
+    def _rows_like(a, dtype=None):
+        e = a.embeddings
+        shape = e.shape[:1] if a.speaker_offsets is not None else e.shape[:2]
+        return e.new_empty(shape, dtype=dtype or accumulation_dtype(e.dtype))
+
+    def _top1_like(a):
+        return _rows_like(a, torch.bool)
+
+    def _gradients_like(a):
+        e = a.embeddings
+        if a.sums is not None:
+            k = a.sums.shape[0]
+        elif a.speaker_offsets is not None:
+            k = a.speaker_offsets.shape[0] - 1
         else:
-            k = embeddings.shape[0]
-        return embeddings.new_empty((k, embeddings.shape[-1]),
-                                    dtype=accumulation_dtype(embeddings.dtype))
-
-    def _top1_like(rows):
-        return rows.new_empty(rows.shape, dtype=torch.bool)
-
-    def _scalar_like(embeddings, like):
-        return like.new_empty(like.shape, dtype=accumulation_dtype(embeddings.dtype))
-
-    @torch.library.register_fake("ge2e_ext::ge2e_loss")
-    def _loss_fake(embeddings, sums, w, b, speaker_offset, loss_method, min_cosine, reduce,
-                   scale, block_speakers=0, speaker_offsets=None, normalize=False):
-        rows = _rows_like(embeddings)
-        return (rows.new_empty(()) if reduce else rows), _top1_like(rows)
+            k = e.shape[0]
+        acc = accumulation_dtype(e.dtype)
+        return (torch.empty_like(e, memory_format=torch.contiguous_format),
+                e.new_empty((k, e.shape[-1]), dtype=acc), a.w.new_empty(a.w.shape, dtype=acc),
+                a.b.new_empty(a.b.shape, dtype=acc))
 
     ROW_STATE_SIZE = 2  # kRowStateSize in csrc/ge2e_math.h
 
-    @torch.library.register_fake("ge2e_ext::ge2e_forward")
-    def _forward_fake(embeddings, sums, w, b, speaker_offset, loss_method, min_cosine,
-                      block_speakers=0, speaker_offsets=None, normalize=False):
-        rows = _rows_like(embeddings)
+    @_fake("_ge2e_loss")
+    def _loss_fake(a):
+        rows = _rows_like(a)
+        return (rows.new_empty(()) if a.scale is not None else rows), _top1_like(a)
+
+    @_fake("ge2e_forward")
+    def _forward_fake(a):
+        rows = _rows_like(a)
         return (rows, rows.new_empty((*rows.shape, ROW_STATE_SIZE), dtype=torch.float64),
-                _top1_like(rows))
+                _top1_like(a))
 
-    @torch.library.register_fake("ge2e_ext::ge2e_backward")
-    def _backward_fake(grad_loss, embeddings, sums, w, b, state, speaker_offset,
-                       loss_method, min_cosine, block_speakers=0, speaker_offsets=None,
-                       normalize=False):
-        return (torch.empty_like(embeddings, memory_format=torch.contiguous_format),
-                _sums_grad_like(embeddings, sums, speaker_offsets), _scalar_like(embeddings, w),
-                _scalar_like(embeddings, b))
+    @_fake("ge2e_backward")
+    def _backward_fake(a):
+        return _gradients_like(a)
 
-    @torch.library.register_fake("ge2e_ext::ge2e_forward_backward")
-    def _forward_backward_fake(embeddings, sums, w, b, speaker_offset, loss_method, min_cosine,
-                               scale, block_speakers=0, speaker_offsets=None, normalize=False):
-        rows = _rows_like(embeddings)
-        return (rows.new_empty(()), _top1_like(rows),
-                torch.empty_like(embeddings, memory_format=torch.contiguous_format),
-                _sums_grad_like(embeddings, sums, speaker_offsets), _scalar_like(embeddings, w),
-                _scalar_like(embeddings, b))
+    @_fake("ge2e_forward_backward")
+    def _forward_backward_fake(a):
+        return (_rows_like(a).new_empty(()), _top1_like(a), *_gradients_like(a))

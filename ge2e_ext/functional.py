@@ -433,9 +433,14 @@ def _compute(plan: _Plan) -> tuple[torch.Tensor, torch.Tensor]:
     scale = 1.0 / plan.total_utterances if plan.reduction == "mean" else 1.0
     offsets = plan.grouping.offsets if plan.grouping is not None else None
     if plan.use_extension:
-        return _ops.loss(plan.embeddings, plan.sums, plan.w, plan.b, plan.speaker_offset,
-                         plan.loss_method, plan.min_cosine, reduce, scale, 0, offsets,
-                         plan.op_normalizes)
+        problem = dict(embeddings=plan.embeddings, w=plan.w, b=plan.b,
+                       loss_method=plan.loss_method, min_cosine=plan.min_cosine,
+                       speaker_offsets=offsets, normalize=plan.op_normalizes)
+        if plan.sums is None:  # this call's speakers: the public op
+            return torch.ops.ge2e_ext.ge2e_loss(**problem, reduction=plan.reduction)
+        return torch.ops.ge2e_ext._ge2e_loss(**problem, sums=plan.sums,
+                                             speaker_offset=plan.speaker_offset,
+                                             scale=scale if reduce else None)
     rows, top1 = _torch_loss(plan.embeddings, plan.sums, plan.w, plan.b, plan.speaker_offset,
                              plan.loss_method, plan.min_cosine, plan.grouping, plan.return_top1)
     if not reduce:

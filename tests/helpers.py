@@ -7,6 +7,8 @@ skipped by pytest, which is the one skip style of the suite (plus the markers
 below for whole tests).
 """
 
+import contextlib
+
 import pytest
 import torch
 
@@ -70,11 +72,35 @@ def ge2e(backend, method="softmax", reduction="sum", min_cosine=1e-6, **kwargs):
     return fn
 
 
-def compiled_op(method="softmax", reduce=True, min_cosine=1e-6, block_speakers=0, scale=1.0):
-    """fn(x, w, b) calling the compiled op directly, with a chosen block size."""
+def problem(x, w, b, method="softmax", min_cosine=1e-6, *, sums=None, speaker_offset=0,
+            speaker_offsets=None, normalize=False):
+    """The arguments that describe a problem to the compiled ops
+    (GE2E_PROBLEM_ARGS in csrc/ge2e_schema.h), by name."""
+    return dict(embeddings=x, sums=sums, speaker_offset=speaker_offset, w=w, b=b,
+                loss_method=method, min_cosine=min_cosine, speaker_offsets=speaker_offsets,
+                normalize=normalize)
+
+
+@contextlib.contextmanager
+def blocks(block_speakers, ops=None):
+    """Every compiled call in the block sweeps blocks of block_speakers speakers
+    (> 0), or of -block_speakers rows (< 0); 0 is the automatic size. ops: the
+    library (torch.ops.ge2e_ext, or an emulation's)."""
+    ops = torch.ops.ge2e_ext if ops is None else ops
+    previous = ops._set_block_speakers(block_speakers)
+    try:
+        yield
+    finally:
+        ops._set_block_speakers(previous)
+
+
+def compiled_op(method="softmax", reduce=True, min_cosine=1e-6, scale=1.0, **problem_args):
+    """fn(x, w, b) calling the compiled op directly: the per-row losses, or scale
+    times their sum when reduce (problem_args: sums, speaker_offset, ...)."""
     def fn(x, w, b):
-        return ge2e_ext._ops.loss(x, None, w, b, 0, method, min_cosine, reduce, scale,
-                                  block_speakers)[0]
+        return torch.ops.ge2e_ext._ge2e_loss(**problem(x, w, b, method, min_cosine,
+                                                       **problem_args),
+                                             scale=scale if reduce else None)[0]
     return fn
 
 

@@ -7,8 +7,9 @@ import torch
 import ge2e_ext
 from ge2e_ext import _ops
 
-from helpers import (EXTENSION_DEVICES, LOSS_METHODS, assert_close_rel, compiled_op, ge2e, leaf,
-                     loss_and_grads, make_embeddings, make_scalars, needs_cpu_extension)
+from helpers import (EXTENSION_DEVICES, LOSS_METHODS, assert_close_rel, blocks, compiled_op, ge2e,
+                     leaf, loss_and_grads, make_embeddings, make_scalars, needs_cpu_extension,
+                     problem)
 
 
 def _inputs(n=3, m=3, d=5, seed=0, offset=0.0, device="cpu"):
@@ -39,7 +40,7 @@ def test_gradcheck_with_external_sums(device, method, reduce):
 
     def fn(x, others, w, b):
         sums = torch.cat([others[:1], x.sum(1), others[1:]])  # local speakers at rows 1, 2
-        return _ops.loss(x, sums, w, b, 1, method, 1e-6, reduce, 0.5)[0]
+        return compiled_op(method, reduce, scale=0.5, sums=sums, speaker_offset=1)(x, w, b)
 
     assert torch.autograd.gradcheck(fn, (x, others, w, b), eps=1e-6, atol=1e-7, rtol=1e-6)
 
@@ -50,26 +51,31 @@ def test_gradcheck_with_external_sums(device, method, reduce):
 def test_opcheck(device, method, with_sums):
     x, w, b = _inputs(n=4, m=2, d=6, seed=4, device=device)
     sums = x.detach().sum(1).requires_grad_() if with_sums else None
-    for reduce in (True, False):
-        torch.library.opcheck(torch.ops.ge2e_ext.ge2e_loss.default,
-                              (x, sums, w, b, 0, method, 1e-6, reduce, 1.0, 0))
-    plain = (x.detach(), None if sums is None else sums.detach(), w.detach(), b.detach())
+    for scale in (1.0, None):
+        torch.library.opcheck(torch.ops.ge2e_ext._ge2e_loss.default, (),
+                              dict(problem(x, w, b, method, sums=sums), scale=scale))
+    if sums is None:
+        for reduction in ("sum", "mean", "none"):
+            torch.library.opcheck(torch.ops.ge2e_ext.ge2e_loss.default, (x, w, b, method),
+                                  dict(reduction=reduction))
+    plain = problem(x.detach(), w.detach(), b.detach(), method,
+                    sums=None if sums is None else sums.detach())
     kernel_checks = ("test_schema", "test_faketensor")
-    torch.library.opcheck(torch.ops.ge2e_ext.ge2e_forward.default,
-                          plain + (0, method, 1e-6, 0), test_utils=kernel_checks)
-    torch.library.opcheck(torch.ops.ge2e_ext.ge2e_forward_backward.default,
-                          plain + (0, method, 1e-6, 1.0, 0), test_utils=kernel_checks)
-    loss, state, _ = torch.ops.ge2e_ext.ge2e_forward(*plain, 0, method, 1e-6)
-    torch.library.opcheck(torch.ops.ge2e_ext.ge2e_backward.default,
-                          (torch.ones_like(loss),) + plain + (state, 0, method, None, 0),
+    torch.library.opcheck(torch.ops.ge2e_ext.ge2e_forward.default, (), plain,
                           test_utils=kernel_checks)
+    torch.library.opcheck(torch.ops.ge2e_ext.ge2e_forward_backward.default, (),
+                          dict(plain, scale=1.0), test_utils=kernel_checks)
+    loss, state, _ = torch.ops.ge2e_ext.ge2e_forward(**plain)
+    torch.library.opcheck(torch.ops.ge2e_ext.ge2e_backward.default, (),
+                          dict(plain, min_cosine=None, grad_loss=torch.ones_like(loss),
+                               state=state), test_utils=kernel_checks)
 
 
 @pytest.mark.parametrize("device", EXTENSION_DEVICES)
 def test_kernel_ops_refuse_to_be_differentiated(device):
     """The kernel ops are ge2e_loss's building blocks, without autograd of their own."""
     x, w, b = _inputs(device=device)
-    loss, _, _ = torch.ops.ge2e_ext.ge2e_forward(x, None, w, b, 0, "softmax", 1e-6)
+    loss, _, _ = torch.ops.ge2e_ext.ge2e_forward(**problem(x, w, b))
     with pytest.raises(RuntimeError, match="not implemented|autograd"):
         loss.sum().backward()
 
@@ -215,7 +221,8 @@ def test_blocks_of_speakers_give_the_same_numbers(method, block, reduce):
     """The op processes speakers in blocks; any block size gives the same numbers."""
     x, w, b = _inputs(n=7, m=3, d=5, seed=11)
     whole = loss_and_grads(compiled_op(method, reduce), x, w, b)
-    blocked = loss_and_grads(compiled_op(method, reduce, block_speakers=block), x, w, b)
+    with blocks(block):
+        blocked = loss_and_grads(compiled_op(method, reduce), x, w, b)
     assert_close_rel(blocked[0], whole[0], 1e-13, "loss")
     for g, r in zip(blocked[1], whole[1]):
         assert_close_rel(g, r, 1e-13, "grad")

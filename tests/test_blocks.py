@@ -10,13 +10,18 @@ from hypothesis import strategies as st
 
 import ge2e_ext
 
-from helpers import (CPU_BACKENDS, LOSS_METHODS, assert_close_rel, largest_allocation, leaf,
-                     loss_and_grads, make_scalars, needs_cpu_extension)
+from helpers import (CPU_BACKENDS, LOSS_METHODS, assert_close_rel, blocks, compiled_op,
+                     largest_allocation, leaf, loss_and_grads, make_scalars, needs_cpu_extension,
+                     problem)
 
 # A dominant speaker among small ones: row budgets of 3, 7, 16 and 41 rows cut
 # it (and some small ones) in the middle; 80 takes every speaker whole.
 SIZES = [2, 40, 3, 5, 2, 9]
 ROW_BUDGETS = [3, 7, 16, 41, 80]
+
+
+def _forward_backward(**kwargs):
+    return torch.ops.ge2e_ext.ge2e_forward_backward(**kwargs)
 
 
 def _rows(sizes, d, seed, dtype=torch.float64):
@@ -26,9 +31,9 @@ def _rows(sizes, d, seed, dtype=torch.float64):
     return rows.to(dtype), offsets
 
 
-def _op(method, reduce, block, offsets, sums=None, offset=0):
-    return lambda x, w, b: ge2e_ext._ops.loss(x, sums, w, b, offset, method, 1e-6, reduce, 0.5,
-                                              block, offsets)[0]
+def _op(method, reduce, offsets, sums=None, offset=0):
+    return compiled_op(method, reduce, scale=0.5, sums=sums, speaker_offset=offset,
+                       speaker_offsets=offsets)
 
 
 @needs_cpu_extension
@@ -38,9 +43,9 @@ def _op(method, reduce, block, offsets, sums=None, offset=0):
 def test_blocks_that_split_a_speaker_give_the_one_block_result(method, reduce, rows_per_block):
     rows, offsets = _rows(SIZES, 6, seed=1)
     w, b = make_scalars()
-    whole = loss_and_grads(_op(method, reduce, 0, offsets), leaf(rows), w, b)
-    # block_speakers < 0: blocks of that many rows
-    split = loss_and_grads(_op(method, reduce, -rows_per_block, offsets), leaf(rows), w, b)
+    whole = loss_and_grads(_op(method, reduce, offsets), leaf(rows), w, b)
+    with blocks(-rows_per_block):  # < 0: blocks of that many rows
+        split = loss_and_grads(_op(method, reduce, offsets), leaf(rows), w, b)
     assert_close_rel(split[0], whole[0], 1e-13, "loss")
     for name, g, r in zip(("embeddings", "w", "b"), split[1], whole[1]):
         assert_close_rel(g, r, 1e-12, f"grad {name}")
@@ -63,8 +68,9 @@ def test_any_grouping_with_a_dominant_speaker_in_any_blocks(small, dominant, pos
     sizes = small[:position] + [dominant] + small[position:]
     rows, offsets = _rows(sizes, d, seed=seed)
     w, b = make_scalars()
-    whole = loss_and_grads(_op(method, False, 0, offsets), leaf(rows), w, b)
-    split = loss_and_grads(_op(method, False, -rows_per_block, offsets), leaf(rows), w, b)
+    whole = loss_and_grads(_op(method, False, offsets), leaf(rows), w, b)
+    with blocks(-rows_per_block):
+        split = loss_and_grads(_op(method, False, offsets), leaf(rows), w, b)
     assert_close_rel(split[0], whole[0], 1e-12, "losses")
     for name, g, r in zip(("embeddings", "w", "b"), split[1], whole[1]):
         assert_close_rel(g, r, 1e-11, f"grad {name}")
@@ -86,9 +92,9 @@ def test_split_blocks_of_the_dense_form_and_with_given_sums(method):
     x = torch.randn(4, 5, 7, generator=g, dtype=torch.float64) + 0.3
     w, b = make_scalars()
     for block in (-3, -4, -6):
-        whole = torch.ops.ge2e_ext.ge2e_forward_backward(x, None, w, b, 0, method, 1e-6, 1.0, 0)
-        split = torch.ops.ge2e_ext.ge2e_forward_backward(x, None, w, b, 0, method, 1e-6, 1.0,
-                                                          block)
+        whole = _forward_backward(**problem(x, w, b, method), scale=1.0)
+        with blocks(block):
+            split = _forward_backward(**problem(x, w, b, method), scale=1.0)
         for name, s, r in zip(("loss", "top1", "embeddings", "sums", "w", "b"), split, whole):
             if name != "sums":
                 assert_close_rel(s, r, 1e-12, f"block {block}: {name}")
@@ -97,10 +103,12 @@ def test_split_blocks_of_the_dense_form_and_with_given_sums(method):
                       torch.stack([rows[offsets[j]:offsets[j + 1]].sum(0)
                                    for j in range(len(SIZES))]),
                       torch.randn(1, 6, generator=g, dtype=torch.float64)])
-    args = (sums, w, b, 2, method, 1e-6, 1.0)
-    whole = torch.ops.ge2e_ext.ge2e_forward_backward(rows, *args, 0, offsets)
+    args = dict(problem(rows, w, b, method, sums=sums, speaker_offset=2, speaker_offsets=offsets),
+                scale=1.0)
+    whole = _forward_backward(**args)
     for block in (-5, -17):
-        split = torch.ops.ge2e_ext.ge2e_forward_backward(rows, *args, block, offsets)
+        with blocks(block):
+            split = _forward_backward(**args)
         for name, s, r in zip(("loss", "top1", "embeddings", "sums", "w", "b"), split, whole):
             assert_close_rel(s, r, 1e-12, f"block {block}: {name}")
 
@@ -112,10 +120,10 @@ def test_split_blocks_in_float32_and_half_precision(dtype):
     buffer): a split speaker's rows get their gradient in two stores."""
     rows, offsets = _rows(SIZES, 20, seed=4, dtype=dtype)
     w, b = make_scalars(dtype=torch.float32)
-    whole = torch.ops.ge2e_ext.ge2e_forward_backward(rows, None, w, b, 0, "softmax", 1e-6, 1.0, 0,
-                                                      offsets)
-    split = torch.ops.ge2e_ext.ge2e_forward_backward(rows, None, w, b, 0, "softmax", 1e-6, 1.0,
-                                                      -7, offsets)
+    args = dict(problem(rows, w, b, speaker_offsets=offsets), scale=1.0)
+    whole = _forward_backward(**args)
+    with blocks(-7):
+        split = _forward_backward(**args)
     tol = 1e-5 if dtype == torch.float32 else 2 * torch.finfo(dtype).eps
     for name, s, r in zip(("loss", "top1", "embeddings", "sums", "w", "b"), split, whole):
         if name != "sums":

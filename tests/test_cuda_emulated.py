@@ -14,8 +14,8 @@ import pathlib
 import pytest
 import torch
 
-from helpers import (LOSS_METHODS, assert_close_rel, make_embeddings, make_scalars,
-                     needs_cpu_extension)
+from helpers import (LOSS_METHODS, assert_close_rel, blocks, make_embeddings, make_scalars,
+                     needs_cpu_extension, problem)
 from test_top1 import _argmax_top1, _tied_batch
 
 HERE = pathlib.Path(__file__).parent
@@ -48,18 +48,17 @@ def _all_ops(ops, x, method, min_cosine, sums=None, offset=0, block=0, w=3.0, b=
     """Every op of a library on one input: forward, backward, forward_backward
     (or forward_backward's outputs alone)."""
     w, b = _scalars(x, w, b)
-    if fused_only:
-        return ops.ge2e_forward_backward(x, sums, w, b, offset, method, min_cosine, scale, block,
-                                         speaker_offsets)
-    acc = w.dtype
-    rows = x.shape[:1] if speaker_offsets is not None else x.shape[:2]
-    grad = torch.randn(rows, dtype=acc, generator=torch.Generator().manual_seed(1))
-    loss, state, top1 = ops.ge2e_forward(x, sums, w, b, offset, method, min_cosine, block,
-                                         speaker_offsets)
-    backward = ops.ge2e_backward(grad, x, sums, w, b, state, offset, method, min_cosine,
-                                 block, speaker_offsets)
-    fused = ops.ge2e_forward_backward(x, sums, w, b, offset, method, min_cosine, scale, block,
-                                      speaker_offsets)
+    args = problem(x, w, b, method, min_cosine, sums=sums, speaker_offset=offset,
+                   speaker_offsets=speaker_offsets)
+    with blocks(block, ops):
+        if fused_only:
+            return ops.ge2e_forward_backward(**args, scale=scale)
+        acc = w.dtype
+        rows = x.shape[:1] if speaker_offsets is not None else x.shape[:2]
+        grad = torch.randn(rows, dtype=acc, generator=torch.Generator().manual_seed(1))
+        loss, state, top1 = ops.ge2e_forward(**args)
+        backward = ops.ge2e_backward(**args, grad_loss=grad, state=state)
+        fused = ops.ge2e_forward_backward(**args, scale=scale)
     return loss, state, backward, fused, top1
 
 
@@ -373,17 +372,19 @@ def test_a_training_step_is_at_most_four_kernel_launches(emulated, method):
     scalars folded into the last launch."""
     x = make_embeddings(64, 10, 32, seed=10, dtype=torch.float32, requires_grad=False)
     w, b = _scalars(x, 10.0, -5.0)
+    args = problem(x, w, b, method)
     emulated.kernel_launches()  # reset
-    emulated.ge2e_forward_backward(x, None, w, b, 0, method, 1e-6, 1.0, 0)
+    emulated.ge2e_forward_backward(**args, scale=1.0)
     assert emulated.kernel_launches() == STEP_LAUNCHES[method] <= 4
     # The backward op (the unfused autograd path): the same launches.
-    loss, state, _ = emulated.ge2e_forward(x, None, w, b, 0, method, 1e-6, 0)
+    loss, state, _ = emulated.ge2e_forward(**args)
     assert emulated.kernel_launches() == 2  # inference: statistics and rows
-    emulated.ge2e_backward(torch.ones_like(loss), x, None, w, b, state, 0, method, 1e-6, 0)
+    emulated.ge2e_backward(**args, grad_loss=torch.ones_like(loss), state=state)
     assert emulated.kernel_launches() == STEP_LAUNCHES[method]
     # Several blocks (forced: 16 speakers each): rows, (sparse,) row gradients per
     # block, then one pass that folds dLoss/ds into the rows and carries the finish.
-    emulated.ge2e_forward_backward(x, None, w, b, 0, method, 1e-6, 1.0, 16)
+    with blocks(16, emulated):
+        emulated.ge2e_forward_backward(**args, scale=1.0)
     assert emulated.kernel_launches() == 1 + 4 * (STEP_LAUNCHES[method] - 1) + 1
 
 
@@ -454,7 +455,7 @@ def test_products_in_ieee_float32_whatever_allow_tf32(emulated, method, setting)
         elif setting == "high":
             torch.set_float32_matmul_precision("high")
         chosen = _matmul_settings()
-        emulated.ge2e_forward_backward(x, None, w, b, 0, method, 1e-6, 1.0, 0)
+        emulated.ge2e_forward_backward(**problem(x, w, b, method), scale=1.0)
         # "none" is ATen's default: no reduced precision was asked for.
         allowed = ("ieee", "none") if setting == "default" else ("ieee",)
         assert emulated.matmul_precision_at_rows() in allowed
@@ -511,12 +512,11 @@ def test_the_cuda_kernels_normalise_alike(emulated):
         for method in LOSS_METHODS:
             results = []
             for ops in (emulated, torch.ops.ge2e_ext):
-                loss, state, top1 = ops.ge2e_forward(inputs, None, w, b, 0, method, 1e-6, 0,
-                                                     speaker_offsets, True)
-                grads = ops.ge2e_backward(torch.ones_like(loss), inputs, None, w, b, state, 0,
-                                          method, 1e-6, 0, speaker_offsets, True)
-                fused = ops.ge2e_forward_backward(inputs, None, w, b, 0, method, 1e-6, 1.0, 0,
-                                                  speaker_offsets, True)
+                args = problem(inputs, w, b, method, speaker_offsets=speaker_offsets,
+                               normalize=True)
+                loss, state, top1 = ops.ge2e_forward(**args)
+                grads = ops.ge2e_backward(**args, grad_loss=torch.ones_like(loss), state=state)
+                fused = ops.ge2e_forward_backward(**args, scale=1.0)
                 results.append((loss, grads[0], grads[2], fused[0], fused[2], fused[4]))
             for name, e, c in zip(("loss", "grad", "grad w", "fused loss", "fused grad",
                                    "fused grad w"), *results):
@@ -531,6 +531,7 @@ def test_the_cuda_kernels_break_ties_alike(emulated):
         x = _tied_batch(seed)
         expected = _argmax_top1(x, min_cosine=0.5)
         for method in LOSS_METHODS:
-            _, _, top1 = emulated.ge2e_forward(x, None, w, b, 0, method, 0.5, 0)
-            fused = emulated.ge2e_forward_backward(x, None, w, b, 0, method, 0.5, 1.0, 0)
+            args = problem(x, w, b, method, 0.5)
+            _, _, top1 = emulated.ge2e_forward(**args)
+            fused = emulated.ge2e_forward_backward(**args, scale=1.0)
             assert torch.equal(top1, expected) and torch.equal(fused[1], expected), (seed, method)

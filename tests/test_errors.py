@@ -6,7 +6,7 @@ import torch
 import ge2e_ext
 from ge2e_ext import _ops
 
-from helpers import CPU_BACKENDS, needs_cpu_extension
+from helpers import (CPU_BACKENDS, needs_cpu_extension, problem)
 
 GOOD = torch.randn(3, 2, 4)
 
@@ -109,7 +109,10 @@ def test_meta_embeddings_with_the_extension_backend_say_what_is_wrong():
 class TestOpChecks:
     """Direct calls of torch.ops.ge2e_ext.* are checked in C++ as well."""
 
-    op = staticmethod(lambda *a: torch.ops.ge2e_ext.ge2e_forward(*a))
+    @staticmethod
+    def op(x, sums, w, b, speaker_offset, method, min_cosine):
+        return torch.ops.ge2e_ext.ge2e_forward(**problem(x, w, b, method, min_cosine, sums=sums,
+                                                         speaker_offset=speaker_offset))
 
     def test_wrong_scalar_dtype(self):
         with pytest.raises(TypeError,
@@ -141,7 +144,7 @@ class TestOpChecks:
         _, state, _ = self.op(GOOD, None, w, b, 0, "contrast", 1e-6)
         # out of range, negative, the own speaker of row 0, not a whole number, NaN
         for bad in (7, -1, 0, 0.5, float("nan")):
-            grads = torch.ops.ge2e_ext.ge2e_backward(torch.ones(3, 2), GOOD, None, w, b,
-                                                     torch.full_like(state, bad), 0,
-                                                     "contrast", 1e-6)
+            grads = torch.ops.ge2e_ext.ge2e_backward(**problem(GOOD, w, b, "contrast"),
+                                                     grad_loss=torch.ones(3, 2),
+                                                     state=torch.full_like(state, bad))
             assert torch.isnan(grads[0][0]).all() and torch.isnan(grads[2])

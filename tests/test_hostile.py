@@ -25,7 +25,7 @@ import ge2e_ext
 from ge2e_ext.reference import ge2e_loss_reference
 
 from helpers import (CPU_BACKENDS, LOSS_METHODS, assert_close_rel, assert_no_worse_than_torch,
-                     make_embeddings, needs_cpu_extension)
+                     blocks, make_embeddings, needs_cpu_extension, problem)
 
 HERE = pathlib.Path(__file__).parent
 INT64_MAX = 2**63 - 1
@@ -45,17 +45,17 @@ def _scalars(dtype, w=10.0, b=-5.0):
 def _fused(ops, x, method, w=10.0, b=-5.0, min_cosine=1e-6):
     """The fused op's (loss, grad_embeddings, grad_w) of a library (CPU or emulated)."""
     wt, bt = _scalars(x.dtype, w, b)
-    loss, _, grad, _, grad_w, _ = ops.ge2e_forward_backward(x, None, wt, bt, 0, method, min_cosine,
-                                                         1.0, 0)
+    loss, _, grad, _, grad_w, _ = ops.ge2e_forward_backward(
+        **problem(x, wt, bt, method, min_cosine), scale=1.0)
     return loss, grad, grad_w
 
 
 def _rows_backward(ops, x, method, w=10.0, b=-5.0, min_cosine=1e-6):
     """The per-row forward and backward ops (upstream gradient 1 on every row)."""
     wt, bt = _scalars(x.dtype, w, b)
-    loss, state, _ = ops.ge2e_forward(x, None, wt, bt, 0, method, min_cosine, 0)
-    grads = ops.ge2e_backward(torch.ones_like(loss), x, None, wt, bt, state, 0, method,
-                              min_cosine, 0)
+    args = problem(x, wt, bt, method, min_cosine)
+    loss, state, _ = ops.ge2e_forward(**args)
+    grads = ops.ge2e_backward(**args, grad_loss=torch.ones_like(loss), state=state)
     return loss.sum(), grads[0], grads[2]
 
 
@@ -79,38 +79,32 @@ class TestIntegerArguments:
     @pytest.mark.parametrize("op", ["forward", "forward_backward", "loss"])
     def test_speaker_offset_out_of_range_is_a_value_error(self, offset, op):
         sums = torch.randn(4, 4, dtype=torch.float64)
+        args = problem(self.x, self.w, self.b, sums=sums, speaker_offset=offset)
         call = {
-            "forward": lambda: torch.ops.ge2e_ext.ge2e_forward(self.x, sums, self.w, self.b,
-                                                               offset, "softmax", 1e-6),
-            "forward_backward": lambda: torch.ops.ge2e_ext.ge2e_forward_backward(
-                self.x, sums, self.w, self.b, offset, "softmax", 1e-6, 1.0),
-            "loss": lambda: torch.ops.ge2e_ext.ge2e_loss(self.x, sums, self.w, self.b, offset,
-                                                         "softmax", 1e-6, True, 1.0),
+            "forward": lambda: torch.ops.ge2e_ext.ge2e_forward(**args),
+            "forward_backward": lambda: torch.ops.ge2e_ext.ge2e_forward_backward(**args,
+                                                                                 scale=1.0),
+            "loss": lambda: torch.ops.ge2e_ext._ge2e_loss(**args, scale=1.0),
         }[op]
         with pytest.raises(ValueError, match="speaker_offset"):
             call()
 
     def test_the_largest_valid_offset_is_accepted(self):
         sums = torch.cat([torch.randn(2, 4, dtype=torch.float64), self.x.sum(1)])
-        loss, _, _ = torch.ops.ge2e_ext.ge2e_forward(self.x, sums, self.w, self.b, 2, "softmax",
-                                                  1e-6)
+        loss, _, _ = torch.ops.ge2e_ext.ge2e_forward(**problem(self.x, self.w, self.b, sums=sums,
+                                                               speaker_offset=2))
         assert torch.isfinite(loss).all()
 
     @pytest.mark.parametrize("block", [-INT64_MAX - 1])
     def test_negative_block_speakers_is_a_value_error(self, block):
-        for call in (
-            lambda: torch.ops.ge2e_ext.ge2e_forward(self.x, None, self.w, self.b, 0, "softmax",
-                                                    1e-6, block),
-            lambda: torch.ops.ge2e_ext.ge2e_forward_backward(self.x, None, self.w, self.b, 0,
-                                                             "softmax", 1e-6, 1.0, block),
-        ):
-            with pytest.raises(ValueError, match="block_speakers"):
-                call()
+        with pytest.raises(ValueError, match="block_speakers"):
+            torch.ops.ge2e_ext._set_block_speakers(block)
+        assert torch.ops.ge2e_ext._set_block_speakers(0) == 0  # the setting was left alone
 
     @pytest.mark.parametrize("block", [INT64_MAX, 1, -1, -INT64_MAX])
     def test_any_positive_block_size_works(self, block):
-        loss, _, _ = torch.ops.ge2e_ext.ge2e_forward(self.x, None, self.w, self.b, 0, "softmax",
-                                                  1e-6, block)
+        with blocks(block):
+            loss, _, _ = torch.ops.ge2e_ext.ge2e_forward(**problem(self.x, self.w, self.b))
         ref = ge2e_ext.ge2e_loss(self.x, 10.0, -5.0, reduction="none", backend="torch")
         assert_close_rel(loss, ref, 1e-12, "loss")
 
@@ -125,18 +119,18 @@ class TestIntegerArguments:
     def test_bad_speaker_offsets_are_a_value_error(self, offsets):
         rows = torch.randn(6, 4, dtype=torch.float64)
         o = torch.tensor(offsets, dtype=torch.int64)
+        args = problem(rows, self.w, self.b, speaker_offsets=o)
         with pytest.raises(ValueError, match="speaker_offsets"):
-            torch.ops.ge2e_ext.ge2e_forward(rows, None, self.w, self.b, 0, "softmax", 1e-6, 0, o)
+            torch.ops.ge2e_ext.ge2e_forward(**args)
         with pytest.raises(ValueError, match="speaker_offsets"):
-            torch.ops.ge2e_ext.ge2e_forward_backward(rows, None, self.w, self.b, 0, "softmax",
-                                                     1e-6, 1.0, 0, o)
+            torch.ops.ge2e_ext.ge2e_forward_backward(**args, scale=1.0)
 
     def test_bad_state_shape_is_a_value_error(self):
-        loss, state, _ = torch.ops.ge2e_ext.ge2e_forward(self.x, None, self.w, self.b, 0,
-                                                      "softmax", 1e-6)
+        args = problem(self.x, self.w, self.b)
+        loss, state, _ = torch.ops.ge2e_ext.ge2e_forward(**args)
         with pytest.raises(ValueError, match="state"):
-            torch.ops.ge2e_ext.ge2e_backward(torch.ones_like(loss), self.x, None, self.w, self.b,
-                                             state[..., :1], 0, "softmax", 1e-6)
+            torch.ops.ge2e_ext.ge2e_backward(**args, grad_loss=torch.ones_like(loss),
+                                             state=state[..., :1])
 
 
 # ------------------------------------------------------------- 2. large w
@@ -302,7 +296,8 @@ def test_given_sums_at_any_scale(method):
     def run(scale_x, scale_others):
         xx = x * scale_x
         sums = torch.cat([others[:1] * scale_others, xx.sum(1), others[1:] * scale_others])
-        out = torch.ops.ge2e_ext.ge2e_forward_backward(xx, sums, w, b, 1, method, 1e-6, 1.0)
+        out = torch.ops.ge2e_ext.ge2e_forward_backward(
+            **problem(xx, w, b, method, sums=sums, speaker_offset=1), scale=1.0)
         return out[0], out[2] * scale_x, out[3] * torch.tensor(
             [scale_others, scale_x, scale_x, scale_others], dtype=torch.float64).unsqueeze(1)
 

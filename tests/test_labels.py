@@ -9,8 +9,8 @@ import ge2e_ext
 from ge2e_ext.methods import METHODS
 
 from helpers import (CPU_BACKENDS, DEVICE_BACKENDS, EXTENSION_DEVICES, LOSS_METHODS,
-                     assert_close_rel, ge2e,
-                     leaf, loss_and_grads, make_embeddings, make_scalars, needs_cpu_extension)
+                     assert_close_rel, blocks, compiled_op, ge2e, leaf, loss_and_grads,
+                     make_embeddings, make_scalars, needs_cpu_extension, problem)
 
 
 def loop_reference(rows, labels, w, b, method, min_cosine=1e-6):
@@ -171,9 +171,9 @@ def test_opcheck_with_speaker_offsets(device, method):
     rows = leaf(rows)
     offsets = torch.tensor([0, 2, 5, 9], device=device)
     w, b = make_scalars(device=device)
-    for reduce in (True, False):
-        torch.library.opcheck(torch.ops.ge2e_ext.ge2e_loss.default,
-                              (rows, None, w, b, 0, method, 1e-6, reduce, 1.0, 0, offsets))
+    for reduction in ("sum", "mean", "none"):
+        torch.library.opcheck(torch.ops.ge2e_ext.ge2e_loss.default, (rows, w, b, method),
+                              dict(reduction=reduction, speaker_offsets=offsets))
 
 
 @needs_cpu_extension
@@ -187,12 +187,10 @@ def test_blocks_of_unequal_speakers(method, block, reduce):
                             generator=torch.Generator().manual_seed(10)))
     w, b = make_scalars()
 
-    def op(block_speakers):
-        return lambda x, w, b: ge2e_ext._ops.loss(x, None, w, b, 0, method, 1e-6, reduce, 1.0,
-                                                  block_speakers, offsets)[0]
-
-    whole = loss_and_grads(op(0), rows, w, b)
-    blocked = loss_and_grads(op(block), rows, w, b)
+    op = compiled_op(method, reduce, speaker_offsets=offsets)
+    whole = loss_and_grads(op, rows, w, b)
+    with blocks(block):
+        blocked = loss_and_grads(op, rows, w, b)
     assert_close_rel(blocked[0], whole[0], 1e-13, "loss")
     for g, r in zip(blocked[1], whole[1]):
         assert_close_rel(g, r, 1e-13, "grad")
@@ -203,11 +201,11 @@ def test_bad_offsets_of_a_direct_op_call_are_errors():
     rows = torch.randn(6, 4)
     w, b = torch.tensor(1.0), torch.tensor(0.0)
     with pytest.raises(ValueError, match="speaker 1 has 1"):
-        torch.ops.ge2e_ext.ge2e_forward(rows, None, w, b, 0, "softmax", 1e-6, 0,
-                                        torch.tensor([0, 3, 4, 6]))
+        torch.ops.ge2e_ext.ge2e_forward(**problem(rows, w, b,
+                                                  speaker_offsets=torch.tensor([0, 3, 4, 6])))
     with pytest.raises(ValueError, match="from 0 to B = 6"):
-        torch.ops.ge2e_ext.ge2e_forward(rows, None, w, b, 0, "softmax", 1e-6, 0,
-                                        torch.tensor([0, 3, 5]))
+        torch.ops.ge2e_ext.ge2e_forward(**problem(rows, w, b,
+                                                  speaker_offsets=torch.tensor([0, 3, 5])))
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import ge2e_ext
-from helpers import (LOSS_METHODS, assert_close_rel, make_embeddings, make_scalars,
+from helpers import (LOSS_METHODS, assert_close_rel, compiled_op, make_embeddings, make_scalars,
                      needs_cpu_extension)
 
 BACKENDS = ["torch", pytest.param("extension", marks=needs_cpu_extension)]
@@ -95,7 +95,7 @@ def test_gradcheck(method, reduce):
     w, b = make_scalars()
 
     def fn(x, w, b):
-        return ge2e_ext._ops.loss(x, None, w, b, 0, method, 1e-6, reduce, 0.5, 0, None, True)[0]
+        return compiled_op(method, reduce, scale=0.5, normalize=True)(x, w, b)
 
     assert torch.autograd.gradcheck(fn, (x.detach().requires_grad_(True), w, b), eps=1e-6,
                                     atol=1e-7, rtol=1e-6)

@@ -17,8 +17,8 @@ import ge2e_ext
 from ge2e_ext.reference import ge2e_loss_reference
 
 from helpers import (DEVICE_BACKENDS, EXTENSION_DEVICES, LOSS_METHODS, assert_close_rel,
-                     assert_no_worse_than_torch,
-                     ge2e, leaf, loss_and_grads, make_scalars, norm_error, relative_error)
+                     assert_no_worse_than_torch, ge2e, leaf, loss_and_grads, make_scalars,
+                     norm_error, problem, relative_error)
 
 
 def clustered(n, m, d, spread, seed, orthogonal=False):
@@ -255,8 +255,8 @@ def test_contrast_hardest_impostor_is_chosen_before_rounding(device):
         cos = cos.clamp(min=1e-6)
         cos[torch.arange(4), :, torch.arange(4)] = -2.0  # the own speaker is no impostor
     scalar = dict(dtype=torch.float64, device=device)
-    _, state, _ = torch.ops.ge2e_ext.ge2e_forward(x.to(device), None, torch.tensor(w, **scalar),
-                                               torch.tensor(b, **scalar), 0, "contrast", 1e-6)
+    _, state, _ = torch.ops.ge2e_ext.ge2e_forward(**problem(
+        x.to(device), torch.tensor(w, **scalar), torch.tensor(b, **scalar), "contrast"))
     assert torch.equal(state[..., 0].cpu().long(), cos.argmax(-1))  # contrast state: hardest
     _, grads = loss_and_grads(ge2e("extension", "contrast"), leaf(x.to(device)),
                               *make_scalars(w, b, device=device))

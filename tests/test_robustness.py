@@ -9,7 +9,7 @@ from ge2e_ext.reference import ge2e_loss_reference
 
 from helpers import (DEVICE_BACKENDS, EXTENSION_DEVICES, LOSS_METHODS, assert_close_rel, ge2e,
                      largest_allocation, leaf, loss_and_grads, make_embeddings, make_scalars,
-                     needs_cpu_extension, needs_cuda)
+                     needs_cpu_extension, needs_cuda, problem)
 
 
 @pytest.mark.parametrize("device, backend", DEVICE_BACKENDS)
@@ -81,9 +81,8 @@ def test_hardest_impostor_ties_go_to_the_lowest_index(device):
     x = make_embeddings(3, 2, 4, seed=12, offset=1.0, requires_grad=False)
     x[2] = x[1]  # speakers 1 and 2 are the same
     scalar = dict(dtype=torch.float64, device=device)
-    rows, state, _ = torch.ops.ge2e_ext.ge2e_forward(
-        x.to(device), None, torch.tensor(10.0, **scalar), torch.tensor(-5.0, **scalar), 0,
-        "contrast", 1e-6)
+    rows, state, _ = torch.ops.ge2e_ext.ge2e_forward(**problem(
+        x.to(device), torch.tensor(10.0, **scalar), torch.tensor(-5.0, **scalar), "contrast"))
     assert state[0, :, 0].tolist() == [1, 1]  # the contrast state: the hardest impostor
     ref = ge2e_loss_reference(x, 10.0, -5.0, "contrast").sum()
     assert_close_rel(rows.sum(), ref, 1e-12, "loss")
@@ -159,7 +158,7 @@ def test_cuda_embeddings_with_a_cpu_module_and_mismatched_devices():
     assert loss.device.type == "cuda"
     w = torch.tensor(10.0, device="cuda")
     with pytest.raises(RuntimeError, match="sums are on cpu"):
-        torch.ops.ge2e_ext.ge2e_forward(x, torch.randn(4, 8), w, w, 0, "softmax", 1e-6)
+        torch.ops.ge2e_ext.ge2e_forward(**problem(x, w, w, sums=torch.randn(4, 8)))
 
 
 @needs_cuda

@@ -1,4 +1,4 @@
-// The autograd of ge2e_loss, in C++ (as torchvision's csrc/ops/autograd/),
+// The autograd of _ge2e_loss, in C++ (as torchvision's csrc/ops/autograd/),
 // for every device.
 //
 // A reduced loss ("sum", "mean") has one upstream gradient for every row, so
@@ -77,175 +77,177 @@ at::Tensor savable(const at::Tensor& t) {
   return t.defined() && t.is_inference() ? t.clone() : t;
 }
 
-// Input slots of ge2e_loss: embeddings, sums, w, b, speaker_offset, loss_method,
-// min_cosine, reduce/scale..., block_speakers, speaker_offsets, normalize.
-constexpr size_t kReducedInputs = 11;
-constexpr size_t kRowInputs = 10;
-const char* const kGradientKeys[4] = {"grad_embeddings", "grad_sums", "grad_w", "grad_b"};
+// Saving a problem's arguments for the backward: its tensors through
+// save_for_backward (an absent optional as an undefined tensor), the rest in
+// saved_data under the argument's name (any type an IValue holds).
+void save_arg(AutogradContext*, variable_list& tensors, const char*, const at::Tensor& t) {
+  tensors.push_back(savable(t));
+}
+void save_arg(AutogradContext*, variable_list& tensors, const char*,
+              const c10::optional<at::Tensor>& t) {
+  tensors.push_back(savable(t.value_or(at::Tensor())));
+}
+template <class T>
+void save_arg(AutogradContext* ctx, variable_list&, const char* name, const T& value) {
+  ctx->saved_data[name] = value;
+}
 
-// A reduced loss ("sum", "mean"). The forward computes the loss and its
-// gradients in one sweep; the first backward hands those gradients out,
+void load_arg(AutogradContext*, const variable_list& saved, size_t& next, const char*,
+              at::Tensor& t) {
+  t = saved[next++];
+}
+void load_arg(AutogradContext*, const variable_list& saved, size_t& next, const char*,
+              c10::optional<at::Tensor>& t) {
+  const at::Tensor& held = saved[next++];
+  t = held.defined() ? c10::optional<at::Tensor>(held) : c10::nullopt;
+}
+template <class T>
+void load_arg(AutogradContext* ctx, const variable_list&, size_t&, const char* name, T& value) {
+  value = ctx->saved_data[name].to<T>();
+}
+
+#define GE2E_SAVE_ARG_(name, schema, param, stored) save_arg(ctx, tensors, #name, args.name);
+#define GE2E_LOAD_ARG_(name, schema, param, stored) \
+  load_arg(ctx, saved, next, #name, args.name);
+
+// Saves args (and then `extra` tensors) for the backward.
+void save_problem(AutogradContext* ctx, const ProblemArgs& args, variable_list extra = {}) {
+  variable_list tensors;
+  GE2E_PROBLEM_ARGS(GE2E_SAVE_ARG_, GE2E_NOTHING_)
+  for (auto& t : extra) tensors.push_back(std::move(t));
+  ctx->save_for_backward(tensors);
+}
+
+// The arguments save_problem saved; `extra` receives the tensors saved after them.
+ProblemArgs load_problem(AutogradContext* ctx, variable_list* extra = nullptr) {
+  const variable_list saved = ctx->get_saved_variables();
+  ProblemArgs args;
+  size_t next = 0;
+  GE2E_PROBLEM_ARGS(GE2E_LOAD_ARG_, GE2E_NOTHING_)
+  if (extra != nullptr) extra->assign(saved.begin() + next, saved.end());
+  return args;
+}
+
+// The gradients of a loss op's differentiable inputs (embeddings, sums, w, b:
+// the arguments of apply below), then none for the rest (args, scale).
+constexpr size_t kDifferentiable = 4;
+constexpr size_t kLossInputs = kDifferentiable + 2;
+const char* const kGradientKeys[kDifferentiable] = {"grad_embeddings", "grad_sums", "grad_w",
+                                                    "grad_b"};
+
+// What a create_graph backward depends on: the upstream gradient and the inputs.
+variable_list backward_inputs(const at::Tensor& grad_loss, const ProblemArgs& args) {
+  return {grad_loss, args.embeddings, args.sums.value_or(at::Tensor()), args.w, args.b};
+}
+
+// A reduced loss (a scale: "sum", "mean"). The forward computes the loss and
+// its gradients in one sweep; the first backward hands those gradients out,
 // released from the saved state and scaled in place by the upstream scalar,
 // so the caller owns them (no alias of anything autograd keeps) and the peak
 // stays one gradient. A second backward of a retained graph recomputes them
 // (one more forward_backward sweep) from the saved inputs.
 // Python shows this node as Ge2eLossBackward0 (register_python_node_names).
+// The differentiable tensors come first, apart, so that autograd sees them;
+// args holds them too, with everything else.
 class ReducedLoss : public torch::autograd::Function<ReducedLoss> {
  public:
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& embeddings,
-                               const c10::optional<at::Tensor>& sums, const at::Tensor& w,
-                               const at::Tensor& b, int64_t speaker_offset,
-                               c10::string_view loss_method, c10::optional<double> min_cosine,
-                               double scale, int64_t block_speakers,
-                               const c10::optional<at::Tensor>& speaker_offsets,
-                               bool normalize) {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor&,
+                               const c10::optional<at::Tensor>&, const at::Tensor&,
+                               const at::Tensor&, const ProblemArgs& args, double scale) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [loss, top1, grad_embeddings, grad_sums, grad_w, grad_b] =
-        ops::forward_backward(embeddings, sums, w, b, speaker_offset, loss_method, min_cosine,
-                              scale, block_speakers, speaker_offsets, normalize);
+        ops::forward_backward(args, scale);
     // The inputs are kept for a retained second backward (and for a
     // create_graph backward to depend on).
-    ctx->save_for_backward({savable(embeddings), savable(sums.value_or(at::Tensor())),
-                            savable(w), savable(b), speaker_offsets.value_or(at::Tensor())});
+    save_problem(ctx, args);
     ctx->saved_data["grad_embeddings"] = grad_embeddings;
-    ctx->saved_data["grad_sums"] = sums.has_value() ? grad_sums : at::Tensor();
+    ctx->saved_data["grad_sums"] = args.sums.has_value() ? grad_sums : at::Tensor();
     ctx->saved_data["grad_w"] = grad_w;
     ctx->saved_data["grad_b"] = grad_b;
     ctx->saved_data["handed_out"] = false;
-    ctx->saved_data["speaker_offset"] = speaker_offset;
-    ctx->saved_data["loss_method"] = std::string(loss_method);
-    ctx->saved_data["min_cosine"] = min_cosine;
     ctx->saved_data["scale"] = scale;
-    ctx->saved_data["block_speakers"] = block_speakers;
-    ctx->saved_data["normalize"] = normalize;
     ctx->mark_non_differentiable({top1});
     return {loss, top1};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    const auto saved = ctx->get_saved_variables();
+    const ProblemArgs args = load_problem(ctx);
     const at::Tensor& grad_loss = grad_outputs[0];
-    variable_list gradients(kReducedInputs);
+    variable_list gradients(kLossInputs);
     if (grad_loss.defined()) {
       if (!ctx->saved_data["handed_out"].toBool()) {
-        for (size_t i = 0; i < 4; ++i) {
+        for (size_t i = 0; i < kDifferentiable; ++i) {
           at::IValue& held = ctx->saved_data[kGradientKeys[i]];
           if (held.isTensor()) gradients[i] = held.toTensor();
           held = at::IValue();  // released: the caller's reference is the only one
         }
         ctx->saved_data["handed_out"] = true;
       } else {
-        const c10::optional<at::Tensor> sums =
-            saved[1].defined() ? c10::optional<at::Tensor>(saved[1]) : c10::nullopt;
-        const c10::optional<at::Tensor> speaker_offsets =
-            saved[4].defined() ? c10::optional<at::Tensor>(saved[4]) : c10::nullopt;
         at::AutoDispatchBelowADInplaceOrView below_autograd;
         at::NoGradGuard no_grad;
-        auto recomputed = ops::forward_backward(
-            saved[0], sums, saved[2], saved[3], ctx->saved_data["speaker_offset"].toInt(),
-            ctx->saved_data["loss_method"].toStringRef(),
-            ctx->saved_data["min_cosine"].toOptional<double>(),
-            ctx->saved_data["scale"].toDouble(), ctx->saved_data["block_speakers"].toInt(),
-            speaker_offsets, ctx->saved_data["normalize"].toBool());
+        auto recomputed = ops::forward_backward(args, ctx->saved_data["scale"].toDouble());
         gradients[0] = std::get<2>(recomputed);
-        gradients[1] = sums.has_value() ? std::get<3>(recomputed) : at::Tensor();
+        gradients[1] = args.sums.has_value() ? std::get<3>(recomputed) : at::Tensor();
         gradients[2] = std::get<4>(recomputed);
         gradients[3] = std::get<5>(recomputed);
       }
       if (!is_plain_cpu_one(grad_loss)) {
         at::NoGradGuard no_grad;  // a create_graph backward is tied below instead
-        for (size_t i = 0; i < 4; ++i) {
+        for (size_t i = 0; i < kDifferentiable; ++i) {
           if (gradients[i].defined()) gradients[i].mul_(grad_loss);
         }
       }
     }
-    return finish_backward(std::move(gradients),
-                           {grad_loss, saved[0], saved[1], saved[2], saved[3]});
+    return finish_backward(std::move(gradients), backward_inputs(grad_loss, args));
   }
 };
 
-// Per-row losses (reduction "none"): the forward keeps each row's state (not
-// its losses, which the caller owns and may change in place); the backward
-// recomputes the cosines. Python shows this node as Ge2eLossBackward1.
+// Per-row losses (no scale: reduction "none"): the forward keeps each row's
+// state (not its losses, which the caller owns and may change in place); the
+// backward recomputes the cosines. Python shows this node as Ge2eLossBackward1.
 class RowLosses : public torch::autograd::Function<RowLosses> {
  public:
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& embeddings,
-                               const c10::optional<at::Tensor>& sums, const at::Tensor& w,
-                               const at::Tensor& b, int64_t speaker_offset,
-                               c10::string_view loss_method, c10::optional<double> min_cosine,
-                               int64_t block_speakers,
-                               const c10::optional<at::Tensor>& speaker_offsets,
-                               bool normalize) {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor&,
+                               const c10::optional<at::Tensor>&, const at::Tensor&,
+                               const at::Tensor&, const ProblemArgs& args) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [loss, state, top1] = ops::forward(embeddings, sums, w, b, speaker_offset, loss_method,
-                                            min_cosine, block_speakers, speaker_offsets,
-                                            normalize);
-    ctx->save_for_backward({savable(embeddings), savable(sums.value_or(at::Tensor())),
-                            savable(w), savable(b), state,
-                            speaker_offsets.value_or(at::Tensor())});
-    ctx->saved_data["speaker_offset"] = speaker_offset;
-    ctx->saved_data["loss_method"] = std::string(loss_method);
-    ctx->saved_data["min_cosine"] = min_cosine;
-    ctx->saved_data["block_speakers"] = block_speakers;
-    ctx->saved_data["normalize"] = normalize;
+    auto [loss, state, top1] = ops::forward(args);
+    save_problem(ctx, args, {state});
     ctx->mark_non_differentiable({top1});
     return {loss, top1};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    const auto saved = ctx->get_saved_variables();
+    variable_list state;
+    const ProblemArgs args = load_problem(ctx, &state);
     const at::Tensor& grad_loss = grad_outputs[0];
-    variable_list gradients(kRowInputs);
+    variable_list gradients(kLossInputs - 1);
     if (grad_loss.defined()) {
-      const bool sums_given = saved[1].defined();
-      const c10::optional<at::Tensor> sums =
-          sums_given ? c10::optional<at::Tensor>(saved[1]) : c10::nullopt;
-      const c10::optional<at::Tensor> speaker_offsets =
-          saved[5].defined() ? c10::optional<at::Tensor>(saved[5]) : c10::nullopt;
       at::AutoDispatchBelowADInplaceOrView below_autograd;
-      auto [grad_embeddings, grad_sums, grad_w, grad_b] = ops::backward(
-          grad_loss, saved[0], sums, saved[2], saved[3], saved[4],
-          ctx->saved_data["speaker_offset"].toInt(),
-          ctx->saved_data["loss_method"].toStringRef(),
-          ctx->saved_data["min_cosine"].toOptional<double>(),
-          ctx->saved_data["block_speakers"].toInt(), speaker_offsets,
-          ctx->saved_data["normalize"].toBool());
+      auto [grad_embeddings, grad_sums, grad_w, grad_b] =
+          ops::backward(args, grad_loss, state.at(0));
       gradients[0] = grad_embeddings;
-      gradients[1] = sums_given ? grad_sums : at::Tensor();
+      gradients[1] = args.sums.has_value() ? grad_sums : at::Tensor();
       gradients[2] = grad_w;
       gradients[3] = grad_b;
     }
-    return finish_backward(std::move(gradients),
-                           {grad_loss, saved[0], saved[1], saved[2], saved[3]});
+    return finish_backward(std::move(gradients), backward_inputs(grad_loss, args));
   }
 };
 
-std::tuple<at::Tensor, at::Tensor> loss_autograd(
-    const at::Tensor& embeddings, const c10::optional<at::Tensor>& sums, const at::Tensor& w,
-    const at::Tensor& b, int64_t speaker_offset, c10::string_view loss_method,
-    c10::optional<double> min_cosine, bool reduce, double scale, int64_t block_speakers,
-    const c10::optional<at::Tensor>& speaker_offsets, bool normalize) {
+LossResult loss_autograd(GE2E_PROBLEM_PARAMS, c10::optional<double> scale) {
   const bool needs_grad =
       at::GradMode::is_enabled() &&
       (embeddings.requires_grad() || w.requires_grad() || b.requires_grad() ||
        (sums.has_value() && sums->requires_grad()));
+  const ProblemArgs args = GE2E_PROBLEM_FROM_PARAMS;
   if (!needs_grad) {
-    static const auto op =
-        c10::Dispatcher::singleton()
-            .findSchemaOrThrow("ge2e_ext::ge2e_loss", "")
-            .typed<std::tuple<at::Tensor, at::Tensor>(
-                const at::Tensor&, const c10::optional<at::Tensor>&, const at::Tensor&,
-                const at::Tensor&, int64_t, c10::string_view, c10::optional<double>, bool,
-                double, int64_t, const c10::optional<at::Tensor>&, bool)>();
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    return op.call(embeddings, sums, w, b, speaker_offset, loss_method, min_cosine, reduce,
-                   scale, block_speakers, speaker_offsets, normalize);
+    return ops::loss(args, scale);
   }
   const variable_list outputs =
-      reduce ? ReducedLoss::apply(embeddings, sums, w, b, speaker_offset, loss_method,
-                                  min_cosine, scale, block_speakers, speaker_offsets, normalize)
-             : RowLosses::apply(embeddings, sums, w, b, speaker_offset, loss_method, min_cosine,
-                                block_speakers, speaker_offsets, normalize);
+      scale.has_value() ? ReducedLoss::apply(embeddings, sums, w, b, args, *scale)
+                        : RowLosses::apply(embeddings, sums, w, b, args);
   return {outputs[0], outputs[1]};
 }
 
@@ -270,7 +272,7 @@ void register_python_node_names() {
 }  // namespace ge2e
 
 TORCH_LIBRARY_IMPL(ge2e_ext, Autograd, m) {
-  m.impl("ge2e_loss", &ge2e::loss_autograd);
+  m.impl("_ge2e_loss", &ge2e::loss_autograd);
   // The kernel ops are ge2e_loss's building blocks: called with inputs that
   // require grad, they say that they have no autograd.
   m.impl("ge2e_forward", torch::autograd::autogradNotImplementedFallback());

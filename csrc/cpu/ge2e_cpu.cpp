@@ -128,7 +128,6 @@ struct CpuDevice {
     }
   }
 
-  template <class Method>
   static void rows(const Problem& p, const RowBuffers& rb, RowPass pass, Block blk,
                    void* cosines) {
     const auto& k = kernels(p);
@@ -164,14 +163,14 @@ struct CpuDevice {
     });
   }
 
-  template <class Method>
-  static void row_gradients(const Problem& p, Block blk, const void* t_rows, const void* cosines,
-                            const int64_t* hardest, const void* z_to_fold, void* grad) {
+  static void row_gradients(const Problem& p, Block blk, bool sparse, const void* t_rows,
+                            const void* cosines, const int64_t* hardest, const void* z_to_fold,
+                            void* grad) {
     const auto& k = kernels(p);
     parallel_over(p, blk.count, cpu::row_gradients_scratch(p),
                   [&](int64_t lo, int64_t hi, void* scratch) {
-                    k.row_gradients(p, blk, t_rows, cosines, hardest, z_to_fold, grad, scratch,
-                                    lo, hi);
+                    k.row_gradients(p, blk, sparse, t_rows, cosines, hardest, z_to_fold, grad,
+                                    scratch, lo, hi);
                   });
   }
 
@@ -238,8 +237,4 @@ TORCH_LIBRARY_FRAGMENT(ge2e_ext, m) {
   m.def("cpu_capabilities_built() -> str[]", &ge2e::cpu_capabilities_built);
 }
 
-TORCH_LIBRARY_IMPL(ge2e_ext, CPU, m) {
-  m.impl("ge2e_forward", &ge2e::forward<ge2e::CpuDevice>);
-  m.impl("ge2e_backward", &ge2e::backward<ge2e::CpuDevice>);
-  m.impl("ge2e_forward_backward", &ge2e::forward_backward<ge2e::CpuDevice>);
-}
+TORCH_LIBRARY_IMPL(ge2e_ext, CPU, m) { ge2e::register_kernel_ops<ge2e::CpuDevice>(m); }

@@ -23,9 +23,9 @@ struct KernelTable {
   void (*sparse_sum_grads)(const Problem&, Block, const void* cosines,
                            const int64_t* bucket_start, const int64_t* bucket_rows, void* z,
                            bool accumulate, int64_t lo, int64_t hi);
-  void (*row_gradients)(const Problem&, Block, const void* t_rows, const void* cosines,
-                        const int64_t* hardest, const void* z_to_fold, void* grad, void* scratch,
-                        int64_t lo, int64_t hi);
+  void (*row_gradients)(const Problem&, Block, bool sparse, const void* t_rows,
+                        const void* cosines, const int64_t* hardest, const void* z_to_fold,
+                        void* grad, void* scratch, int64_t lo, int64_t hi);
   void (*split_speaker_others)(const Problem&, int64_t j, void* grad, void* scratch, int64_t lo,
                                int64_t hi);
   void (*fold)(const Problem&, const void* z, void* grad, void* scratch, int64_t lo, int64_t hi);
@@ -101,18 +101,23 @@ struct Entries {
                                                 static_cast<acc_t*>(z), accumulate, lo, hi);
     });
   }
-  static void row_gradients(const Problem& p, Block blk, const void* t_rows, const void* cosines,
-                            const int64_t* hardest, const void* z_to_fold, void* grad,
-                            void* scratch, int64_t lo, int64_t hi) {
+  static void row_gradients(const Problem& p, Block blk, bool sparse, const void* t_rows,
+                            const void* cosines, const int64_t* hardest, const void* z_to_fold,
+                            void* grad, void* scratch, int64_t lo, int64_t hi) {
     dispatch_table_dtype<Types>(p.dtype, [&](auto s, auto a) {
       using scalar_t = decltype(s);
       using acc_t = decltype(a);
-      dispatch_loss_method(p.method, [&](auto method) {
-        cpu::row_gradients<decltype(method)::kSparseGradient, scalar_t, acc_t>(
+      const auto run = [&](auto sparse_products) {
+        cpu::row_gradients<decltype(sparse_products)::value, scalar_t, acc_t>(
             p, blk, static_cast<const acc_t*>(t_rows), static_cast<const acc_t*>(cosines),
             hardest, static_cast<const acc_t*>(z_to_fold), static_cast<scalar_t*>(grad),
             static_cast<acc_t*>(scratch), lo, hi);
-      });
+      };
+      if (sparse) {
+        run(std::true_type{});
+      } else {
+        run(std::false_type{});
+      }
     });
   }
   static void split_speaker_others(const Problem& p, int64_t j, void* grad, void* scratch,

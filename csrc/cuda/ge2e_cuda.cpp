@@ -1,8 +1,8 @@
 // The CUDA device of the GE2E op: the Device policy of ge2e_driver.h over the
 // launchers of ge2e_cuda_kernels.cu (on the current stream, every launch
 // checked), and the op registrations for the CUDA dispatch key. The loss
-// method reaches the launchers as p.method and becomes a type again there
-// (nvcc compiles the kernels apart from ATen).
+// method reaches the launchers as p.method and becomes a type there (nvcc
+// compiles the kernels apart from ATen).
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime_api.h>
 #include <torch/library.h>
@@ -16,7 +16,7 @@ namespace {
 void check(int error, const char* kernel) {
   TORCH_CHECK(error != cuda::kGridTooLarge, "ge2e_ext: CUDA kernel ",
               kernel ? kernel : "(unknown)", " would need a grid of more than 2^31 - 1 blocks "
-              "(CUDA's limit in x); split the batch (fewer rows or smaller block_speakers)");
+              "(CUDA's limit in x); split the batch into fewer rows");
   TORCH_CHECK(error == 0, "ge2e_ext: CUDA kernel ", kernel ? kernel : "(unknown)",
               " failed to launch: ", cudaGetErrorString(static_cast<cudaError_t>(error)));
 }
@@ -29,7 +29,6 @@ struct CudaDevice : cuda::BlockPolicy {
     check(cuda::launch_speaker_stats(p, current_stream(), &failed), failed);
   }
 
-  template <class Method>
   static void rows(const Problem& p, const RowBuffers& rb, RowPass pass, Block blk,
                    void* cosines) {
     const char* failed = nullptr;
@@ -44,12 +43,10 @@ struct CudaDevice : cuda::BlockPolicy {
           failed);
   }
 
-  template <class Method>
-  static void row_gradients(const Problem& p, Block blk, const void* t_rows, const void* cosines,
-                            const int64_t* hardest, const void* z_to_fold, void* grad,
-                            bool others, const FinishArgs* finish) {
+  static void row_gradients(const Problem& p, Block blk, bool sparse, const void* t_rows,
+                            const void* cosines, const int64_t* hardest, const void* z_to_fold,
+                            void* grad, bool others, const FinishArgs* finish) {
     const char* failed = nullptr;
-    constexpr bool sparse = kSparseProducts && Method::kSparseGradient;
     check(cuda::launch_row_gradients(p, blk, sparse, t_rows, cosines, hardest, z_to_fold, grad,
                                      others, finish, current_stream(), &failed),
           failed);
@@ -74,8 +71,4 @@ struct CudaDevice : cuda::BlockPolicy {
 }  // namespace
 }  // namespace ge2e
 
-TORCH_LIBRARY_IMPL(ge2e_ext, CUDA, m) {
-  m.impl("ge2e_forward", &ge2e::forward<ge2e::CudaDevice>);
-  m.impl("ge2e_backward", &ge2e::backward<ge2e::CudaDevice>);
-  m.impl("ge2e_forward_backward", &ge2e::forward_backward<ge2e::CudaDevice>);
-}
+TORCH_LIBRARY_IMPL(ge2e_ext, CUDA, m) { ge2e::register_kernel_ops<ge2e::CudaDevice>(m); }

@@ -12,7 +12,6 @@
 
 #include "../../csrc/cuda/ge2e_cuda_kernels.cuh"
 #include "../../csrc/ge2e_driver.h"
-#include "../../csrc/ge2e_schema.h"
 
 namespace {
 
@@ -41,7 +40,7 @@ using Emulated = ge2e::cuda::Launchers<EmulatedLaunch>;
 void check(int error, const char* kernel) {
   TORCH_CHECK(error != ge2e::cuda::kGridTooLarge, "ge2e_ext: CUDA kernel ",
               kernel ? kernel : "(unknown)", " would need a grid of more than 2^31 - 1 blocks "
-              "(CUDA's limit in x); split the batch (fewer rows or smaller block_speakers)");
+              "(CUDA's limit in x); split the batch into fewer rows");
   TORCH_CHECK(error == 0, "ge2e_ext: emulated kernel ", kernel ? kernel : "(unknown)",
               " failed: ", error);
 }
@@ -56,7 +55,6 @@ struct EmulatedDevice : ge2e::cuda::BlockPolicy {
     const char* failed = nullptr;
     check(Emulated::speaker_stats(p, nullptr, &failed), failed);
   }
-  template <class Method>
   static void rows(const Problem& p, const RowBuffers& rb, RowPass pass, Block blk,
                    void* cosines) {
     precision_at_rows = at::precision2str(at::globalContext().float32Precision(
@@ -70,12 +68,10 @@ struct EmulatedDevice : ge2e::cuda::BlockPolicy {
     check(Emulated::sparse_sum_grads(p, blk, cosines, hardest, z, accumulate, nullptr, &failed),
           failed);
   }
-  template <class Method>
-  static void row_gradients(const Problem& p, Block blk, const void* t_rows, const void* cosines,
-                            const int64_t* hardest, const void* z_to_fold, void* grad,
-                            bool others, const ge2e::FinishArgs* finish) {
+  static void row_gradients(const Problem& p, Block blk, bool sparse, const void* t_rows,
+                            const void* cosines, const int64_t* hardest, const void* z_to_fold,
+                            void* grad, bool others, const ge2e::FinishArgs* finish) {
     const char* failed = nullptr;
-    constexpr bool sparse = kSparseProducts && Method::kSparseGradient;
     check(Emulated::row_gradients(p, blk, sparse, t_rows, cosines, hardest, z_to_fold, grad,
                                   others, finish, nullptr, &failed),
           failed);
@@ -141,6 +137,7 @@ TORCH_LIBRARY(ge2e_emu, m) {
   m.def(ge2e::kForwardSchema);
   m.def(ge2e::kBackwardSchema);
   m.def(ge2e::kForwardBackwardSchema);
+  m.def(ge2e::kSetBlockSpeakersSchema, &ge2e::set_block_speakers_for_tests);
   m.def("kernel_launches() -> int", &kernel_launches);
   m.def("block_rows(int rows, int speakers, int total_speakers, int dim, ScalarType dtype) -> int",
         &block_rows);
@@ -149,8 +146,4 @@ TORCH_LIBRARY(ge2e_emu, m) {
   m.def("matmul_precision_at_rows() -> str", &matmul_precision_at_rows);
 }
 
-TORCH_LIBRARY_IMPL(ge2e_emu, CPU, m) {
-  m.impl("ge2e_forward", &ge2e::forward<EmulatedDevice>);
-  m.impl("ge2e_backward", &ge2e::backward<EmulatedDevice>);
-  m.impl("ge2e_forward_backward", &ge2e::forward_backward<EmulatedDevice>);
-}
+TORCH_LIBRARY_IMPL(ge2e_emu, CPU, m) { ge2e::register_kernel_ops<EmulatedDevice>(m); }
