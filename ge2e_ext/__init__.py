@@ -9,6 +9,8 @@ Public names (docs/api.md): ``GE2ELoss``, ``ge2e_loss``, ``extension_devices``,
 accepts, ``("softmax", "contrast")`` (eq. 6 and eq. 7 of the paper).
 """
 
+from __future__ import annotations
+
 from .functional import cpu_capability, ge2e_loss, extension_devices
 from .loss import GE2ELoss
 from .methods import LOSS_METHODS

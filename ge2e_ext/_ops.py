@@ -17,6 +17,7 @@ import glob
 import os
 import types
 import warnings
+from typing import Callable, TypeVar
 
 import torch
 
@@ -74,28 +75,32 @@ def arguments(op: torch._ops.OpOverload, args: tuple, kwargs: dict) -> types.Sim
     return types.SimpleNamespace(**values)
 
 
+# A fake kernel: the call's arguments by name -> the outputs' shapes and dtypes.
+_Shapes = TypeVar("_Shapes", bound=Callable[[types.SimpleNamespace], object])
+
 if _C is not None:
 
-    def _fake(name):
+    def _fake(name: str) -> Callable[[_Shapes], _Shapes]:
         """Registers the decorated function of the call's arguments (by name)
         as the fake kernel of ge2e_ext::<name>."""
         op = getattr(torch.ops.ge2e_ext, name).default
 
-        def register(shapes):
+        def register(shapes: _Shapes) -> _Shapes:
             torch.library.register_fake(f"ge2e_ext::{name}")(
                 lambda *args, **kwargs: shapes(arguments(op, args, kwargs)))
             return shapes
         return register
 
-    def _rows_like(a, dtype=None):
+    def _rows_like(a: types.SimpleNamespace, dtype: torch.dtype | None = None) -> torch.Tensor:
         e = a.embeddings
         shape = e.shape[:1] if a.speaker_offsets is not None else e.shape[:2]
         return e.new_empty(shape, dtype=dtype or accumulation_dtype(e.dtype))
 
-    def _top1_like(a):
+    def _top1_like(a: types.SimpleNamespace) -> torch.Tensor:
         return _rows_like(a, torch.bool)
 
-    def _gradients_like(a):
+    def _gradients_like(a: types.SimpleNamespace
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         e = a.embeddings
         if a.sums is not None:
             k = a.sums.shape[0]
@@ -111,20 +116,22 @@ if _C is not None:
     ROW_STATE_SIZE = 2  # kRowStateSize in csrc/ge2e_math.h
 
     @_fake("_ge2e_loss")
-    def _loss_fake(a):
+    def _loss_fake(a: types.SimpleNamespace) -> tuple[torch.Tensor, torch.Tensor]:
         rows = _rows_like(a)
         return (rows.new_empty(()) if a.scale is not None else rows), _top1_like(a)
 
     @_fake("ge2e_forward")
-    def _forward_fake(a):
+    def _forward_fake(a: types.SimpleNamespace) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         rows = _rows_like(a)
         return (rows, rows.new_empty((*rows.shape, ROW_STATE_SIZE), dtype=torch.float64),
                 _top1_like(a))
 
     @_fake("ge2e_backward")
-    def _backward_fake(a):
+    def _backward_fake(a: types.SimpleNamespace
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         return _gradients_like(a)
 
     @_fake("ge2e_forward_backward")
-    def _forward_backward_fake(a):
+    def _forward_backward_fake(a: types.SimpleNamespace) -> tuple[
+            torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         return (_rows_like(a).new_empty(()), _top1_like(a), *_gradients_like(a))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from .labels import Grouping
 from .methods import METHODS
 
 MIN_W = 1e-6  # the forward uses max(w, MIN_W): the paper requires w > 0
@@ -89,7 +90,9 @@ def top1(cos: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
         return hit & ~cos.isnan().any(-1)
 
 
-def ge2e_rows(embeddings, sums, w, b, speaker_offset, loss_method, min_cosine, with_top1=False):
+def ge2e_rows(embeddings: torch.Tensor, sums: torch.Tensor | None, w: torch.Tensor,
+              b: torch.Tensor, speaker_offset: int, loss_method: str, min_cosine: float | None,
+              with_top1: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Per-utterance GE2E losses (N, M) (with with_top1, and the rows' ``top1``).
 
     embeddings (N, M, D) and sums (K, D) (None: ``embeddings.sum(1)``) in the
@@ -150,8 +153,10 @@ def _shift_within(sums: torch.Tensor, segment: torch.Tensor, down: bool) -> torc
     return torch.where(same.unsqueeze(-1), moved, torch.zeros_like(moved))
 
 
-def ge2e_rows_grouped(rows, grouping, sums, w, b, speaker_offset, loss_method, min_cosine,
-                      with_top1=False):
+def ge2e_rows_grouped(rows: torch.Tensor, grouping: Grouping, sums: torch.Tensor | None,
+                      w: torch.Tensor, b: torch.Tensor, speaker_offset: int, loss_method: str,
+                      min_cosine: float | None, with_top1: bool = False
+                      ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Per-utterance GE2E losses (B,) (with with_top1, and the rows' ``top1``) of
     rows (B, D) grouped by speaker (in the order of ``grouping``), with segment
     sums: no padding, O(B K + B D) memory whatever the groups' sizes, and no

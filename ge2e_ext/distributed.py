@@ -10,16 +10,20 @@ DDP, what crosses the network, and how labels are handled.
 
 from __future__ import annotations
 
+import types
+from typing import Any, Mapping, Sequence, SupportsFloat
+
 import torch
 
 from . import _ops
+from .labels import Grouping
 
 # dtype <-> code of the metadata exchange.
 _DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 _CODE_NAMES = {code: str(dtype).replace("torch.", "") for dtype, code in _DTYPE_CODES.items()}
 
 
-def _dist():
+def _dist() -> types.ModuleType:
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
@@ -34,7 +38,8 @@ def _dist():
     return dist
 
 
-def _communication_device(dist, group, device: torch.device) -> torch.device:
+def _communication_device(dist: types.ModuleType, group: torch.distributed.ProcessGroup | None,
+                          device: torch.device) -> torch.device:
     """The device of the tensors handed to the group's collectives."""
     backend = str(dist.get_backend(group)).lower()
     if ":" in backend:  # one backend per device type, e.g. "cpu:gloo,cuda:nccl"
@@ -73,7 +78,7 @@ _METHOD_CODES = {"softmax": 0, "contrast": 1}
 _REDUCTION_CODES = {"sum": 0, "mean": 1, "none": 2}
 
 
-def _float_bits(value) -> int:
+def _float_bits(value: SupportsFloat | None) -> int:
     """A float (None: NaN, which no valid min_cosine is) as its int64 bits."""
     x = float("nan") if value is None else float(value)
     return int(torch.tensor(x, dtype=torch.float64).view(torch.int64))
@@ -83,7 +88,7 @@ def _bits_float(bits: int) -> float:
     return float(torch.tensor(bits, dtype=torch.int64).view(torch.float64))
 
 
-def _describe(row) -> str:
+def _describe(row: Mapping[str, int]) -> str:
     names = {code: name for name, code in _METHOD_CODES.items()}
     reductions = {code: name for name, code in _REDUCTION_CODES.items()}
     min_cosine = _bits_float(row["min_cosine"])
@@ -97,7 +102,7 @@ def _describe(row) -> str:
             + f" normalize={'yes' if row['normalize'] == 1 else 'no'}")
 
 
-def _check_table(table):
+def _check_table(table: Sequence[dict[str, int]]) -> None:
     """Same check, same message, on every rank (the table is the same everywhere).
 
     A row per rank: a dict of _FIELDS, m = -1 for the labels form."""
@@ -118,7 +123,7 @@ def _check_table(table):
     )
 
 
-def _check_disjoint_labels(speaker_labels_per_rank):
+def _check_disjoint_labels(speaker_labels_per_rank: Sequence[Sequence[int]]) -> None:
     """A label on two ranks would be two speakers with one name: an error, on every rank."""
     owner = {}
     shared = {}
@@ -136,7 +141,7 @@ def _check_disjoint_labels(speaker_labels_per_rank):
             f"embeddings), but {where}" + (" ..." if len(shared) > 5 else ""))
 
 
-def _check_total_speakers(counts):
+def _check_total_speakers(counts: Sequence[int]) -> None:
     if sum(counts) < 2:
         raise ValueError(
             "ge2e_loss(distributed=True): GE2E needs at least 2 speakers across all ranks, "
@@ -157,7 +162,8 @@ class _AllGatherSums(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, padded, group):
+    def forward(ctx: Any, padded: torch.Tensor, group: torch.distributed.ProcessGroup | None
+                ) -> torch.Tensor:
         import torch.distributed as dist
 
         ctx.group = group
@@ -168,7 +174,7 @@ class _AllGatherSums(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         import torch.distributed as dist
 
         grad = grad.contiguous()
@@ -177,7 +183,7 @@ class _AllGatherSums(torch.autograd.Function):
         return own, None
 
 
-def _local_sums(embeddings, grouping):
+def _local_sums(embeddings: torch.Tensor, grouping: Grouping | None) -> torch.Tensor:
     acc = _ops.accumulation_dtype(embeddings.dtype)
     if grouping is None:
         return embeddings.sum(dim=1, dtype=acc)
@@ -185,8 +191,11 @@ def _local_sums(embeddings, grouping):
         0, grouping.speaker_of_row, embeddings.to(acc))
 
 
-def gather_speaker_sums(embeddings: torch.Tensor, group=None, local_error=None, grouping=None,
-                        options=None):
+def gather_speaker_sums(embeddings: torch.Tensor,
+                        group: torch.distributed.ProcessGroup | None = None,
+                        local_error: Exception | None = None, grouping: Grouping | None = None,
+                        options: Mapping[str, Any] | None = None
+                        ) -> tuple[torch.Tensor, int, int]:
     """All ranks' per-speaker sums, differentiable, for ``ge2e_loss(distributed=True)``.
 
     Args:

@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import math
 import numbers
+from typing import Any
 
 import torch
 import torch.autograd.forward_ad as _forward_ad
@@ -68,7 +69,8 @@ def cpu_capability() -> str | None:
     return torch.ops.ge2e_ext.cpu_capability()
 
 
-def check_options(loss_method, reduction, min_cosine, backend, distributed=False, group=None):
+def check_options(loss_method: object, reduction: object, min_cosine: object, backend: object,
+                  distributed: object = False, group: object = None) -> None:
     """Validates the non-tensor arguments; shared by ge2e_loss and GE2ELoss."""
     if loss_method not in LOSS_METHODS:
         raise ValueError(f"loss_method must be one of {LOSS_METHODS}, got {loss_method!r}")
@@ -94,7 +96,7 @@ def check_options(loss_method, reduction, min_cosine, backend, distributed=False
         raise ValueError("group is only used with distributed=True; pass distributed=True too")
 
 
-def _conversion_hint(value):
+def _conversion_hint(value: object) -> str:
     """How to make a torch.Tensor of a value that is not one, for error messages."""
     if type(value).__module__ == "numpy":
         return " (convert it with torch.from_numpy)"
@@ -103,7 +105,7 @@ def _conversion_hint(value):
     return ""
 
 
-def _check_tensor(embeddings, shape_words):
+def _check_tensor(embeddings: object, shape_words: str) -> None:
     if not isinstance(embeddings, torch.Tensor):
         raise TypeError(
             f"embeddings must be a torch.Tensor of shape {shape_words}, "
@@ -121,7 +123,7 @@ def _check_tensor(embeddings, shape_words):
         )
 
 
-def _check_rows(embeddings):
+def _check_rows(embeddings: Any) -> None:
     """The labels form: (B, D) rows."""
     _check_tensor(embeddings, "(B rows, D) with labels")
     if embeddings.dim() != 2:
@@ -133,7 +135,7 @@ def _check_rows(embeddings):
         raise ValueError(f"embeddings need D >= 1 features, got D = {embeddings.shape[1]}")
 
 
-def _check_embeddings(embeddings, min_speakers=2):
+def _check_embeddings(embeddings: Any, min_speakers: int = 2) -> None:
     _check_tensor(embeddings, "(N speakers, M utterances, D)")
     if embeddings.dim() != 3:
         raise ValueError(
@@ -158,7 +160,8 @@ def _check_embeddings(embeddings, min_speakers=2):
         raise ValueError(f"embeddings need D >= 1 features, got D = {d}")
 
 
-def _as_scalar(value, name, embeddings, dtype):
+def _as_scalar(value: object, name: str, embeddings: torch.Tensor, dtype: torch.dtype
+               ) -> torch.Tensor:
     """w or b as a 0-dim tensor of ``dtype`` on the embeddings' device (autograd-aware)."""
     if isinstance(value, torch.Tensor):
         # The usual case (GE2ELoss's parameters, moved with the model) costs nothing.
@@ -192,7 +195,7 @@ def _as_scalar(value, name, embeddings, dtype):
     return torch.full((), float(value), dtype=dtype, device=embeddings.device)
 
 
-def _transformed():
+def _transformed() -> bool:
     """Whether torch.func transforms (grad, vmap, jvp, ...) or forward-mode AD are
     active: the compiled op has neither batching rules nor forward derivatives."""
     if _forward_ad._current_level >= 0:
@@ -200,7 +203,7 @@ def _transformed():
     return torch._C._are_functorch_transforms_active()
 
 
-def _use_extension(backend, embeddings):
+def _use_extension(backend: str, embeddings: torch.Tensor) -> bool:
     if backend == "torch":
         return False
     device = embeddings.device
@@ -362,8 +365,11 @@ class _Plan:
     total_utterances: int = 0         # what "mean" divides by (all ranks')
 
 
-def _prepare(embeddings, w, b, loss_method, labels, num_speakers, reduction, min_cosine,
-             backend, distributed, group, normalize, return_top1) -> _Plan:
+def _prepare(embeddings: torch.Tensor, w: torch.Tensor | float, b: torch.Tensor | float,
+             loss_method: str, labels: torch.Tensor | None, num_speakers: int | None,
+             reduction: str, min_cosine: float | None, backend: str, distributed: bool,
+             group: torch.distributed.ProcessGroup | None, normalize: bool,
+             return_top1: bool) -> _Plan:
     """The checks C++ cannot make (or that the PyTorch path needs), the labels
     grouped, w and b as tensors, the backend chosen."""
     check_options(loss_method, reduction, min_cosine, backend, distributed, group)
@@ -402,7 +408,8 @@ def _prepare(embeddings, w, b, loss_method, labels, num_speakers, reduction, min
                  total_utterances=rows)
 
 
-def _exchange(plan: _Plan | None, embeddings, group, local_error=None) -> _Plan:
+def _exchange(plan: _Plan | None, embeddings: Any, group: torch.distributed.ProcessGroup | None,
+              local_error: Exception | None = None) -> _Plan:
     """distributed=True: every rank's speaker sums, this rank's offset among them
     and all ranks' utterances, after checking that the ranks agree (a rank with
     a local_error, plan None, makes every rank raise)."""
@@ -425,7 +432,7 @@ def _exchange(plan: _Plan | None, embeddings, group, local_error=None) -> _Plan:
     return dataclasses.replace(plan, sums=sums, speaker_offset=offset, total_utterances=total)
 
 
-def _compute(plan: _Plan) -> tuple[torch.Tensor, torch.Tensor]:
+def _compute(plan: _Plan) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The loss, reduced as asked (the compiled op reduces inside its fused
     sweep; the PyTorch path's rows are reduced here), and the rows' top1, in
     speaker order (None from the PyTorch path unless asked for)."""
@@ -448,7 +455,8 @@ def _compute(plan: _Plan) -> tuple[torch.Tensor, torch.Tensor]:
     return (rows.sum() if scale == 1.0 else rows.sum() * scale), top1
 
 
-def _in_input_order(plan: _Plan, loss, top1, return_top1):
+def _in_input_order(plan: _Plan, loss: torch.Tensor, top1: torch.Tensor | None,
+                    return_top1: bool) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """The labels form's per-row results back in the input's order, NaN (and no
     top-1) where the grouping found the labels inconsistent with num_speakers."""
     grouping = plan.grouping
@@ -464,7 +472,10 @@ def _in_input_order(plan: _Plan, loss, top1, return_top1):
     return (loss, top1) if return_top1 else loss
 
 
-def _torch_loss(embeddings, sums, w, b, offset, loss_method, min_cosine, grouping, with_top1):
+def _torch_loss(embeddings: torch.Tensor, sums: torch.Tensor | None, w: torch.Tensor,
+                b: torch.Tensor, offset: int, loss_method: str, min_cosine: float | None,
+                grouping: Grouping | None, with_top1: bool
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The per-row losses by the pure-PyTorch path, in the accumulation dtype, and
     the rows' top1 (None unless with_top1)."""
     acc = _ops.accumulation_dtype(embeddings.dtype)

@@ -45,7 +45,7 @@ class Grouping:
         return rows.index_select(0, inverse)
 
 
-def check_labels(labels, embeddings) -> None:
+def check_labels(labels: object, embeddings: torch.Tensor) -> None:
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"labels must be a torch.Tensor of shape (B,), got {type(labels).__name__}")
     if labels.dim() != 1 or labels.dtype.is_floating_point or labels.is_complex() \

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
@@ -11,7 +12,7 @@ from ._torch_impl import MIN_W
 from .functional import check_options, ge2e_loss
 
 
-def _initial_value(name, value):
+def _initial_value(name: str, value: Any) -> float:
     """init_w or init_b as a finite float (a number, or anything float() takes)."""
     try:
         number = float(value)
@@ -22,7 +23,7 @@ def _initial_value(name, value):
     return number
 
 
-def _check_init_w(init_w):
+def _check_init_w(init_w: float) -> float:
     # A w that starts at or below the clamp never trains: no gradient passes there.
     if not init_w > MIN_W:
         raise ValueError(

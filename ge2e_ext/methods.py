@@ -29,7 +29,8 @@ class LossMethod:
     reference_row: Callable
 
 
-def _softmax_rows(cos, own_cos, own, w, b):
+def _softmax_rows(cos: torch.Tensor, own_cos: torch.Tensor, own: torch.Tensor, w: torch.Tensor,
+                  b: torch.Tensor) -> torch.Tensor:
     # From the differences d_k = S_k - S_own = w (c_k - c_own), which do not
     # contain b: L = m + log1p(expm1(-m) + sum_{k != own} exp(d_k - m)) with
     # m = max(0, max_k d_k), accurate when the own speaker wins by a margin
@@ -41,18 +42,19 @@ def _softmax_rows(cos, own_cos, own, w, b):
     return m + torch.log1p(torch.expm1(-m) + others)
 
 
-def _contrast_rows(cos, own_cos, own, w, b):
+def _contrast_rows(cos: torch.Tensor, own_cos: torch.Tensor, own: torch.Tensor, w: torch.Tensor,
+                   b: torch.Tensor) -> torch.Tensor:
     # 1 - sig(S_own) + max_{k != own} sig(S_k), written sig(-S_own) + sig(S_hardest);
     # the hardest impostor is the arg-max of the cosine (ties: the lowest index).
     hardest_cos = cos.scatter(-1, own, float("-inf")).max(-1).values
     return torch.sigmoid(-(w * own_cos + b)) + torch.sigmoid(w * hardest_cos + b)
 
 
-def _softmax_reference_row(similarities, own):
+def _softmax_reference_row(similarities: torch.Tensor, own: int) -> torch.Tensor:
     return -torch.log_softmax(similarities, dim=0)[own]
 
 
-def _contrast_reference_row(similarities, own):
+def _contrast_reference_row(similarities: torch.Tensor, own: int) -> torch.Tensor:
     sig = torch.sigmoid(similarities)
     impostors = torch.cat((sig[:own], sig[own + 1:]))
     return 1.0 - sig[own] + torch.max(impostors)

@@ -35,7 +35,7 @@ __all__ = ["roc_curve", "equal_error_rate", "similarity_matrix", "top1_accuracy"
 
 
 # ------------------------------------------------------------ trial scores
-def _check_trials(scores, same_speaker) -> Tuple[torch.Tensor, torch.Tensor]:
+def _check_trials(scores: object, same_speaker: object) -> Tuple[torch.Tensor, torch.Tensor]:
     if not isinstance(scores, torch.Tensor):
         scores = torch.as_tensor(scores)
     if not isinstance(same_speaker, torch.Tensor):
@@ -70,7 +70,8 @@ def _check_trials(scores, same_speaker) -> Tuple[torch.Tensor, torch.Tensor]:
     return scores, labels
 
 
-def roc_curve(scores, same_speaker) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def roc_curve(scores: object, same_speaker: object
+              ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The ROC of verification trials: ``(far, frr, thresholds)``, float64, from the
     strictest threshold to the loosest.
 
@@ -95,7 +96,7 @@ def roc_curve(scores, same_speaker) -> Tuple[torch.Tensor, torch.Tensor, torch.T
     return far, frr, thresholds
 
 
-def equal_error_rate(scores, same_speaker) -> float:
+def equal_error_rate(scores: object, same_speaker: object) -> float:
     """Equal error rate of verification trials, as a fraction (0.05 is 5%).
 
     scores: a score per trial (any shape; higher: more alike); same_speaker:
@@ -114,7 +115,8 @@ def equal_error_rate(scores, same_speaker) -> float:
 
 
 # ------------------------------------------------------------ batch metrics
-def _cosines(embeddings, labels, min_cosine):
+def _cosines(embeddings: object, labels: Optional[torch.Tensor], min_cosine: Optional[float]
+             ) -> Tuple[torch.Tensor, torch.Tensor]:
     """(rows (R, K) of cosines, own speaker index (R,)): rows in the input's order
     ((N, M, D): speaker-major), columns the speakers (by increasing label)."""
     if not isinstance(embeddings, torch.Tensor):

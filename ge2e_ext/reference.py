@@ -24,7 +24,7 @@ import torch
 from .methods import LOSS_METHODS, METHODS
 
 
-def _cosine_matrix(embeddings, min_cosine):
+def _cosine_matrix(embeddings: torch.Tensor, min_cosine: float | None) -> torch.Tensor:
     n, m, _ = embeddings.shape
     centroids = embeddings.mean(dim=1)
     rows = []
@@ -44,8 +44,9 @@ def _cosine_matrix(embeddings, min_cosine):
     return torch.stack(rows)  # (N, M, N)
 
 
-def ge2e_loss_reference(embeddings, w, b, loss_method="softmax", *, min_cosine=1e-6,
-                        clamp_w=True):
+def ge2e_loss_reference(embeddings: torch.Tensor, w: torch.Tensor | float,
+                        b: torch.Tensor | float, loss_method: str = "softmax", *,
+                        min_cosine: float | None = 1e-6, clamp_w: bool = True) -> torch.Tensor:
     """Per-utterance GE2E losses (N, M) computed by loops, as the original code does.
 
     ``w`` and ``b`` are 0-dim tensors (or numbers); gradients flow by autograd.

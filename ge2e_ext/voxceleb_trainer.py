@@ -24,11 +24,13 @@ class LossFunction(GE2ELoss):
     """GE2ELoss(init_w, init_b, loss_method, reduction="mean") with voxceleb_trainer's
     interface. Options of voxceleb_trainer that are not this loss's are ignored."""
 
-    def __init__(self, init_w=10.0, init_b=-5.0, loss_method="softmax", **kwargs):
+    def __init__(self, init_w: float = 10.0, init_b: float = -5.0, loss_method: str = "softmax",
+                 **kwargs: object) -> None:
         super().__init__(init_w, init_b, loss_method, reduction="mean")
         self.test_normalize = True  # score test pairs on L2-normalised embeddings, as its GE2E
 
-    def forward(self, x: torch.Tensor, label=None):
+    def forward(self, x: torch.Tensor, label: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         """x: (speakers, utterances per speaker >= 2, D). label (the speakers' class
         indices) is not needed: GE2E's classes are the batch's speakers."""
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[1] < 2:
