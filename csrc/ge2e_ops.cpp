@@ -47,6 +47,8 @@ LossResult public_loss(const at::Tensor& embeddings, const at::Tensor& w, const 
                        c10::string_view loss_method, c10::optional<double> min_cosine,
                        c10::string_view reduction,
                        const c10::optional<at::Tensor>& speaker_offsets, bool normalize) {
+  // The problem's arguments this op does not take, under their names in
+  // GE2E_PROBLEM_ARGS (GE2E_PROBLEM_FROM_PARAMS reads every argument by name).
   const c10::optional<at::Tensor> sums;
   const int64_t speaker_offset = 0;
   const auto scale = reduction_scale(embeddings, reduction, speaker_offsets.has_value());
